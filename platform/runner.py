@@ -1,0 +1,206 @@
+"""The driver: validate a job, start (or join) Ray, run the one loop with Ray Train, finish the MLflow run.
+
+Everything that can be wrong with the user's input is checked in `prepare` before Ray starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raycraft.config import flatten, to_dict
+from raycraft.errors import UserError
+from raycraft.registry import check_compatible, dataset_spec
+from raycraft.tracking import EPOCH_KEY
+from raycraft.train.config import TrainConfig
+
+
+class TrainingError(RuntimeError):
+    """The job started but did not finish (a worker kept failing, or the loss became NaN/Inf)."""
+
+
+@dataclass
+class Outcome:
+    run_id: str
+    metrics: dict[str, float]
+    tracking_uri: str
+    checkpoint_path: str | None = None
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a private local Ray; never a stray cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    quiet = ray.LoggingConfig(log_level="WARNING")
+    if address:
+        try:
+            ray.init(address=address, logging_config=quiet)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--address: cannot connect to Ray at {address!r}: {exc}") from None
+    else:
+        # Local mode has no preemptible nodes: skip Ray Train's watcher actor (one process fewer to start).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # The dashboard hosts the state API that Ray Train's cleanup polls; it listens on 127.0.0.1 only.
+        ray.init(address="local", dashboard_host="127.0.0.1", logging_config=quiet)
+
+
+def prepare(cfg: TrainConfig, address: str | None = None) -> None:
+    """Checks that need no Ray: names, compatibility, files and devices."""
+    check_compatible(cfg.model, cfg.dataset)
+    spec = dataset_spec(cfg.dataset)
+    if spec.needs_data_dir:
+        if not cfg.data.data_dir:
+            raise UserError(f"--data-dir: dataset {cfg.dataset!r} reads your own files; pass --data-dir PATH.")
+        if not Path(cfg.data.data_dir).is_dir():
+            raise UserError(f"--data-dir: {cfg.data.data_dir!r} does not exist or is not a folder.")
+    if cfg.gpu and not (address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UserError("--gpu: no CUDA GPU is visible on this machine; drop --gpu to train on CPU, "
+                            "or pass --address of a cluster with GPU nodes.")
+
+
+def check_cluster_resources(cfg: TrainConfig) -> None:
+    import ray
+
+    total = ray.cluster_resources()
+    if cfg.gpu and total.get("GPU", 0) < cfg.workers:
+        raise UserError(f"--gpu: the cluster has {total.get('GPU', 0):g} GPUs; {cfg.workers} workers need "
+                        f"{cfg.workers}. Lower --workers or drop --gpu.")
+    need = cfg.workers * cfg.cpus_per_worker
+    if not cfg.gpu and total.get("CPU", 0) < need:
+        raise UserError(f"--workers: {cfg.workers} workers x {cfg.cpus_per_worker} CPUs need {need} CPUs; "
+                        f"the cluster has {total.get('CPU', 0):g}. Lower --workers or cpus_per_worker.")
+
+
+class Progress:
+    """Reads new epochs from MLflow (where rank 0 logs them) and hands each to `on_epoch` once."""
+
+    def __init__(self, uri: str, run_id: str, on_epoch: Callable[[dict[str, float]], None]) -> None:
+        from raycraft.tracking import _client
+
+        self.client, self.run_id, self.on_epoch = _client(uri), run_id, on_epoch
+        self.seen: set[int] = set()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def poll(self) -> None:
+        steps = sorted(int(m.step) for m in self.client.get_metric_history(self.run_id, EPOCH_KEY))
+        new = [s for s in steps if s not in self.seen]
+        if not new:
+            return
+        keys = [k for k in self.client.get_run(self.run_id).data.metrics if not k.startswith("test_")]
+        hist = {k: {int(m.step): m.value for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
+        for s in new:
+            self.on_epoch({k: h[s] for k, h in hist.items() if s in h})
+            self.seen.add(s)
+
+    def _loop(self) -> None:
+        while not self.stop.wait(0.5):
+            try:
+                self.poll()
+            except Exception:  # progress display must never break training
+                continue
+
+    def __enter__(self) -> Progress:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+        if exc[0] is None:
+            self.poll()
+
+
+def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: str | None = None,
+                 resume_run_id: str | None = None, run_name: str | None = None,
+                 on_epoch: Callable[[dict[str, float]], None] | None = None,
+                 on_start: Callable[[str], None] | None = None) -> Outcome:
+    from raycraft import tracking
+
+    prepare(cfg, address)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    init_ray(address)
+    check_cluster_resources(cfg)
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from raycraft.train.loop import train_loop_per_worker
+
+    storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    if resume_run_id:
+        run_id = resume_run_id
+        ray_name = tracking.get_run(uri, run_id).data.tags.get("raycraft.ray_name", f"raycraft-{run_id}")
+        tracking.reopen_run(uri, run_id)
+    else:
+        name = run_name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
+                                    {"raycraft.model": cfg.model, "raycraft.dataset": cfg.dataset,
+                                     "raycraft.storage_path": storage},
+                                    yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        ray_name = f"raycraft-{run_id}"
+        tracking.set_tags(uri, run_id, {"raycraft.ray_name": ray_name})
+    if on_start:
+        on_start(run_id)
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri},
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=ray.train.RunConfig(
+            name=ray_name, storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=ray.LoggingConfig(log_level="WARNING")),  # per-report INFO lines drown progress
+    )
+    progress = Progress(uri, run_id, on_epoch) if on_epoch else contextlib.nullcontext()
+    try:
+        with progress:
+            result = trainer.fit()
+    except BaseException as exc:
+        tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise TrainingError(f"training failed: {exc}") from exc
+    run = tracking.get_run(uri, run_id)
+    if "raycraft.nonfinite" in run.data.tags:
+        msg = (f"{run.data.tags['raycraft.nonfinite']}: training stopped. The last good checkpoint is kept; "
+               "try a lower optim.lr, optim.grad_clip, or precision=fp32.")
+        tracking.end_run(uri, run_id, "FAILED", msg)
+        raise TrainingError(msg)
+    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    if result.checkpoint:
+        _log_final_model(cfg, uri, run_id, result.checkpoint)
+    tracking.end_run(uri, run_id, "FINISHED")
+    return Outcome(run_id, dict(run.data.metrics), uri, checkpoint_path)
+
+
+def _log_final_model(cfg: TrainConfig, uri: str, run_id: str, checkpoint: Any) -> None:
+    from raycraft import tracking
+    from raycraft.config import from_dict
+    from raycraft.registry import create_model, load_dataset, model_spec
+    from raycraft.train.loop import load_state
+    from raycraft.train.step import step_for
+
+    spec = model_spec(cfg.model)
+    splits = load_dataset(cfg.dataset, cfg.data)
+    model = create_model(cfg.model, from_dict(spec.config_cls, cfg.model_args), splits.info)
+    with checkpoint.as_directory() as d:
+        model.load_state_dict(load_state(d)["model"])
+        tracking.log_dir(uri, run_id, d, "checkpoint")
+    example = step_for(spec.task).example_input(splits.test[: min(4, len(splits.test))])
+    tracking.log_model(uri, run_id, model, example)

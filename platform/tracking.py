@@ -1,0 +1,196 @@
+"""MLflow tracking: where runs go, how each epoch is logged exactly once, and the logged model.
+
+Default store: `sqlite:///<cwd>/mlflow.db` with artifacts in `<cwd>/mlartifacts`; `--tracking-uri` or
+`MLFLOW_TRACKING_URI` point elsewhere (a tracking server). Paths are made absolute because Ray workers
+run in their own folders. The driver creates and ends runs and logs the model; only rank 0 of the
+workers logs metrics and artifacts, through `RunLogger`.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+EPOCH_KEY = "epoch"  # logged at step = epoch; its history says which epochs MLflow already holds
+
+
+def resolve_tracking_uri(explicit: str | None = None) -> str:
+    uri = explicit or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd() / DEFAULT_DB}"
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = f"sqlite:///{(Path.cwd() / uri.removeprefix('sqlite:///')).resolve()}"
+    elif "://" not in uri:  # a bare folder: MLflow's file store
+        uri = str(Path(uri).resolve())
+    return uri
+
+
+def is_local_store(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:", "/"))
+
+
+def _client(uri: str):
+    from mlflow.tracking import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(uri: str, name: str) -> str:
+    """The experiment's id, creating it (with artifacts beside a local database) if needed."""
+    client = _client(uri)
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        location = (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except Exception:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], tags: dict[str, str],
+              config_yaml: str) -> str:
+    from mlflow.entities import Param, RunTag
+
+    client = _client(uri)
+    run = client.create_run(experiment_id(uri, experiment), run_name=run_name,
+                            tags={"mlflow.runName": run_name, **tags})
+    run_id = run.info.run_id
+    items = [Param(k, str(v)[:6000]) for k, v in params.items()]
+    for i in range(0, len(items), 100):
+        client.log_batch(run_id, params=items[i:i + 100])
+    client.log_text(run_id, config_yaml, "config.yaml")
+    client.log_batch(run_id, tags=[RunTag("raycraft.status", "running")])
+    return run_id
+
+
+def set_tags(uri: str, run_id: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import RunTag
+
+    _client(uri).log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+
+def log_dir(uri: str, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
+    _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def reopen_run(uri: str, run_id: str) -> None:
+    _client(uri).update_run(run_id, status="RUNNING")
+
+
+def end_run(uri: str, run_id: str, status: str, reason: str = "") -> None:
+    """status: FINISHED or FAILED. A failure's reason is kept as a tag."""
+    client = _client(uri)
+    if reason:
+        set_tags(uri, run_id, {"raycraft.error": reason[:5000]})
+    client.set_terminated(run_id, status=status)
+
+
+def get_run(uri: str, run_id: str):
+    from mlflow.exceptions import MlflowException
+
+    from raycraft.errors import UserError
+
+    try:
+        return _client(uri).get_run(run_id)
+    except MlflowException:
+        raise UserError(f"RUN_ID: no MLflow run {run_id!r} in {uri}.") from None
+
+
+def download_text(uri: str, run_id: str, path: str) -> str:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = _client(uri).download_artifacts(run_id, path, tmp)
+        return Path(local).read_text()
+
+
+def epoch_history(uri: str, run_id: str) -> dict[int, dict[str, float]]:
+    """{epoch: {metric: value}} for every metric logged per epoch."""
+    client = _client(uri)
+    out: dict[int, dict[str, float]] = {}
+    for key in client.get_run(run_id).data.metrics:
+        for m in client.get_metric_history(run_id, key):
+            out.setdefault(int(m.step), {})[key] = m.value
+    return dict(sorted(out.items()))
+
+
+class RunLogger:
+    """Rank 0's MLflow writer. Logs each epoch at most once: epochs already in MLflow are skipped."""
+
+    def __init__(self, uri: str, run_id: str) -> None:
+        self.client, self.uri, self.run_id = _client(uri), uri, run_id
+        self.logged = {int(m.step) for m in self.client.get_metric_history(run_id, EPOCH_KEY)}
+
+    def log_epoch(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        step = int(metrics[EPOCH_KEY])
+        if step in self.logged:
+            return
+        now = int(time.time() * 1000)
+        # EPOCH_KEY goes last: a crash mid-call leaves the epoch unmarked, so it is logged again whole.
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if k != EPOCH_KEY]
+        self.client.log_batch(self.run_id, metrics=items)
+        self.client.log_batch(self.run_id, metrics=[Metric(EPOCH_KEY, float(step), now, step)])
+        self.logged.add(step)
+
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def log_history(self, history: list[dict[str, float]]) -> None:
+        for metrics in history:
+            self.log_epoch(metrics)
+
+    def log_final(self, metrics: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
+        log_dir(self.uri, self.run_id, local_dir, artifact_path)
+
+
+def log_model(uri: str, run_id: str, model, example_input) -> None:
+    """The final model through `mlflow.pytorch`, with a signature inferred from a real batch."""
+    import mlflow
+    import mlflow.pytorch
+    import torch
+    from mlflow.models import infer_signature
+
+    model = model.eval()
+    with torch.no_grad():
+        output = model(example_input)
+    example = example_input.cpu().numpy()
+    signature = infer_signature(example, output.detach().cpu().numpy())
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run(run_id=run_id):
+        # MLflow's default 'pt2' format is a torch.export graph (no pickle); a batch of > 1 in the
+        # example keeps the batch dimension dynamic.
+        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+
+def load_model(uri: str, run_id: str):
+    import mlflow
+    import mlflow.pytorch
+
+    from raycraft.errors import UserError
+
+    mlflow.set_tracking_uri(uri)
+    try:
+        return mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu")
+    except Exception as exc:
+        raise UserError(f"RUN_ID: run {run_id!r} has no loadable model ({type(exc).__name__}: {exc}).") from None
+
+
+def ui_command(uri: str) -> str:
+    if is_local_store(uri):
+        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+    return f"open {uri}"

@@ -1,0 +1,100 @@
+"""The trainer's configuration: one typed dataclass per concern, loaded from YAML and `--set`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from raycraft.config import field_doc, from_dict, has_path, parse_override, set_path, to_dict
+from raycraft.data.base import DataConfig
+from raycraft.errors import UserError, invalid_choice
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, learning-rate schedule and regularisation."""
+
+    name: Literal["sgd", "adam", "adamw"] = field_doc("adamw", "sgd (with momentum), adam or adamw.")
+    lr: float = field_doc(1e-3, "Peak learning rate, reached at the end of warm-up.")
+    momentum: float = field_doc(0.9, "SGD momentum (sgd only).")
+    betas: tuple[float, float] = field_doc((0.9, 0.999), "Adam's (beta1, beta2).")
+    weight_decay: float = field_doc(0.0, "L2 penalty (decoupled for adamw).")
+    l1: float = field_doc(0.0, "L1 penalty lambda: adds lambda * sum|theta| over trained weights to the loss.")
+    schedule: Literal["constant", "cosine"] = field_doc(
+        "cosine", "After warm-up: keep lr, or decay it along a half cosine to min_lr_ratio * lr.")
+    warmup_epochs: float = field_doc(0.0, "Linear warm-up from 0 to lr over this many epochs (fractions allowed).")
+    min_lr_ratio: float = field_doc(0.0, "Final lr of the cosine schedule as a fraction of lr.")
+    grad_clip: float | None = field_doc(None, "Clip the global gradient norm to this value (None: no clipping).")
+
+    def __post_init__(self) -> None:
+        for name in ("lr", "weight_decay", "l1", "warmup_epochs", "min_lr_ratio"):
+            if getattr(self, name) < 0:
+                raise UserError(f"optim.{name}: {getattr(self, name)} must be >= 0.")
+        if self.lr == 0:
+            raise UserError("optim.lr: 0 would never update the weights; use a positive learning rate.")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise UserError(f"optim.grad_clip: {self.grad_clip} must be > 0 (or null for no clipping).")
+
+
+@dataclass
+class TrainConfig:
+    """A training job: which model on which data, for how long, on what resources, tracked where."""
+
+    model: str = field_doc("lenet5", "Registered model name (`raycraft models`).")
+    dataset: str = field_doc("digits", "Registered dataset name (`raycraft datasets`).")
+    model_args: dict[str, Any] = field_doc(
+        doc="The model's own config (`raycraft models --details NAME`); `--set dropout=0.2` is short for "
+            "`--set model_args.dropout=0.2`.", factory=dict)
+    epochs: int = field_doc(10, "Passes over the training split.")
+    batch_size: int = field_doc(64, "Examples per step on each worker (global batch = workers x this).")
+    workers: int = field_doc(1, "Ray Train workers (data-parallel replicas).")
+    cpus_per_worker: int = field_doc(1, "CPUs reserved per worker; also its torch thread count.")
+    gpu: bool = field_doc(False, "One GPU per worker (NCCL); otherwise CPU workers with gloo.")
+    precision: Literal["fp32", "mixed"] = field_doc(
+        "fp32", "mixed: bf16 autocast on CPU, fp16 autocast with a GradScaler on GPU.")
+    seed: int = field_doc(0, "Seed of weights, shuffling and dropout.")
+    optim: OptimConfig = field_doc(doc="Optimizer and schedule.", factory=OptimConfig)
+    data: DataConfig = field_doc(doc="Data location and splits.", factory=DataConfig)
+    experiment: str = field_doc("raycraft", "MLflow experiment name.")
+    max_failures: int = field_doc(2, "Times a failed worker group is restarted from the last checkpoint.")
+    keep_checkpoints: int = field_doc(2, "Newest checkpoints kept in storage (the latest is also in MLflow).")
+    storage_path: str = field_doc("ray_results", "Folder (or URI) for Ray Train checkpoints.")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1.")
+        if self.max_failures < 0:
+            raise UserError(f"max_failures: {self.max_failures} must be >= 0.")
+
+
+def build_config(base: dict[str, Any] | None = None, overrides: list[str] = ()) -> tuple[TrainConfig, Any]:
+    """Merge a YAML mapping and `--set` overrides into a validated (TrainConfig, model config) pair.
+
+    A `--set` key whose first part is not a trainer field is taken as a model field
+    (`lora.rank=8` means `model_args.lora.rank=8`), so model keys never need the prefix.
+    """
+    from raycraft.registry import model_spec
+
+    data = dict(base or {})
+    data.setdefault("model_args", {})
+    for text in overrides:
+        key, value = parse_override(text)
+        head = key.split(".")[0]
+        if head not in {f.name for f in dataclasses.fields(TrainConfig)}:
+            key = f"model_args.{key}"
+        set_path(data, key, value)
+    cfg = from_dict(TrainConfig, data)
+    spec = model_spec(cfg.model)
+    model_cfg = from_dict(spec.config_cls, cfg.model_args, prefix=f"{cfg.model}.")
+    cfg.model_args = to_dict(model_cfg)
+    return cfg, model_cfg
+
+
+def check_override_keys(cfg_cls: type, model_cls: type, keys: list[str]) -> None:
+    """Reject keys neither config knows, naming both configs' keys (used by sweeps before they start)."""
+    for key in keys:
+        if not (has_path(cfg_cls, key) or has_path(model_cls, key.removeprefix("model_args."))):
+            names = [f.name for f in dataclasses.fields(cfg_cls)] + [f.name for f in dataclasses.fields(model_cls)]
+            raise invalid_choice("key", key, names)

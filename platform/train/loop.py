@@ -1,0 +1,247 @@
+"""The one training loop. Every Ray Train worker runs `train_loop_per_worker`; a family plugs in a `Step`.
+
+Per epoch: train on this worker's shard, sum metrics and all-reduce them, evaluate on validation,
+checkpoint (model, optimizers, schedules, history) through `ray.train.report` with an asynchronous
+upload so the loop never waits on the controller, and log the epoch to MLflow from rank 0. After the
+last epoch: test metrics and the family's artifacts. A restarted worker group resumes from the newest
+checkpoint; MLflow logging skips epochs it already holds and back-fills any it missed, so a run's
+history has each epoch exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import Dataset
+
+from raycraft.config import from_dict
+from raycraft.registry import create_model, load_dataset, model_spec
+from raycraft.train.config import TrainConfig
+from raycraft.train.optim import build_optimizer, build_scheduler, l1_penalty
+from raycraft.train.step import Step, step_for
+
+CHECKPOINT_FILE = "state.pt"
+
+
+class Batches:
+    """Index batches over an in-memory dataset, sharded across `world` ranks.
+
+    Training shards pad the permutation to a multiple of `world` (as DistributedSampler does) so every
+    rank takes the same number of steps; evaluation shards are disjoint and unpadded so summed metrics
+    count each example exactly once.
+    """
+
+    def __init__(self, data: Dataset, batch_size: int, rank: int = 0, world: int = 1, *, shuffle: bool,
+                 seed: int = 0, device: torch.device | str = "cpu") -> None:
+        self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
+        self.shuffle, self.seed, self.device = shuffle, seed, torch.device(device)
+        self.epoch = 0
+
+    def indices(self) -> torch.Tensor:
+        n = len(self.data)
+        if not self.shuffle:
+            return torch.arange(n)[self.rank::self.world]
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        pad = (-n) % self.world
+        order = torch.cat([order, order[:pad]])
+        return order[self.rank::self.world]
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.indices()) / self.batch_size)
+
+    def __iter__(self) -> Iterator[Any]:
+        idx = self.indices()
+        for start in range(0, len(idx), self.batch_size):
+            batch = self.data[idx[start:start + self.batch_size]]
+            yield tuple(t.to(self.device, non_blocking=True) for t in batch)
+
+
+class Sums:
+    """Running per-example sums of a step's metrics, reduced over workers into means."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, torch.Tensor] = {}
+
+    def add(self, sums: dict[str, torch.Tensor]) -> None:
+        for k, v in sums.items():
+            v = v.detach().double()
+            self.totals[k] = self.totals[k] + v if k in self.totals else v
+
+    def means(self) -> dict[str, float]:
+        """Sum over all workers, then divide by the total example count 'n'."""
+        if not self.totals:
+            return {}
+        keys = sorted(self.totals)
+        vec = torch.stack([self.totals[k].cpu() for k in keys])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(vec)
+        totals = dict(zip(keys, vec.tolist()))
+        n = max(totals.pop("n"), 1.0)
+        return {k: v / n for k, v in totals.items()}
+
+
+def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}{k}": v for k, v in metrics.items()}
+
+
+def evaluate(step: Step, model: torch.nn.Module, batches: Batches, autocast) -> dict[str, float]:
+    model.eval()
+    sums = Sums()
+    with torch.no_grad(), autocast():
+        for batch in batches:
+            sums.add(step.eval_batch(model, batch))
+    model.train()
+    return step.finalize(sums.means())
+
+
+def autocast_for(precision: str, device: torch.device):
+    """bf16 autocast on CPU and fp16 on GPU when precision is 'mixed'; a no-op context otherwise."""
+    if precision != "mixed":
+        return contextlib.nullcontext
+    dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+    return lambda: torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class Updater:
+    """`update(name, loss)`: one optimizer step with L1, scaling, clipping and the lr schedule."""
+
+    def __init__(self, step: Step, model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
+                 device: torch.device) -> None:
+        self.cfg = cfg.optim
+        self.params = {name: [p for p in step.parameters(model, name) if p.requires_grad]
+                       for name in step.optimizers}
+        self.optimizers = {n: build_optimizer(ps, cfg.optim) for n, ps in self.params.items()}
+        self.schedulers = {n: build_scheduler(o, cfg.optim, steps_per_epoch, cfg.epochs)
+                           for n, o in self.optimizers.items()}
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "mixed" and device.type == "cuda")
+
+    def __call__(self, name: str, loss: torch.Tensor) -> None:
+        opt, params = self.optimizers[name], self.params[name]
+        opt.zero_grad(set_to_none=True)
+        if self.cfg.l1:
+            loss = loss + self.cfg.l1 * l1_penalty(params)
+        self.scaler.scale(loss).backward()
+        if self.cfg.grad_clip is not None:
+            self.scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+        self.scaler.step(opt)
+        self.scaler.update()
+        self.schedulers[name].step()
+
+    def lr(self) -> float:
+        return next(iter(self.optimizers.values())).param_groups[0]["lr"]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for n, o in self.optimizers.items():
+            o.load_state_dict(state["optimizers"][n])
+        for n, s in self.schedulers.items():
+            s.load_state_dict(state["schedulers"][n])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def load_state(path: str | Path) -> dict[str, Any]:
+    """A raycraft checkpoint: only tensors and plain containers, so it loads with weights_only=True."""
+    return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+
+def train_loop_per_worker(payload: dict[str, Any]) -> None:
+    """Ray Train's entry point. `payload`: {'config': TrainConfig as a dict, 'run_id', 'tracking_uri'}."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import CheckpointUploadMode
+
+    from raycraft.tracking import RunLogger
+
+    cfg = from_dict(TrainConfig, payload["config"])
+    spec = model_spec(cfg.model)
+    model_cfg = from_dict(spec.config_cls, cfg.model_args)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.cpus_per_worker)
+    device = ray.train.torch.get_device()
+
+    splits = load_dataset(cfg.dataset, cfg.data)
+    step = step_for(spec.task)
+    torch.manual_seed(cfg.seed)
+    model = create_model(cfg.model, model_cfg, splits.info).to(device)
+    train = Batches(splits.train, cfg.batch_size, rank, world, shuffle=True, seed=cfg.seed, device=device)
+    val = Batches(splits.val, cfg.batch_size, rank, world, shuffle=False, device=device)
+    test = Batches(splits.test, cfg.batch_size, rank, world, shuffle=False, device=device)
+    update = Updater(step, model, cfg, len(train), device)
+    autocast = autocast_for(cfg.precision, device)
+
+    history: list[dict[str, float]] = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as d:
+            state = load_state(d)
+        model.load_state_dict(state["model"])
+        update.load_state_dict(state["trainer"])
+        history = state["history"]
+    torch.manual_seed(cfg.seed + 1000 * rank + len(history))  # dropout differs per rank and epoch
+    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+
+    logger = RunLogger(payload["tracking_uri"], payload["run_id"]) if rank == 0 else None
+    if logger:
+        logger.log_history(history)  # back-fills epochs a killed worker checkpointed but never logged
+
+    for epoch in range(len(history), cfg.epochs):
+        train.epoch = epoch
+        sums = Sums()
+        start = time.perf_counter()
+        with autocast():
+            for batch in train:
+                sums.add(step.train_batch(ddp_model, batch, update))
+        train_time = time.perf_counter() - start
+        metrics = {"epoch": float(epoch), **prefixed(step.finalize(sums.means()), "train_"),
+                   **prefixed(evaluate(step, ddp_model, val, autocast), "val_"),
+                   "lr": update.lr(), "epoch_time": time.perf_counter() - start,
+                   "samples_per_s": len(train.indices()) * world / train_time}
+        bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
+        if bad:  # every rank sees the same all-reduced metrics, so all stop here together
+            if logger:
+                logger.set_tag("raycraft.nonfinite", f"non-finite {', '.join(bad)} at epoch {epoch}")
+            ray.train.report({"epoch": float(epoch)})
+            return
+        history.append(metrics)
+        ckpt = None
+        if rank == 0:  # the upload runs in the background and deletes this folder when done
+            ckpt_dir = Path(tempfile.mkdtemp(prefix="raycraft-ckpt-"))
+            torch.save({"model": unwrap(model).state_dict(), "trainer": update.state_dict(),
+                        "history": history}, ckpt_dir / CHECKPOINT_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir))
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
+                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        if logger:
+            logger.log_epoch(metrics)
+
+    final = {**history[-1], **prefixed(evaluate(step, ddp_model, test, autocast), "test_")}
+    if logger:
+        logger.log_final({k: v for k, v in final.items() if k.startswith("test_")})
+        with tempfile.TemporaryDirectory() as tmp:
+            from raycraft.plots import curves_png
+
+            curves_png(history, Path(tmp) / "curves.png")
+            full_test = Batches(splits.test, cfg.batch_size, shuffle=False, device=device)
+            with autocast():
+                step.artifacts(unwrap(model).eval(), full_test, splits.info, Path(tmp))
+            logger.log_artifacts(tmp, "plots")
+    ray.train.report({**final, "done": 1.0})

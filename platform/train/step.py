@@ -1,0 +1,112 @@
+"""What a model family adds to the one training loop: a small `Step` object.
+
+The loop owns everything shared (devices, data-parallel wrapping, sharding, optimizers, schedule,
+mixed precision, clipping, checkpoints, metrics, MLflow). A step says only how a batch becomes losses
+and metrics:
+
+    train_batch(model, batch, update) -> sums      # calls update(name, loss) once per optimizer it steps
+    eval_batch(model, batch)          -> sums
+
+`sums` maps metric names to per-batch *sums* over examples plus 'n', the example count; the loop adds
+them over batches and workers and divides by n. `finalize` turns the means into derived metrics
+(accuracy from correct counts, perplexity from loss). A family with several optimizers (a GAN's
+generator and discriminator) names them in `optimizers` and says which parameters each one owns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+Update = Callable[[str, torch.Tensor], None]
+Sums = dict[str, torch.Tensor]
+
+
+class Step:
+    optimizers: tuple[str, ...] = ("main",)
+    """Names of this family's optimizers; each gets the trainer's optim config unless overridden."""
+
+    monitor: str = "val_loss"
+    """The metric that picks the best epoch, with `monitor_mode`."""
+    monitor_mode: str = "min"
+
+    def parameters(self, model: nn.Module, optimizer: str) -> Iterable[nn.Parameter]:
+        return model.parameters()
+
+    def train_batch(self, model: nn.Module, batch: Any, update: Update) -> Sums:
+        raise NotImplementedError
+
+    def eval_batch(self, model: nn.Module, batch: Any) -> Sums:
+        raise NotImplementedError
+
+    def finalize(self, means: dict[str, float]) -> dict[str, float]:
+        return means
+
+    def example_input(self, batch: Any) -> torch.Tensor:
+        """A model input taken from a batch, for the logged model's signature."""
+        return batch[0]
+
+    def artifacts(self, model: nn.Module, test_batches: Iterable[Any], info: dict[str, Any],
+                  out_dir: Path) -> None:
+        """Write end-of-run files (plots, samples) for MLflow into `out_dir`. Runs on rank 0 only."""
+
+
+class ClassificationStep(Step):
+    """Cross-entropy classification: loss = -log softmax(f(x))_y, metrics loss and accuracy."""
+
+    monitor = "val_accuracy"
+    monitor_mode = "max"
+
+    def train_batch(self, model: nn.Module, batch: Any, update: Update) -> Sums:
+        x, y = batch
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        update("main", loss)
+        n = y.new_tensor(len(y))
+        return {"loss": loss.detach() * n, "accuracy": (logits.argmax(-1) == y).sum(), "n": n}
+
+    @torch.no_grad()
+    def eval_batch(self, model: nn.Module, batch: Any) -> Sums:
+        x, y = batch
+        logits = model(x)
+        n = y.new_tensor(len(y))
+        return {"loss": F.cross_entropy(logits, y, reduction="sum"), "accuracy": (logits.argmax(-1) == y).sum(),
+                "n": n}
+
+    @torch.no_grad()
+    def artifacts(self, model: nn.Module, test_batches: Iterable[Any], info: dict[str, Any],
+                  out_dir: Path) -> None:
+        from raycraft.plots import confusion_matrix_png
+
+        ys, preds = [], []
+        for x, y in test_batches:
+            preds.append(model(x).argmax(-1).cpu())
+            ys.append(y.cpu())
+        confusion_matrix_png(torch.cat(ys), torch.cat(preds), info.get("class_names"),
+                             out_dir / "confusion_matrix.png")
+
+
+_STEPS: dict[str, type[Step]] = {}
+
+
+def register_step(task: str) -> Callable[[type[Step]], type[Step]]:
+    """Class decorator: the step that trains every model registered with this `task`."""
+    def wrap(cls: type[Step]) -> type[Step]:
+        _STEPS[task] = cls
+        return cls
+    return wrap
+
+
+register_step("classification")(ClassificationStep)
+
+
+def step_for(task: str) -> Step:
+    from raycraft.registry import models
+
+    models()  # importing the model modules registers their families' steps
+    return _STEPS[task]()
