@@ -124,7 +124,8 @@ def train(
 @app.command("eval")
 def eval_(
     run_id: Annotated[str, typer.Argument(help="MLflow run id of a `raycraft train` run.")],
-    dataset: Annotated[Optional[str], typer.Option("--dataset", help="Evaluate on another dataset's test split.")] = None,
+    dataset: Annotated[Optional[str], typer.Option(
+        "--dataset", help="Evaluate on another dataset's test split.")] = None,
     tracking_uri: TrackingOpt = None,
 ):
     """Reload the model logged by RUN_ID and report its metrics on the test split."""
@@ -135,8 +136,23 @@ def eval_(
     console.print(f"run {run_id} on the test split: {_fmt(metrics)}")
 
 
+# Each family's commands live beside its code: a module here adds commands to `app` on import.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _load_commands() -> None:
+    import importlib
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name)
+
+
 def main() -> None:
+    import os
+
     from raycraft.runner import TrainingError
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     try:
         app(standalone_mode=False)

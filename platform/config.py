@@ -86,6 +86,11 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             raise UserError(f"{key}: expected an integer, got {value!r}.")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}: expected a number, got {value!r}.")
         return float(value)

@@ -17,7 +17,7 @@ def curves_png(history: Sequence[dict[str, float]], path: Path) -> None:
     epochs = [h["epoch"] for h in history]
     names = sorted({k.split("_", 1)[1] for h in history for k in h if k.startswith(("train_", "val_"))})
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(4.5 * max(len(names), 1), 3.5), squeeze=False)
-    for ax, name in zip(axes[0], names):
+    for ax, name in zip(axes[0], names, strict=False):  # one spare axis when there are no metrics
         for split in ("train", "val"):
             key = f"{split}_{name}"
             if any(key in h for h in history):

@@ -34,6 +34,8 @@ class ModelSpec:
     description: str
     config_cls: type
     builder: Callable[..., nn.Module]
+    recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Trainer defaults that suit this model (epochs, optim.lr, ...); YAML and flags override them."""
 
 
 @dataclass(frozen=True)
@@ -50,13 +52,13 @@ _DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_model(name: str, *, family: str, config: type, task: str = "classification",
-                   description: str = "") -> Callable:
+                   description: str = "", recipe: dict[str, Any] | None = None) -> Callable:
     """Decorator for `builder(cfg, data_info) -> nn.Module`; the docstring's first line describes it."""
     def wrap(builder: Callable) -> Callable:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         doc = description or (builder.__doc__ or "").strip().splitlines()[0]
-        _MODELS[name] = ModelSpec(name, family, task, doc, config, builder)
+        _MODELS[name] = ModelSpec(name, family, task, doc, config, builder, dict(recipe or {}))
         return builder
     return wrap
 

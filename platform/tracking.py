@@ -143,6 +143,25 @@ class RunLogger:
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
 
+    def log_model(self, model, example_input) -> None:
+        """The final model through `mlflow.pytorch`, with a signature inferred from a real batch."""
+        import mlflow
+        import mlflow.pytorch
+        import torch
+        from mlflow.models import infer_signature
+
+        model = model.eval()
+        with torch.no_grad():
+            output = model(example_input)
+        example = example_input.cpu().numpy()
+        signature = infer_signature(example, output.detach().cpu().numpy())
+        mlflow.set_tracking_uri(self.uri)
+        with mlflow.start_run(run_id=self.run_id):
+            # MLflow's default 'pt2' format is a torch.export graph (no pickle); a batch of > 1 in the
+            # example keeps the batch dimension dynamic.
+            mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
     def log_history(self, history: list[dict[str, float]]) -> None:
         for metrics in history:
             self.log_epoch(metrics)
@@ -155,26 +174,6 @@ class RunLogger:
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         log_dir(self.uri, self.run_id, local_dir, artifact_path)
-
-
-def log_model(uri: str, run_id: str, model, example_input) -> None:
-    """The final model through `mlflow.pytorch`, with a signature inferred from a real batch."""
-    import mlflow
-    import mlflow.pytorch
-    import torch
-    from mlflow.models import infer_signature
-
-    model = model.eval()
-    with torch.no_grad():
-        output = model(example_input)
-    example = example_input.cpu().numpy()
-    signature = infer_signature(example, output.detach().cpu().numpy())
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run(run_id=run_id):
-        # MLflow's default 'pt2' format is a torch.export graph (no pickle); a batch of > 1 in the
-        # example keeps the batch dimension dynamic.
-        mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
 
 
 def load_model(uri: str, run_id: str):

@@ -78,6 +78,8 @@ def build_config(base: dict[str, Any] | None = None, overrides: list[str] = ()) 
     from raycraft.registry import model_spec
 
     data = dict(base or {})
+    if "model" in data:  # the model's recipe sits under everything the user wrote
+        data = deep_merge(model_spec(str(data["model"])).recipe, data)
     data.setdefault("model_args", {})
     for text in overrides:
         key, value = parse_override(text)
@@ -90,6 +92,14 @@ def build_config(base: dict[str, Any] | None = None, overrides: list[str] = ()) 
     model_cfg = from_dict(spec.config_cls, cfg.model_args, prefix=f"{cfg.model}.")
     cfg.model_args = to_dict(model_cfg)
     return cfg, model_cfg
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top` over `base`, merging nested mappings key by key."""
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def check_override_keys(cfg_cls: type, model_cls: type, keys: list[str]) -> None:

@@ -10,8 +10,11 @@ history has each epoch exactly once.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import logging
 import math
+import os
 import tempfile
 import time
 from collections.abc import Iterator
@@ -83,7 +86,7 @@ class Sums:
         vec = torch.stack([self.totals[k].cpu() for k in keys])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(vec)
-        totals = dict(zip(keys, vec.tolist()))
+        totals = dict(zip(keys, vec.tolist(), strict=True))
         n = max(totals.pop("n"), 1.0)
         return {k: v / n for k, v in totals.items()}
 
@@ -92,13 +95,20 @@ def prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
     return {f"{prefix}{k}": v for k, v in metrics.items()}
 
 
+def set_training(model: torch.nn.Module, mode: bool) -> None:
+    try:
+        model.train(mode)
+    except NotImplementedError:  # a torch.export graph (MLflow's pt2 format) is frozen in eval mode
+        pass
+
+
 def evaluate(step: Step, model: torch.nn.Module, batches: Batches, autocast) -> dict[str, float]:
-    model.eval()
+    set_training(model, False)
     sums = Sums()
     with torch.no_grad(), autocast():
         for batch in batches:
             sums.add(step.eval_batch(model, batch))
-    model.train()
+    set_training(model, True)
     return step.finalize(sums.means())
 
 
@@ -140,15 +150,24 @@ class Updater:
         return next(iter(self.optimizers.values())).param_groups[0]["lr"]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
-                "schedulers": {n: s.state_dict() for n, s in self.schedulers.items()},
+        return {"optimizer_name": self.cfg.name,
+                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                "steps": {n: s.last_epoch for n, s in self.schedulers.items()},
                 "scaler": self.scaler.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for n, o in self.optimizers.items():
-            o.load_state_dict(state["optimizers"][n])
-        for n, s in self.schedulers.items():
-            s.load_state_dict(state["schedulers"][n])
+        """Restore moments and step counts; hyperparameters come from the current config, so a resumed
+        run honours a changed lr or weight decay. A changed optimizer starts with fresh moments."""
+        if state["optimizer_name"] == self.cfg.name:
+            for n, opt in self.optimizers.items():
+                saved = state["optimizers"][n]
+                groups = [{**g, **{k: v for k, v in cur.items() if k != "params"}}
+                          for g, cur in zip(saved["param_groups"], opt.state_dict()["param_groups"], strict=True)]
+                opt.load_state_dict({"state": saved["state"], "param_groups": groups})
+        for n, sched in self.schedulers.items():
+            sched.last_epoch = state["steps"][n]
+            for group, lr in zip(sched.optimizer.param_groups, sched.get_lr(), strict=True):
+                group["lr"] = lr
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
@@ -162,6 +181,14 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
+def quiet_ray_train_worker_logs() -> None:
+    """Ray Train's per-report INFO line comes from a logger named by its file path, which escapes the
+    run's `ray.train` log level; raise that logger to WARNING so progress lines stay readable."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.endswith(os.path.join("execution", "context.py")):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's entry point. `payload`: {'config': TrainConfig as a dict, 'run_id', 'tracking_uri'}."""
     import ray.train
@@ -170,11 +197,15 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     from raycraft.tracking import RunLogger
 
+    quiet_ray_train_worker_logs()
     cfg = from_dict(TrainConfig, payload["config"])
     spec = model_spec(cfg.model)
     model_cfg = from_dict(spec.config_cls, cfg.model_args)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    # Importing MLflow takes seconds: rank 0 does it on a thread while data and model load.
+    logger_future = (concurrent.futures.ThreadPoolExecutor(1).submit(RunLogger, payload["tracking_uri"],
+                                                                      payload["run_id"]) if rank == 0 else None)
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
 
@@ -199,7 +230,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     torch.manual_seed(cfg.seed + 1000 * rank + len(history))  # dropout differs per rank and epoch
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 
-    logger = RunLogger(payload["tracking_uri"], payload["run_id"]) if rank == 0 else None
+    logger = logger_future.result() if logger_future else None
     if logger:
         logger.log_history(history)  # back-fills epochs a killed worker checkpointed but never logged
 
@@ -232,6 +263,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         if logger:
             logger.log_epoch(metrics)
+            with tempfile.TemporaryDirectory() as tmp:
+                step.epoch_artifacts(unwrap(model), epoch, splits.info, Path(tmp))
+                if any(Path(tmp).iterdir()):
+                    logger.log_artifacts(tmp, f"epochs/epoch_{epoch:04d}")
 
     final = {**history[-1], **prefixed(evaluate(step, ddp_model, test, autocast), "test_")}
     if logger:
@@ -244,4 +279,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             with autocast():
                 step.artifacts(unwrap(model).eval(), full_test, splits.info, Path(tmp))
             logger.log_artifacts(tmp, "plots")
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({"model": unwrap(model).state_dict(), "trainer": update.state_dict(), "history": history},
+                       Path(tmp) / CHECKPOINT_FILE)
+            logger.log_artifacts(tmp, "checkpoint")
+        logger.log_model(unwrap(model), step.example_input(next(iter(full_test))))
     ray.train.report({**final, "done": 1.0})

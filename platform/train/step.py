@@ -51,6 +51,10 @@ class Step:
         """A model input taken from a batch, for the logged model's signature."""
         return batch[0]
 
+    def epoch_artifacts(self, model: nn.Module, epoch: int, info: dict[str, Any], out_dir: Path) -> None:
+        """Write per-epoch files (a text sample, an image grid) into `out_dir`; logged under
+        `epochs/epoch_NNNN/`. Runs on rank 0 only, after the epoch's checkpoint."""
+
     def artifacts(self, model: nn.Module, test_batches: Iterable[Any], info: dict[str, Any],
                   out_dir: Path) -> None:
         """Write end-of-run files (plots, samples) for MLflow into `out_dir`. Runs on rank 0 only."""

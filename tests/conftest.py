@@ -1,0 +1,36 @@
+"""Shared fixtures: one private local Ray for the session, a real MLflow SQLite store, small real data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+torch.set_num_threads(1)  # 2-core machines: more threads per process made small steps far slower
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """Start Ray once per test session, in local mode (never a cluster left on the machine)."""
+    import ray
+
+    from raycraft.runner import init_ray
+
+    init_ray()
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory) -> str:
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def storage(tmp_path) -> str:
+    return str(tmp_path / "ray_results")

@@ -1,0 +1,102 @@
+"""End to end on a real local Ray and a real MLflow store: train, eval, resume, NaN, a killed worker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from raycraft.evaluate import evaluate_run
+from raycraft.runner import TrainingError, run_training
+from raycraft.train.config import build_config
+
+pytestmark = pytest.mark.slow
+
+
+def _logged_epochs(uri: str, run_id: str, key: str = "epoch") -> list[int]:
+    return sorted(int(m.step) for m in MlflowClient(uri).get_metric_history(run_id, key))
+
+
+def test_train_eval_resume_and_nonfinite(ray_session, mlflow_uri, storage):
+    cfg, _ = build_config({"model": "lenet5", "dataset": "digits", "epochs": 2, "storage_path": storage})
+    seen: list[int] = []
+    out = run_training(cfg, tracking_uri=mlflow_uri, on_epoch=lambda m: seen.append(int(m["epoch"])))
+    client = MlflowClient(mlflow_uri)
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FINISHED"
+    assert seen == [0, 1]  # progress lines, one per epoch
+    assert run.data.params["optim.lr"] == "0.003" and run.data.params["model_args.pool"] == "max"
+    artifacts = {a.path for a in client.list_artifacts(out.run_id)} | {
+        a.path for a in client.list_artifacts(out.run_id, "plots")}
+    assert {"config.yaml", "plots/curves.png", "plots/confusion_matrix.png", "checkpoint"} <= artifacts
+    assert 0.5 < out.metrics["test_accuracy"] <= 1.0
+
+    # eval reloads the logged model and reproduces the run's own test metrics
+    again = evaluate_run(out.run_id, tracking_uri=mlflow_uri)
+    assert again["test_accuracy"] == pytest.approx(out.metrics["test_accuracy"], abs=1e-9)
+    assert again["test_loss"] == pytest.approx(out.metrics["test_loss"], rel=1e-4)
+
+    # resume: one more epoch, each epoch in MLflow exactly once
+    more, _ = build_config({**_cfg_dict(cfg), "epochs": 3})
+    run_training(more, tracking_uri=mlflow_uri, resume_run_id=out.run_id)
+    assert _logged_epochs(mlflow_uri, out.run_id) == [0, 1, 2]
+    assert _logged_epochs(mlflow_uri, out.run_id, "val_loss") == [0, 1, 2]
+
+    # an exploding learning rate: the run stops with a clear error, FAILED, last good checkpoint kept
+    bad, _ = build_config({**_cfg_dict(cfg), "epochs": 5}, ["optim.name=sgd", "optim.lr=1e30",
+                                                           "optim.schedule=constant"])
+    with pytest.raises(TrainingError, match="non-finite .*epoch 3"):
+        run_training(bad, tracking_uri=mlflow_uri, resume_run_id=out.run_id)
+    run = client.get_run(out.run_id)
+    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["raycraft.error"]
+    assert _logged_epochs(mlflow_uri, out.run_id) == [0, 1, 2]
+    ckpts = sorted(p.name for p in Path(storage).glob("raycraft-*/epoch_*"))
+    assert ckpts[-1] == "epoch_0002"
+
+
+def _cfg_dict(cfg):
+    from raycraft.config import to_dict
+
+    return to_dict(cfg)
+
+
+def test_killed_worker_resumes_without_gaps_or_duplicates(ray_session, mlflow_uri, storage):
+    """Two data-parallel workers; one is SIGKILLed mid-run; the run completes from its last checkpoint."""
+    from ray.util.state import list_actors
+
+    epochs = 8
+    cfg, _ = build_config({"model": "lenet5", "dataset": "digits", "epochs": epochs, "workers": 2,
+                           "storage_path": storage, "max_failures": 2})
+    run_ids: list[str] = []
+    result: dict = {}
+
+    def train():
+        try:
+            result["out"] = run_training(cfg, tracking_uri=mlflow_uri, on_start=run_ids.append)
+        except BaseException as exc:  # surfaced by the assertion below
+            result["error"] = exc
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    deadline = time.time() + 240
+    while time.time() < deadline and not (run_ids and len(_logged_epochs(mlflow_uri, run_ids[0])) >= 2):
+        time.sleep(0.2)
+    assert run_ids, "training never started"
+    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    assert len(workers) == 2
+    killed_after = len(_logged_epochs(mlflow_uri, run_ids[0]))
+    os.kill(workers[1]["pid"], signal.SIGKILL)
+    thread.join(timeout=400)
+    assert not thread.is_alive()
+    assert "error" not in result, result.get("error")
+    run = MlflowClient(mlflow_uri).get_run(run_ids[0])
+    assert run.info.status == "FINISHED"
+    assert killed_after < epochs, "the kill came after training ended; the test proved nothing"
+    for key in ("epoch", "train_loss", "val_accuracy"):
+        assert _logged_epochs(mlflow_uri, run_ids[0], key) == list(range(epochs))
+    assert result["out"].metrics["test_accuracy"] > 0.8
