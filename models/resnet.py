@@ -71,13 +71,16 @@ class ResNet(nn.Module):
         return self.head(self.stages(self.stem(x)))
 
 
-@register_model("resnet18", family="cnn", config=ResNetConfig)
+RECIPE = {"epochs": 6, "optim": {"lr": 2e-3, "weight_decay": 0.05, "warmup_epochs": 1}}
+
+
+@register_model("resnet18", family="cnn", config=ResNetConfig, recipe=RECIPE)
 def resnet18(cfg: ResNetConfig, data_info: dict) -> ResNet:
     """ResNet-18: basic residual blocks (2, 2, 2, 2) with identity or 1x1-projection shortcuts."""
     return ResNet((2, 2, 2, 2), cfg, image_shape(data_info), num_classes(data_info))
 
 
-@register_model("resnet34", family="cnn", config=ResNetConfig)
+@register_model("resnet34", family="cnn", config=ResNetConfig, recipe=RECIPE)
 def resnet34(cfg: ResNetConfig, data_info: dict) -> ResNet:
     """ResNet-34: basic residual blocks (3, 4, 6, 3) with identity or 1x1-projection shortcuts."""
     return ResNet((3, 4, 6, 3), cfg, image_shape(data_info), num_classes(data_info))

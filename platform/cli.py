@@ -113,8 +113,10 @@ def train(
         console.print(f"[cyan]{verb}[/] {cfg.model} on {cfg.dataset} with {cfg.workers} worker(s); "
                       f"MLflow run {run_id}")
 
-    outcome = run_training(cfg, address=address, tracking_uri=uri, resume_run_id=resume,
-                           on_epoch=on_epoch, on_start=on_start)
+    import psutil
+
+    outcome = run_training(cfg, address=address, tracking_uri=uri, resume_run_id=resume, on_epoch=on_epoch,
+                           on_start=on_start, started_at=psutil.Process().create_time())
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]")
     console.print("final: " + _fmt({k: v for k, v in outcome.metrics.items()
                                     if k.startswith(("test_", "val_", "train_"))}))

@@ -135,12 +135,17 @@ class Progress:
 def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: str | None = None,
                  resume_run_id: str | None = None, run_name: str | None = None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
-                 on_start: Callable[[str], None] | None = None) -> Outcome:
+                 on_start: Callable[[str], None] | None = None, started_at: float | None = None) -> Outcome:
+    """Run `cfg` on Ray Train. `started_at` (Unix time, default now) is when the user's command began: the
+    run logs `startup_s`, from then to the first training batch, and `ray_init_s`, the part spent starting Ray."""
     from raycraft import tracking
 
+    started_at = started_at or time.time()
     prepare(cfg, address)
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    ray_start = time.time()
     init_ray(address)
+    ray_init_s = time.time() - ray_start
     check_cluster_resources(cfg)
     import ray
     import ray.train
@@ -166,7 +171,8 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
 
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri},
+        train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
+                           "started_at": started_at, "ray_init_s": ray_init_s},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(

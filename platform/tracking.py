@@ -166,7 +166,8 @@ class RunLogger:
         for metrics in history:
             self.log_epoch(metrics)
 
-    def log_final(self, metrics: dict[str, float]) -> None:
+    def log_once(self, metrics: dict[str, float]) -> None:
+        """Run-level figures (test metrics, start-up time), at step 0."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

@@ -190,7 +190,8 @@ def quiet_ray_train_worker_logs() -> None:
 
 
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
-    """Ray Train's entry point. `payload`: {'config': TrainConfig as a dict, 'run_id', 'tracking_uri'}."""
+    """Ray Train's entry point. `payload`: {'config': TrainConfig as a dict, 'run_id', 'tracking_uri',
+    'started_at': when the user's command began, 'ray_init_s': seconds it spent starting Ray}."""
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
@@ -234,12 +235,14 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     if logger:
         logger.log_history(history)  # back-fills epochs a killed worker checkpointed but never logged
 
+    first_batch_at: float | None = None
     for epoch in range(len(history), cfg.epochs):
         train.epoch = epoch
         sums = Sums()
         start = time.perf_counter()
         with autocast():
             for batch in train:
+                first_batch_at = first_batch_at or time.time()
                 sums.add(step.train_batch(ddp_model, batch, update))
         train_time = time.perf_counter() - start
         metrics = {"epoch": float(epoch), **prefixed(step.finalize(sums.means()), "train_"),
@@ -262,6 +265,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         if logger:
+            if epoch == 0:  # only a fresh run's start-up is the user's wait
+                logger.log_once({"startup_s": first_batch_at - payload["started_at"],
+                                 "ray_init_s": payload["ray_init_s"]})
             logger.log_epoch(metrics)
             with tempfile.TemporaryDirectory() as tmp:
                 step.epoch_artifacts(unwrap(model), epoch, splits.info, Path(tmp))
@@ -270,7 +276,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     final = {**history[-1], **prefixed(evaluate(step, ddp_model, test, autocast), "test_")}
     if logger:
-        logger.log_final({k: v for k, v in final.items() if k.startswith("test_")})
+        logger.log_once({k: v for k, v in final.items() if k.startswith("test_")})
         with tempfile.TemporaryDirectory() as tmp:
             from raycraft.plots import curves_png
 

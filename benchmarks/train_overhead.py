@@ -1,0 +1,110 @@
+"""Training-loop overhead of raycraft against a bare PyTorch loop, measured in one run on one machine.
+
+Same model, data, batch size and epochs for
+  (a) a bare PyTorch loop in this process (one torch thread),
+  (b) `raycraft train` with 1 worker (1 CPU), and
+  (c) `raycraft train` with 2 workers (1 CPU each, data parallel over gloo).
+Printed per setup: training-phase samples/s (median over epochs after the first, the loop's own
+`samples_per_s`), wall samples/s (epoch to epoch, with evaluation, checkpoint and MLflow logging),
+and for raycraft the fixed cost: CLI process start to first training batch, less `ray.init`.
+
+    python benchmarks/train_overhead.py [--model lenet5 --dataset mnist5k --epochs 4 --batch-size 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+
+def bare_pytorch(model_name: str, dataset: str, epochs: int, batch_size: int) -> dict[str, float]:
+    """What a user writes without raycraft: shuffle, forward, loss, backward, step; evaluate each epoch."""
+    from raycraft.data.base import DataConfig
+    from raycraft.registry import create_model, load_dataset
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    splits = load_dataset(dataset, DataConfig())
+    x, y = splits.train.tensors
+    vx, vy = splits.val.tensors
+    model = create_model(model_name, None, splits.info)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    rates, walls = [], []
+    for _ in range(epochs):
+        wall = time.perf_counter()
+        model.train()
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), batch_size):
+            idx = perm[i:i + batch_size]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        rates.append(len(x) / (time.perf_counter() - wall))
+        model.eval()
+        with torch.no_grad():
+            for i in range(0, len(vx), 256):
+                F.cross_entropy(model(vx[i:i + 256]), vy[i:i + 256])
+        walls.append(len(x) / (time.perf_counter() - wall))
+    return {"samples_per_s": statistics.median(rates[1:]), "wall_samples_per_s": statistics.median(walls[1:])}
+
+
+def raycraft_cli(model: str, dataset: str, epochs: int, batch_size: int, workers: int,
+                 n_train: int) -> dict[str, float]:
+    from mlflow.tracking import MlflowClient
+
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/mlflow.db"
+        cmd = [os.path.join(os.path.dirname(sys.executable), "raycraft"), "train", model, "--dataset", dataset,
+               "--epochs", str(epochs), "--batch-size", str(batch_size), "--workers", str(workers),
+               "--tracking-uri", uri, "--set", "optim.schedule=constant", "--set", "optim.warmup_epochs=0"]
+        out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        if out.returncode:
+            raise RuntimeError(out.stdout[-2000:] + out.stderr[-4000:])
+        run_id = re.search(r"run id: (\w+)", out.stdout).group(1)
+        client = MlflowClient(uri)
+        rates = [m.value for m in sorted(client.get_metric_history(run_id, "samples_per_s"), key=lambda m: m.step)]
+        stamps = sorted(m.timestamp for m in client.get_metric_history(run_id, "epoch"))
+        metrics = client.get_run(run_id).data.metrics
+        wall_epoch = (stamps[-1] - stamps[0]) / 1000 / max(len(stamps) - 1, 1)
+        return {"samples_per_s": statistics.median(rates[1:]), "wall_samples_per_s": n_train / wall_epoch,
+                "startup_s": metrics["startup_s"], "ray_init_s": metrics["ray_init_s"]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="lenet5")
+    ap.add_argument("--dataset", default="mnist5k")
+    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--batch-size", type=int, default=64)
+    a = ap.parse_args()
+    from raycraft.data.base import DataConfig
+    from raycraft.registry import load_dataset
+
+    n_train = len(load_dataset(a.dataset, DataConfig()).train)
+    results = {"(a) bare PyTorch": bare_pytorch(a.model, a.dataset, a.epochs, a.batch_size),
+               "(b) raycraft, 1 worker": raycraft_cli(a.model, a.dataset, a.epochs, a.batch_size, 1, n_train),
+               "(c) raycraft, 2 workers": raycraft_cli(a.model, a.dataset, a.epochs, a.batch_size, 2, n_train)}
+    base = results["(a) bare PyTorch"]
+    print(f"{a.model} on {a.dataset}, {a.epochs} epochs, batch {a.batch_size}, {os.cpu_count()} CPUs")
+    print(f"{'setup':26} {'train samples/s':>16} {'ratio':>6} {'wall samples/s':>15} {'ratio':>6} "
+          f"{'fixed cost s':>13} {'ray.init s':>11}")
+    for name, r in results.items():
+        fixed = r["startup_s"] - r["ray_init_s"] if "startup_s" in r else float("nan")
+        print(f"{name:26} {r['samples_per_s']:16.0f} {r['samples_per_s'] / base['samples_per_s']:6.2f} "
+              f"{r['wall_samples_per_s']:15.0f} {r['wall_samples_per_s'] / base['wall_samples_per_s']:6.2f} "
+              f"{fixed:13.1f} {r.get('ray_init_s', float('nan')):11.1f}")
+    print("goals: (b)/(a) train samples/s >= 0.95; fixed cost <= 3 s")
+
+
+if __name__ == "__main__":
+    main()
