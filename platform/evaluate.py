@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import yaml
 
 from raycraft import tracking
@@ -23,6 +25,4 @@ def evaluate_run(run_id: str, dataset: str | None = None, tracking_uri: str | No
     splits = load_dataset(cfg.dataset, cfg.data)
     step = step_for(model_spec(cfg.model).task)
     test = Batches(splits.test, cfg.batch_size, shuffle=False)
-    import contextlib
-
     return {f"test_{k}": v for k, v in evaluate(step, model, test, contextlib.nullcontext).items()}

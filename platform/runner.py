@@ -10,7 +10,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -32,7 +32,6 @@ class Outcome:
     metrics: dict[str, float]
     tracking_uri: str
     checkpoint_path: str | None = None
-    history: list[dict[str, float]] = field(default_factory=list)
 
 
 # Ray Train's controller takes one queued report per poll, 2 s apart by default: a run of N short

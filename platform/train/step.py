@@ -31,10 +31,6 @@ class Step:
     optimizers: tuple[str, ...] = ("main",)
     """Names of this family's optimizers; each gets the trainer's optim config unless overridden."""
 
-    monitor: str = "val_loss"
-    """The metric that picks the best epoch, with `monitor_mode`."""
-    monitor_mode: str = "min"
-
     def parameters(self, model: nn.Module, optimizer: str) -> Iterable[nn.Parameter]:
         return model.parameters()
 
@@ -62,9 +58,6 @@ class Step:
 
 class ClassificationStep(Step):
     """Cross-entropy classification: loss = -log softmax(f(x))_y, metrics loss and accuracy."""
-
-    monitor = "val_accuracy"
-    monitor_mode = "max"
 
     def train_batch(self, model: nn.Module, batch: Any, update: Update) -> Sums:
         x, y = batch
