@@ -99,3 +99,13 @@ def test_resume_keeps_moments_and_step_but_takes_new_hyperparameters():
     _, switched = _tiny(TrainConfig(model="mlp", optim=OptimConfig(name="sgd", lr=0.01)))
     switched.load_state_dict(state)  # another optimizer: fresh moments, no KeyError
     assert switched.optimizers["main"].state_dict()["state"] == {}
+
+
+def test_mixed_precision_is_bf16_autocast_on_cpu():
+    from raycraft.train.loop import autocast_for
+
+    layer = nn.Linear(4, 4)
+    with autocast_for("mixed", torch.device("cpu"))():
+        assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
+    with autocast_for("fp32", torch.device("cpu"))():
+        assert layer(torch.randn(2, 4)).dtype == torch.float32
