@@ -166,8 +166,9 @@ class Updater:
                 opt.load_state_dict({"state": saved["state"], "param_groups": groups})
         for n, sched in self.schedulers.items():
             sched.last_epoch = state["steps"][n]
-            for group, lr in zip(sched.optimizer.param_groups, sched.get_lr(), strict=True):
-                group["lr"] = lr
+            for group, base, factor in zip(sched.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas,
+                                           strict=True):
+                group["lr"] = base * factor(sched.last_epoch)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
 
