@@ -1,0 +1,88 @@
+"""`raycraft rl ALGO --env ENV ...` and `raycraft rl-eval RUN_ID ...`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from raycraft.cli import AddressOpt, SetOpt, TrackingOpt, app, console
+
+
+def _fmt(m: dict[str, float]) -> str:
+    parts = [f"iter {int(m['iteration'])}", f"steps {int(m['env_steps'])}"]
+    for key, label in (("return_mean", "return"), ("eval_return_mean", "eval"), ("steps_per_s", "steps/s")):
+        if key in m:
+            parts.append(f"{label} {m[key]:.4g}")
+    return "  ".join(parts)
+
+
+@app.command("rl")
+def rl(
+    algo: Annotated[str, typer.Argument(help="dqn or ddpg.")],
+    env: Annotated[Optional[str], typer.Option("--env", help="Environment id (gymnasium, ALE/..., raycraft/...).")
+                   ] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="RL model (`raycraft models`).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of RLConfig keys.")] = None,
+    set_: SetOpt = None,
+    stop_reward: Annotated[Optional[float], typer.Option("--stop-reward", help="Stop at this eval return.")] = None,
+    timesteps: Annotated[Optional[int], typer.Option("--timesteps", help="Stop after this many env steps.")] = None,
+    workers: Annotated[Optional[int], typer.Option("--workers", help="EnvRunner actors (0 = in the driver).")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of networks, envs and exploration.")] = None,
+    resume: Annotated[Optional[str], typer.Option("--resume", help="MLflow run id to continue.")] = None,
+    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment name.")] = None,
+    address: AddressOpt = None,
+    tracking_uri: TrackingOpt = None,
+):
+    """Train ALGO on --env with RLlib; prints progress and the MLflow run id."""
+    import torch
+
+    from raycraft.config import load_yaml
+    from raycraft.rl.config import ALGOS, build_rl_config
+    from raycraft.rl.run import train_rl
+    from raycraft.tracking import download_text, get_run, resolve_tracking_uri, ui_command
+
+    torch.set_num_threads(1)
+    if algo not in ALGOS:
+        from raycraft.errors import invalid_choice
+
+        raise invalid_choice("ALGO", algo, ALGOS)
+    uri = resolve_tracking_uri(tracking_uri)
+    base = load_yaml(config) if config else {}
+    if resume:
+        import yaml
+
+        get_run(uri, resume)
+        base = {**yaml.safe_load(download_text(uri, resume, "config.yaml")), **base}
+    flags = {"algo": algo, "env": env, "model": model, "stop_reward": stop_reward, "timesteps": timesteps,
+             "workers": workers, "seed": seed, "experiment": experiment}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    cfg, model_cfg = build_rl_config(base, set_ or [])
+
+    def on_start(run_id: str) -> None:
+        verb = "resuming" if resume else "training"
+        console.print(f"[cyan]{verb}[/] {cfg.algo} ({cfg.model}) on {cfg.env}; MLflow run {run_id}")
+
+    outcome = train_rl(cfg, model_cfg, tracking_uri=uri, address=address, resume_run_id=resume,
+                       on_start=on_start, on_iteration=lambda m: console.print(_fmt(m)))
+    console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]  env steps {outcome.env_steps}  "
+                  f"eval return {outcome.eval_return}  wall {outcome.wall_s:.0f} s")
+    console.print(f"MLflow UI: {ui_command(uri)}")
+
+
+@app.command("rl-eval")
+def rl_eval(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a `raycraft rl` run.")],
+    episodes: Annotated[int, typer.Option("--episodes", help="Greedy episodes to play.")] = 10,
+    video: Annotated[Optional[Path], typer.Option("--video", help="Write a GIF of the first episode here.")] = None,
+    tracking_uri: TrackingOpt = None,
+):
+    """Reload RUN_ID's policy, play greedy episodes, report the mean return (and write a GIF)."""
+    from raycraft.rl.run import evaluate_rl
+
+    returns = evaluate_rl(run_id, episodes=episodes, video=video, tracking_uri=tracking_uri)
+    console.print(f"run {run_id}: mean return {sum(returns) / len(returns):.4g} over {len(returns)} episodes "
+                  f"(min {min(returns):.4g}, max {max(returns):.4g})")
+    if video:
+        console.print(f"GIF: {video}")

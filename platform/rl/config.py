@@ -1,0 +1,158 @@
+"""The typed config of one RL run (`raycraft rl ALGO --env ENV`): every hyperparameter documented here.
+
+Precedence, lowest first: these defaults, the preset for (algo, env) in `PRESETS`, the model's
+registered recipe, a YAML file (`--config`), flags, then `--set key=value`. Keys whose head is not a
+field of `RLConfig` go to the model's config (`--set dueling=false` == `--set model_args.dueling=false`).
+Everything is checked in `validate` before Ray starts.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from raycraft.config import field_doc, from_dict, has_path, parse_override, set_path
+from raycraft.errors import UserError, invalid_choice
+
+ALGOS = ("dqn", "ddpg")
+DEFAULT_MODEL = {"dqn": "q_mlp", "ddpg": "ddpg_mlp"}
+ATARI_MODEL = "q_nature_cnn"
+
+
+@dataclass
+class ReplayConfig:
+    capacity: int = field_doc(50_000, "Transitions the replay buffer holds (oldest dropped first).")
+    prioritized: bool = field_doc(True, "Prioritised replay (Schaul et al., 2016): sample ∝ |TD error|^alpha.")
+    alpha: float = field_doc(0.6, "Priority exponent; 0 = uniform.")
+    beta: float = field_doc(0.4, "Importance-sampling exponent that corrects the prioritised sampling bias.")
+
+
+@dataclass
+class DQNArgs:
+    epsilon_initial: float = field_doc(1.0, "Probability of a random action at step 0.")
+    epsilon_final: float = field_doc(0.02, "Probability of a random action after `epsilon_timesteps`.")
+    epsilon_timesteps: int = field_doc(10_000, "Env steps over which epsilon decays linearly.")
+    target_update_freq: int = field_doc(500, "Env steps between copies of the online net into the target net.")
+    td_loss: Literal["huber", "mse"] = field_doc("huber", "Loss on the TD error.")
+
+
+@dataclass
+class DDPGArgs:
+    actor_lr: float = field_doc(1e-3, "Adam learning rate of the actor μ(s).")
+    critic_lr: float = field_doc(1e-3, "Adam learning rate of the critic Q(s, a).")
+    tau: float = field_doc(0.005, "Soft target update rate: θ⁻ ← τθ + (1 − τ)θ⁻ after every update.")
+    noise: Literal["gaussian", "ou"] = field_doc("gaussian", "Exploration noise added to μ(s): Gaussian or "
+                                                 "Ornstein–Uhlenbeck (temporally correlated).")
+    noise_sigma: float = field_doc(0.1, "Noise scale, in units of the normalised action range [−1, 1].")
+    ou_theta: float = field_doc(0.15, "OU mean reversion per step (noise=ou only).")
+
+
+@dataclass
+class RLConfig:
+    algo: Literal["dqn", "ddpg"] = field_doc("dqn", "Algorithm: dqn (discrete actions) or ddpg (continuous).")
+    env: str = field_doc("CartPole-v1", "Environment id: any gymnasium id, ALE/<Game>-v5, raycraft/Portfolio-v0.")
+    env_config: dict = field_doc(None, "Keyword arguments for the environment's constructor.", factory=dict)
+    model: str = field_doc("", "Registered RL model (`raycraft models`); empty = q_mlp / q_nature_cnn / ddpg_mlp.")
+    model_args: dict = field_doc(None, "The model's config keys (`raycraft models --details MODEL`).", factory=dict)
+    timesteps: int = field_doc(100_000, "Stop after this many env steps.")
+    stop_reward: float | None = field_doc(None, "Stop once the evaluation return mean reaches this.")
+    seed: int = field_doc(0, "Seed of the networks, the envs and exploration.")
+    workers: int = field_doc(0, "EnvRunner actors sampling in parallel; 0 samples in the driver process.")
+    envs_per_worker: int = field_doc(1, "Vectorised env copies per EnvRunner.")
+    gamma: float = field_doc(0.99, "Discount factor γ.")
+    lr: float = field_doc(5e-4, "Adam learning rate (DQN; DDPG uses ddpg.actor_lr and ddpg.critic_lr).")
+    batch_size: int = field_doc(32, "Transitions per gradient update.")
+    n_step: int = field_doc(1, "n-step returns: r_t + γ r_{t+1} + ... + γⁿ Q(s_{t+n}).")
+    learning_starts: int = field_doc(1000, "Env steps collected before the first update.")
+    training_intensity: float | None = field_doc(
+        None, "Replayed per sampled transitions (e.g. 32 = one batch of 32 per env step); None = RLlib's "
+              "natural ratio, one update per rollout fragment.")
+    grad_clip: float | None = field_doc(40.0, "Clip the global gradient norm to this (None = no clipping).")
+    steps_per_iter: int = field_doc(1000, "Env steps per training iteration (one progress line, one log point).")
+    replay: ReplayConfig = field_doc(None, "Experience replay.", factory=ReplayConfig)
+    dqn: DQNArgs = field_doc(None, "DQN's own settings.", factory=DQNArgs)
+    ddpg: DDPGArgs = field_doc(None, "DDPG's own settings.", factory=DDPGArgs)
+    eval_interval: int = field_doc(1, "Evaluate the greedy policy every this many iterations.")
+    eval_episodes: int = field_doc(10, "Episodes per evaluation.")
+    checkpoint_every: int = field_doc(5, "Save a checkpoint every this many iterations (and at the end).")
+    store_buffer: bool = field_doc(False, "Put the replay buffer in checkpoints (resume without refilling).")
+    experiment: str = field_doc("raycraft-rl", "MLflow experiment name.")
+    storage_path: str = field_doc("ray_results", "Folder of checkpoints (one subfolder per run).")
+
+    def __post_init__(self) -> None:
+        for key in ("timesteps", "batch_size", "n_step", "steps_per_iter", "eval_episodes", "eval_interval",
+                    "checkpoint_every", "envs_per_worker"):
+            if getattr(self, key) < 1:
+                raise UserError(f"{key}: must be at least 1, got {getattr(self, key)}.")
+        if self.workers < 0:
+            raise UserError(f"workers: must be 0 or more, got {self.workers}.")
+        if not 0.0 < self.gamma <= 1.0:
+            raise UserError(f"gamma: must be in (0, 1], got {self.gamma}.")
+        if not 0.0 < self.ddpg.tau <= 1.0:
+            raise UserError(f"ddpg.tau: must be in (0, 1], got {self.ddpg.tau}.")
+
+
+# Settings that suit a known (algo, env) pair. RLlib's tuned CartPole DQN (rllib/tuned_examples/dqn/
+# cartpole_dqn.py) is the baseline of benchmarks/rl_cartpole.py; these are raycraft's own.
+PRESETS: dict[tuple[str, str], dict[str, Any]] = {
+    ("dqn", "CartPole-v1"): {
+        "timesteps": 60_000, "lr": 1e-3, "batch_size": 64, "n_step": 3, "training_intensity": 64,
+        "learning_starts": 1000, "replay": {"capacity": 50_000},
+        "dqn": {"epsilon_timesteps": 8000, "target_update_freq": 500},
+        "model_args": {"hiddens": [128], "head_hiddens": [128]}, "eval_episodes": 5,
+    },
+    ("ddpg", "Pendulum-v1"): {
+        "timesteps": 20_000, "batch_size": 256, "learning_starts": 1000, "training_intensity": 256,
+        "grad_clip": None, "replay": {"prioritized": False, "capacity": 100_000}, "eval_episodes": 5,
+    },
+    ("ddpg", "raycraft/Portfolio-v0"): {
+        "timesteps": 20_000, "batch_size": 256, "learning_starts": 1000, "training_intensity": 256,
+        "grad_clip": None, "replay": {"prioritized": False}, "ddpg": {"noise_sigma": 0.2}, "eval_episodes": 20,
+    },
+}
+ATARI_PRESET: dict[str, Any] = {  # Nature DQN, scaled for a single machine; see docs/rl.md for the full run
+    "timesteps": 10_000_000, "lr": 1e-4, "batch_size": 32, "n_step": 1, "training_intensity": 8,
+    "learning_starts": 20_000, "replay": {"capacity": 100_000},
+    "dqn": {"epsilon_timesteps": 250_000, "epsilon_final": 0.01, "target_update_freq": 8000},
+    "steps_per_iter": 4000, "eval_interval": 10, "eval_episodes": 3,
+}
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def build_rl_config(base: dict[str, Any], overrides: list[str]) -> tuple[RLConfig, Any]:
+    """(RLConfig, model config dataclass) from a YAML-like mapping and `--set` strings, validated."""
+    from raycraft.envs import ATARI_PREFIX
+    from raycraft.registry import model_spec
+
+    algo = base.get("algo", "dqn")
+    if algo not in ALGOS:
+        raise invalid_choice("ALGO", algo, ALGOS)
+    env = base.get("env", "CartPole-v1")
+    preset = ATARI_PRESET if str(env).startswith(ATARI_PREFIX) and algo == "dqn" else PRESETS.get((algo, env), {})
+    if base.get("model") and base["model"] != DEFAULT_MODEL[algo]:
+        preset = {k: v for k, v in preset.items() if k != "model_args"}  # those keys are the default model's
+    data = _merge(copy.deepcopy(preset), copy.deepcopy(base))  # --set must not edit PRESETS
+    for text in overrides:
+        key, value = parse_override(text)
+        if not has_path(RLConfig, key.split(".")[0]):
+            key = f"model_args.{key}"
+        set_path(data, key, value)
+    if not data.get("model"):
+        data["model"] = ATARI_MODEL if str(env).startswith(ATARI_PREFIX) else DEFAULT_MODEL[algo]
+    cfg = from_dict(RLConfig, data)
+    spec = model_spec(cfg.model)
+    if spec.task != "rl":
+        from raycraft.registry import models
+
+        fits = sorted(n for n, s in models().items() if s.task == "rl")
+        raise UserError(f"--model: {cfg.model!r} is a {spec.task} model, not an RL policy. RL models: "
+                        f"{', '.join(fits)}.")
+    model_cfg = from_dict(spec.config_cls, cfg.model_args, prefix="model_args.")
+    return cfg, model_cfg
