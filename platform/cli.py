@@ -80,6 +80,8 @@ def train(
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder of your own data files.")] = None,
     tracking_uri: TrackingOpt = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="MLflow run id to continue.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(
+        "--init-from", help="MLflow run id whose final weights start this run (fine-tuning).")] = None,
 ):
     """Train MODEL on --dataset with Ray Train, logging to MLflow; prints the run id and final metrics."""
     from raycraft.config import load_yaml
@@ -97,7 +99,7 @@ def train(
         get_run(uri, resume)
         base = {**yaml.safe_load(download_text(uri, resume, "config.yaml")), **base}
     flags = {"model": model, "dataset": dataset, "workers": workers, "gpu": gpu, "epochs": epochs,
-             "batch_size": batch_size, "experiment": experiment, "seed": seed}
+             "batch_size": batch_size, "experiment": experiment, "seed": seed, "init_from": init_from}
     base.update({k: v for k, v in flags.items() if v is not None})
     if data_dir is not None:
         base.setdefault("data", {})["data_dir"] = data_dir
@@ -137,7 +139,7 @@ def eval_(
 
 
 # Each family's commands live beside its code: a module here adds commands to `app` on import.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("raycraft.text.commands",)
 
 
 def _load_commands() -> None:
@@ -155,6 +157,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     try:
+        _load_commands()
         app(standalone_mode=False)
     except UserError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)

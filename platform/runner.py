@@ -140,6 +140,8 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
 
     prepare(cfg, address)
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    if cfg.init_from:
+        tracking.get_run(uri, cfg.init_from)
     init_ray(address)
     check_cluster_resources(cfg)
     import ray
