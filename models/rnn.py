@@ -157,26 +157,32 @@ def vocab_size(data_info: dict) -> int:
 
 
 
-@register_model("elman_rnn", family="sequence", config=RNNConfig, task="language-model", recipe={
-    "epochs": 2, "batch_size": 32, "optim": {"name": "adamw", "lr": 2e-3, "grad_clip": 1.0},
-    "data": {"seq_len": 100, "val_fraction": 0.05, "test_fraction": 0.05}})
+# Trainer defaults for the README examples on `shakespeare`: one play for validation, three for test,
+# 3 epochs of `train_windows` random windows (the LSTM's: about 15 minutes on one CPU core).
+def _recipe(lr: float, seq_len: int, batch_size: int, train_windows: int, **optim) -> dict:
+    return {"epochs": 3, "batch_size": batch_size,
+            "optim": {"name": "adamw", "lr": lr, "grad_clip": 1.0, "warmup_epochs": 0.05, "min_lr_ratio": 0.1,
+                      **optim},
+            "data": {"seq_len": seq_len, "train_windows": train_windows, "val_fraction": 0.03,
+                     "test_fraction": 0.08}}
+
+
+@register_model("elman_rnn", family="sequence", config=RNNConfig, task="language-model",
+                recipe=_recipe(2e-3, 64, 64, 6400))
 def elman_rnn(cfg: RNNConfig, data_info: dict) -> RNNLanguageModel:
     """Elman RNN: h_t = tanh(W_xh x_t + W_hh h_{t-1} + b), y_t = W_hy h_t + c."""
     return RNNLanguageModel("elman", cfg, vocab_size(data_info))
 
 
-@register_model("lstm", family="sequence", config=RNNConfig, task="language-model", recipe={
-    "epochs": 1, "batch_size": 32, "optim": {"name": "adamw", "lr": 3e-3, "grad_clip": 1.0,
-                                             "warmup_epochs": 0.02, "min_lr_ratio": 0.1},
-    "data": {"seq_len": 100, "val_fraction": 0.05, "test_fraction": 0.05}})
+@register_model("lstm", family="sequence", config=RNNConfig, task="language-model",
+                recipe={**_recipe(4e-3, 64, 64, 10000), "model_args": {"hidden": 256, "d_embed": 64, "dropout": 0.0}})
 def lstm(cfg: RNNConfig, data_info: dict) -> RNNLanguageModel:
     """LSTM written gate by gate (forget, input, candidate, output; cell and hidden updates)."""
     return RNNLanguageModel("lstm", cfg, vocab_size(data_info))
 
 
-@register_model("awd_lstm", family="sequence", config=AWDLSTMConfig, task="language-model", recipe={
-    "epochs": 2, "batch_size": 32, "optim": {"name": "adamw", "lr": 3e-3, "grad_clip": 0.25, "weight_decay": 1.2e-6},
-    "data": {"seq_len": 70, "val_fraction": 0.05, "test_fraction": 0.05}})
+@register_model("awd_lstm", family="sequence", config=AWDLSTMConfig, task="language-model",
+                recipe=_recipe(3e-3, 64, 64, 6400, weight_decay=1.2e-6))
 def awd_lstm(cfg: AWDLSTMConfig, data_info: dict) -> RNNLanguageModel:
     """AWD-LSTM: LSTM with DropConnect on U, variational dropout and tied embedding/decoder weights."""
     return RNNLanguageModel("lstm", cfg, vocab_size(data_info))

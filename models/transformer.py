@@ -228,11 +228,14 @@ class Transformer(nn.Module):
         return (logits, aux) if with_aux else logits
 
 
+# The README example: sized to reach val loss <= 1.75 nats/char on `shakespeare` in about 15 minutes on
+# one CPU core (3 x 200 steps of 32 x 128 characters; one play for validation, three for test).
 @register_model("transformer", family="sequence", config=TransformerConfig, task="language-model", recipe={
-    "epochs": 2, "batch_size": 32,
-    "optim": {"name": "adamw", "lr": 2e-3, "weight_decay": 0.1, "warmup_epochs": 0.05, "grad_clip": 1.0,
+    "epochs": 3, "batch_size": 32,
+    "model_args": {"n_layers": 3, "dropout": 0.0},
+    "optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.1, "warmup_epochs": 0.1, "grad_clip": 1.0,
               "min_lr_ratio": 0.1},
-    "data": {"seq_len": 128, "val_fraction": 0.05, "test_fraction": 0.05}})
+    "data": {"seq_len": 128, "train_windows": 6400, "val_fraction": 0.03, "test_fraction": 0.08}})
 def transformer(cfg: TransformerConfig, data_info: dict) -> Transformer:
     """Transformer LM/encoder: attention, position, norm, MoE and LoRA variants by config."""
     max_len = cfg.max_len or int(data_info.get("seq_len", 512))

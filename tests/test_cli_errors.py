@@ -22,7 +22,19 @@ CASES = {
     "absent data dir": (["train", "lenet5", "--dataset", "cifar10", "--data-dir", "/nonexistent/x"],
                         ["--data-dir", "/nonexistent/x"]),
     "malformed yaml": (["train", "--config", "{bad_yaml}"], ["not valid YAML", "line"]),
-    "model on wrong task": None,  # filled in by later families (e.g. a language model on digits)
+    "model on wrong task": (["train", "transformer", "--dataset", "digits"],
+                            ["'digits'", "language-model", "shakespeare"]),
+    "unknown attention kind": (["train", "transformer", "--dataset", "shakespeare", "--set", "attention=performr"],
+                               ["attention", "'performr'", "performer", "linformer"]),
+    "unknown position kind": (["train", "transformer", "--dataset", "shakespeare", "--set", "position=rotery"],
+                              ["position", "'rotery'", "rotary", "sinusoidal"]),
+    "n_heads not dividing d_model": (["train", "transformer", "--dataset", "shakespeare", "--set", "n_heads=3"],
+                                     ["n_heads", "3", "d_model=128"]),
+    "lora rank larger than the layer": (["train", "transformer", "--dataset", "shakespeare", "--set",
+                                         "lora.rank=512"], ["lora.rank", "512", "128x128"]),
+    "causal linformer": (["train", "transformer", "--dataset", "shakespeare", "--set", "attention=linformer"],
+                         ["linformer", "causal=false"]),
+    "generate zero tokens": (["generate", "0123456789abcdef", "--tokens", "0"], ["--tokens", "0"]),
     "unknown run": (["eval", "0123456789abcdef"], ["RUN_ID", "0123456789abcdef"]),
 }
 if not torch.cuda.is_available():

@@ -26,6 +26,8 @@ class DataConfig:
                                   "truncated-BPTT length of an RNN.")
     tokenizer: Literal["char", "bpe"] = field_doc("char", "Text datasets: one token per character, or BPE.")
     vocab_size: int = field_doc(4096, "Text datasets with tokenizer=bpe: the BPE vocabulary size.")
+    train_windows: int = field_doc(0, "Text datasets: training windows per epoch, at random offsets fixed by "
+                                      "split_seed (0: every non-overlapping window).")
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -34,6 +36,8 @@ class DataConfig:
                 raise UserError(f"data.{name}: {v} is out of range; use a fraction in [0, 0.5).")
         if self.seq_len < 1:
             raise UserError(f"data.seq_len: {self.seq_len} must be at least 1.")
+        if self.train_windows < 0:
+            raise UserError(f"data.train_windows: {self.train_windows} must be >= 0.")
 
 
 @dataclass

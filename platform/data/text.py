@@ -5,7 +5,8 @@
 `--data-dir`, split by file when there are at least three, else by position. `data.tokenizer` picks
 characters or BPE (`data.vocab_size` tokens, learned on the training split; cached on disk).
 
-An item is a window: x = tokens[s : s+T], y = tokens[s+1 : s+T+1] with s = index * T.
+An item is a window: x = tokens[s : s+T], y = tokens[s+1 : s+T+1] with s = index * T, or, for training
+windows with `data.train_windows` set, s drawn at random (seeded by split_seed) anywhere in the text.
 """
 
 from __future__ import annotations
@@ -28,17 +29,19 @@ from raycraft.text.tokenizers import BPETokenizer, CharTokenizer, Tokenizer
 
 
 class TokenWindows(Dataset):
-    """Non-overlapping windows of `seq_len` next-token pairs over one token stream; batch-indexable."""
+    """Windows of `seq_len` next-token pairs over one token stream, batch-indexable: non-overlapping
+    (start = index * seq_len), or at the given `starts`."""
 
-    def __init__(self, tokens: torch.Tensor, seq_len: int) -> None:
+    def __init__(self, tokens: torch.Tensor, seq_len: int, starts: torch.Tensor | None = None) -> None:
         self.tokens, self.seq_len = tokens, seq_len
+        n = max(0, (len(tokens) - 1) // seq_len)
+        self.starts = torch.arange(n) * seq_len if starts is None else starts
 
     def __len__(self) -> int:
-        return max(0, (len(self.tokens) - 1) // self.seq_len)
+        return len(self.starts)
 
     def __getitem__(self, index: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
-        start = torch.as_tensor(index) * self.seq_len
-        pos = start.unsqueeze(-1) + torch.arange(self.seq_len)  # (B, T)
+        pos = self.starts[torch.as_tensor(index)].unsqueeze(-1) + torch.arange(self.seq_len)  # (B, T)
         return self.tokens[pos], self.tokens[pos + 1]
 
 
@@ -111,6 +114,11 @@ def text_splits(docs: list[str], cfg: DataConfig) -> DataSplits:
         if len(ds) == 0:
             raise UserError(f"data.seq_len: {cfg.seq_len} tokens is longer than the {name} split "
                             f"({len(ds.tokens)} tokens); lower data.seq_len or add text.")
+    if cfg.train_windows and len(parts[0]):
+        last = len(parts[0].tokens) - cfg.seq_len - 1
+        g = torch.Generator().manual_seed(cfg.split_seed)
+        parts[0] = TokenWindows(parts[0].tokens, cfg.seq_len, torch.randint(0, last + 1, (cfg.train_windows,),
+                                                                           generator=g))
     info = {"vocab_size": tok.vocab_size, "seq_len": cfg.seq_len, "tokenizer": tok.to_dict()}
     return DataSplits(*parts, info=info)
 
