@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from mlflow.tracking import MlflowClient
 
 from raycraft.data.text import shakespeare_plays
 from raycraft.runner import run_training
+from raycraft.text.tokenizers import load
 from raycraft.train.config import build_config
 from raycraft.train.loop import load_state
 
@@ -44,10 +46,10 @@ def test_language_model_train_generate_and_lora_finetune(ray_session, mlflow_uri
     client = MlflowClient(mlflow_uri)
     metrics = client.get_run(out.run_id).data.metrics
     assert metrics["val_perplexity"] == pytest.approx(torch.tensor(metrics["val_loss"]).exp().item(), rel=1e-6)
-    assert metrics["val_loss"] < 3.5 and metrics["train_tokens_per_s"] > 0
+    vocab = load(client.download_artifacts(out.run_id, "plots/tokenizer.json", str(tmp_path))).vocab_size
+    assert metrics["val_loss"] < math.log(vocab) - 0.3 and metrics["train_tokens_per_s"] > 0  # beats uniform
     sample = client.download_artifacts(out.run_id, "epochs/epoch_0001/sample.txt", str(tmp_path))
     assert len(open(sample).read()) > 100
-    assert {a.path for a in client.list_artifacts(out.run_id, "plots")} >= {"plots/tokenizer.json"}
 
     gen = _cli("generate", out.run_id, "--prompt", "MACBETH:", "--tokens", "40", "--top-k", "5", uri=mlflow_uri)
     assert gen.returncode == 0, gen.stderr
@@ -75,3 +77,4 @@ def test_lstm_trains_through_the_loop(ray_session, mlflow_uri, storage, tmp_path
                                                                 "bptt=8"])
     out = run_training(cfg, tracking_uri=mlflow_uri)
     assert out.metrics["val_loss"] < 4.0 and out.metrics["test_perplexity"] > 1
+    assert MlflowClient(mlflow_uri).list_artifacts(out.run_id, "model")  # the unrolled LSTM exports
