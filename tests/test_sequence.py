@@ -286,25 +286,15 @@ def test_bad_transformer_config(bad, words):
 
 # --- recurrent models -----------------------------------------------------------------------------------
 
-def test_lstm_matches_torch_lstm_with_copied_weights():
-    torch.manual_seed(0)
-    ours, ref = LSTMLayer(5, 7), nn.LSTM(5, 7, batch_first=True)
+@pytest.mark.parametrize("ours, ref, W_x, W_h", [
+    (LSTMLayer(5, 7), nn.LSTM(5, 7, batch_first=True), lambda m: m.W, lambda m: m.U),
+    (ElmanLayer(5, 7), nn.RNN(5, 7, batch_first=True), lambda m: m.W_xh, lambda m: m.W_hh.weight)],
+    ids=["lstm_vs_torch_lstm", "elman_vs_torch_rnn"])
+def test_recurrent_layer_matches_torch_with_copied_weights(ours, ref, W_x, W_h):
     with torch.no_grad():
-        ref.weight_ih_l0.copy_(ours.W.weight)
-        ref.weight_hh_l0.copy_(ours.U)
-        ref.bias_ih_l0.copy_(ours.W.bias)
-        ref.bias_hh_l0.zero_()
-    x = torch.randn(3, 11, 5)
-    assert torch.allclose(ours(x), ref(x)[0], atol=1e-5)
-
-
-def test_elman_matches_torch_rnn_with_copied_weights():
-    torch.manual_seed(0)
-    ours, ref = ElmanLayer(5, 7), nn.RNN(5, 7, batch_first=True)
-    with torch.no_grad():
-        ref.weight_ih_l0.copy_(ours.W_xh.weight)
-        ref.weight_hh_l0.copy_(ours.W_hh.weight)
-        ref.bias_ih_l0.copy_(ours.W_xh.bias)
+        ref.weight_ih_l0.copy_(W_x(ours).weight)
+        ref.weight_hh_l0.copy_(W_h(ours))
+        ref.bias_ih_l0.copy_(W_x(ours).bias)
         ref.bias_hh_l0.zero_()
     x = torch.randn(3, 11, 5)
     assert torch.allclose(ours(x), ref(x)[0], atol=1e-5)
