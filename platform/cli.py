@@ -177,4 +177,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m raycraft.cli`: family modules add their commands to `raycraft.cli.app`, a different module
+    # object from this `__main__`, so run that module's main.
+    from raycraft.cli import main as package_main
+
+    package_main()
