@@ -80,6 +80,8 @@ def train(
     data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder of your own data files.")] = None,
     tracking_uri: TrackingOpt = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="MLflow run id to continue.")] = None,
+    init_from: Annotated[Optional[str], typer.Option(
+        "--init-from", help="MLflow run id whose final weights start this run (fine-tuning).")] = None,
 ):
     """Train MODEL on --dataset with Ray Train, logging to MLflow; prints the run id and final metrics."""
     from raycraft.config import load_yaml
@@ -97,7 +99,7 @@ def train(
         get_run(uri, resume)
         base = {**yaml.safe_load(download_text(uri, resume, "config.yaml")), **base}
     flags = {"model": model, "dataset": dataset, "workers": workers, "gpu": gpu, "epochs": epochs,
-             "batch_size": batch_size, "experiment": experiment, "seed": seed}
+             "batch_size": batch_size, "experiment": experiment, "seed": seed, "init_from": init_from}
     base.update({k: v for k, v in flags.items() if v is not None})
     if data_dir is not None:
         base.setdefault("data", {})["data_dir"] = data_dir
@@ -139,7 +141,7 @@ def eval_(
 
 
 # Each family's commands live beside its code: a module here adds commands to `app` on import.
-COMMAND_MODULES: tuple[str, ...] = ("raycraft.rl.commands",)
+COMMAND_MODULES: tuple[str, ...] = ("raycraft.rl.commands", "raycraft.text.commands")
 
 
 def _load_commands() -> None:
@@ -177,4 +179,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # `python -m raycraft.cli`: family modules add their commands to `raycraft.cli.app`, a different module
+    # object from this `__main__`, so run that module's main.
+    from raycraft.cli import main as package_main
+
+    package_main()

@@ -142,6 +142,8 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     started_at = started_at or time.time()
     prepare(cfg, address)
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    if cfg.init_from:
+        tracking.get_run(uri, cfg.init_from)
     ray_start = time.time()
     init_ray(address)
     ray_init_s = time.time() - ray_start

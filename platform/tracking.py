@@ -110,6 +110,18 @@ def download_text(uri: str, run_id: str, path: str) -> str:
         return Path(local).read_text()
 
 
+def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path:
+    """A run's artifact file or folder, copied under `dst`; a UserError when the run does not have it."""
+    from mlflow.exceptions import MlflowException
+
+    from raycraft.errors import UserError
+
+    try:
+        return Path(_client(uri).download_artifacts(run_id, path, str(dst)))
+    except (MlflowException, OSError):
+        raise UserError(f"RUN_ID: run {run_id!r} has no artifact {path!r} (did it finish?).") from None
+
+
 def epoch_history(uri: str, run_id: str) -> dict[int, dict[str, float]]:
     """{epoch: {metric: value}} for every metric logged per epoch."""
     client = _client(uri)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.utils.data import Dataset, TensorDataset
@@ -22,12 +22,22 @@ class DataConfig:
     test_fraction: float = field_doc(0.15, "Share held out for the test set (datasets without a fixed test set).")
     split_seed: int = field_doc(0, "Seed of the train/val/test permutation.")
     image_size: int = field_doc(32, "Side length images are resized to (image_folder only).")
+    seq_len: int = field_doc(128, "Tokens per window of a text dataset: the context of a Transformer, the "
+                                  "truncated-BPTT length of an RNN.")
+    tokenizer: Literal["char", "bpe"] = field_doc("char", "Text datasets: one token per character, or BPE.")
+    vocab_size: int = field_doc(4096, "Text datasets with tokenizer=bpe: the BPE vocabulary size.")
+    train_windows: int = field_doc(0, "Text datasets: training windows per epoch, at random offsets fixed by "
+                                      "split_seed (0: every non-overlapping window).")
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v < 0.5:
                 raise UserError(f"data.{name}: {v} is out of range; use a fraction in [0, 0.5).")
+        if self.seq_len < 1:
+            raise UserError(f"data.seq_len: {self.seq_len} must be at least 1.")
+        if self.train_windows < 0:
+            raise UserError(f"data.train_windows: {self.train_windows} must be >= 0.")
 
 
 @dataclass

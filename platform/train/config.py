@@ -60,6 +60,8 @@ class TrainConfig:
     max_failures: int = field_doc(2, "Times a failed worker group is restarted from the last checkpoint.")
     keep_checkpoints: int = field_doc(2, "Newest checkpoints kept in storage (the latest is also in MLflow).")
     storage_path: str = field_doc("ray_results", "Folder (or URI) for Ray Train checkpoints.")
+    init_from: str | None = field_doc(None, "MLflow run id whose final weights start this run (fine-tuning, "
+                                            "e.g. with LoRA); weights the new model adds keep their init.")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "keep_checkpoints"):

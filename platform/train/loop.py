@@ -182,6 +182,19 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
+def init_from_run(model: torch.nn.Module, uri: str, run_id: str) -> None:
+    """Load run `run_id`'s final weights into `model`. Parameters only the new model has (adapters) keep
+    their initialisation; a weight the new model lacks means a different architecture, and fails."""
+    from raycraft.tracking import download_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        state = load_state(download_artifact(uri, run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp).parent)
+    result = model.load_state_dict(state["model"], strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"--init-from {run_id}: its weights {result.unexpected_keys[:5]} have no place in this "
+                         "model; fine-tune a run of the same model and size.")
+
+
 def quiet_ray_train_worker_logs() -> None:
     """Ray Train's per-report INFO line comes from a logger named by its file path, which escapes the
     run's `ray.train` log level; raise that logger to WARNING so progress lines stay readable."""
@@ -229,6 +242,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         update.load_state_dict(state["trainer"])
         history = state["history"]
+    elif cfg.init_from:
+        init_from_run(model, payload["tracking_uri"], cfg.init_from)
     torch.manual_seed(cfg.seed + 1000 * rank + len(history))  # dropout differs per rank and epoch
     ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
 

@@ -1,0 +1,175 @@
+"""Attention and positions for the Transformer (`models/transformer.py`).
+
+Full attention (Vaswani et al. 2017), through torch's `scaled_dot_product_attention`:
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + B) V        B: mask (-inf) and position bias
+
+Sparse patterns (a mask on the same computation; they show which pairs interact, not the savings):
+  sliding   query i sees keys |i - j| < window
+  bigbird   sliding window + `n_global` tokens that see and are seen by all + `n_random` random keys per query
+Linear-cost kinds:
+  performer FAVOR+ (Choromanski et al. 2021): softmax(q.k) ~ phi(q).phi(k), with positive random features
+            phi(x) = exp(w_r.x - |x|^2 / 2) / sqrt(m), w_r orthogonal Gaussian; attention becomes
+            D^-1 phi(Q) (phi(K)^T V), D = diag(phi(Q) phi(K)^T 1); causal use takes prefix sums over t
+  linformer (Wang et al. 2020): K and V projected along the sequence, K' = E K, V' = F V (E, F: k x n),
+            softmax(Q K'^T / sqrt(d_k)) V'; it mixes all positions, so it is bidirectional only
+
+Positions:
+  sinusoidal  P[i, 2k] = sin(i / 10000^(2k/d)),  P[i, 2k+1] = cos(i / 10000^(2k/d)), added to embeddings
+  rotary      rotate each pair (q_2k, q_2k+1) of queries and keys by angle i * 10000^(-2k/d_k)
+  relative    a learned scalar per head and bucket of j - i (T5: exact buckets near, log-spaced far),
+              added to the scores as B
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinusoidal_table(n: int, d: int) -> torch.Tensor:
+    """P (n, d): P[i, 2k] = sin(i / 10000^(2k/d)), P[i, 2k+1] = cos(i / 10000^(2k/d))."""
+    pos = torch.arange(n, dtype=torch.float32).unsqueeze(1)
+    freq = torch.pow(10000.0, -torch.arange(0, d, 2, dtype=torch.float32) / d)  # 10000^(-2k/d)
+    P = torch.zeros(n, d)
+    P[:, 0::2] = torch.sin(pos * freq)
+    P[:, 1::2] = torch.cos(pos * freq[: d // 2])
+    return P
+
+
+def rotary(x: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (x_2k, x_2k+1) at position i by i * 10000^(-2k/d). x: (B, H, T, d) with d even."""
+    T, d = x.shape[-2], x.shape[-1]
+    angle = torch.arange(T, dtype=torch.float32, device=x.device).unsqueeze(1) * torch.pow(
+        10000.0, -torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)  # (T, d/2)
+    cos, sin = torch.cos(angle).to(x.dtype), torch.sin(angle).to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+
+
+class RelativeBias(nn.Module):
+    """T5's relative position bias: B[h, i, j] = b[h, bucket(j - i)]."""
+
+    def __init__(self, n_heads: int, n_buckets: int = 32, max_distance: int = 128, causal: bool = True) -> None:
+        super().__init__()
+        self.bias = nn.Embedding(n_buckets, n_heads)
+        self.n_buckets, self.max_distance, self.causal = n_buckets, max_distance, causal
+
+    def bucket(self, rel: torch.Tensor) -> torch.Tensor:
+        """rel = j - i. Half the buckets (all, when causal) hold exact distances, the rest log-spaced ones."""
+        n = self.n_buckets
+        if self.causal:
+            offset, dist = torch.zeros_like(rel), (-rel).clamp(min=0)
+        else:
+            n //= 2
+            offset, dist = (rel > 0).long() * n, rel.abs()
+        exact = n // 2
+        far = exact + (torch.log(dist.float().clamp(min=1) / exact) / math.log(self.max_distance / exact)
+                       * (n - exact)).long()
+        return offset + torch.where(dist < exact, dist, far.clamp(max=n - 1))
+
+    def forward(self, T: int, device: torch.device) -> torch.Tensor:  # -> (H, T, T)
+        pos = torch.arange(T, device=device)
+        return self.bias(self.bucket(pos.unsqueeze(0) - pos.unsqueeze(1))).permute(2, 0, 1)
+
+
+def pattern_mask(kind: str, T: int, causal: bool, window: int, n_global: int, random_keys: torch.Tensor | None,
+                 device: torch.device) -> torch.Tensor:
+    """Boolean (T, T) mask, True where query i may attend to key j."""
+    i = torch.arange(T, device=device).unsqueeze(1)
+    j = torch.arange(T, device=device).unsqueeze(0)
+    allowed = torch.ones(T, T, dtype=torch.bool, device=device)
+    if kind in ("sliding", "bigbird"):
+        allowed = (i - j).abs() < window
+    if kind == "bigbird":
+        allowed = allowed | (i < n_global) | (j < n_global)
+        if random_keys is not None:
+            allowed = allowed.scatter(1, random_keys[:T] % T, True)
+    return allowed & (j <= i) if causal else allowed
+
+
+def masked_attention(q, k, v, mask: torch.Tensor, bias: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d_k) + B) V with B = bias, and -inf where mask is False. q, k, v: (B, H, T, d_k)."""
+    B = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        B = B + bias.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=B, dropout_p=dropout)
+
+
+def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Tensor:
+    """m x d rows: blocks of orthogonal directions with chi(d)-distributed norms, as FAVOR+ draws them."""
+    blocks = []
+    for _ in range(math.ceil(m / d)):
+        q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator))
+        blocks.append(q.T)
+    W = torch.cat(blocks)[:m]
+    norms = torch.randn(m, d, generator=generator).norm(dim=1, keepdim=True)
+    return W * norms
+
+
+def favor_features(x: torch.Tensor, W: torch.Tensor, is_query: bool) -> torch.Tensor:
+    """phi(x) = exp(W x - |x|^2/2) / sqrt(m) for x already scaled by d^-1/4. A max is subtracted inside
+    the exp for stability (per row for queries, globally for keys): it cancels in the normalisation."""
+    proj = x @ W.T  # (B, H, T, m)
+    sq = (x * x).sum(-1, keepdim=True) / 2
+    stab = proj.amax(-1, keepdim=True) if is_query else proj.amax(dim=(-2, -1), keepdim=True)
+    return torch.exp(proj - sq - stab.detach()) / math.sqrt(W.shape[0]) + 1e-6
+
+
+def performer_attention(q, k, v, W: torch.Tensor, causal: bool) -> torch.Tensor:
+    """FAVOR+: D^-1 phi(Q) (phi(K)^T V); linear in T. q, k, v: (B, H, T, d_k); W: (m, d_k)."""
+    scale = q.shape[-1] ** -0.25
+    qf, kf = favor_features(q * scale, W, True), favor_features(k * scale, W, False)  # (B, H, T, m)
+    if causal:  # prefix sums: S_t = sum_{s<=t} phi(k_s) v_s^T, z_t = sum_{s<=t} phi(k_s)
+        S = torch.cumsum(kf.unsqueeze(-1) * v.unsqueeze(-2), dim=2)  # (B, H, T, m, d_k)
+        num = (qf.unsqueeze(-2) @ S).squeeze(-2)
+        den = (qf * torch.cumsum(kf, dim=2)).sum(-1, keepdim=True)
+    else:
+        num = qf @ (kf.transpose(-2, -1) @ v)  # (B, H, T, d_k)
+        den = qf @ kf.sum(2).unsqueeze(-1)  # (B, H, T, 1)
+    return num / den
+
+
+class Attention(nn.Module):
+    """Multi-head attention: heads_h = Attention(X W_q^h, X W_k^h, X W_v^h), out = [heads] W_o."""
+
+    def __init__(self, d_model: int, n_heads: int, kind: str, causal: bool, max_len: int, *, dropout: float = 0.0,
+                 window: int = 64, n_global: int = 2, n_random: int = 2, n_features: int = 64,
+                 proj_len: int = 64, rotary: bool = False, seed: int = 0) -> None:
+        super().__init__()
+        self.n_heads, self.kind, self.causal, self.dropout = n_heads, kind, causal, dropout
+        self.window, self.n_global, self.rotary = window, n_global, rotary
+        self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
+        d_k = d_model // n_heads
+        g = torch.Generator().manual_seed(seed)
+        self.register_buffer("random_keys", torch.randint(0, 1 << 30, (max_len, n_random), generator=g)
+                             if kind == "bigbird" and n_random else None, persistent=False)
+        self.register_buffer("W_features", orthogonal_gaussian(n_features, d_k, g) if kind == "performer" else None)
+        if kind == "linformer":
+            self.E = nn.Parameter(torch.randn(proj_len, max_len) / math.sqrt(proj_len))
+            self.F = nn.Parameter(torch.randn(proj_len, max_len) / math.sqrt(proj_len))
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, H, T, d_k)
+        B, T, D = x.shape
+        return x.view(B, T, self.n_heads, D // self.n_heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, D)
+        B, T, D = x.shape
+        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+        if self.rotary:
+            q, k = rotary(q), rotary(k)
+        p = self.dropout if self.training else 0.0
+        if self.kind == "performer":
+            out = performer_attention(q, k, v, self.W_features, self.causal)
+        elif self.kind == "linformer":
+            E, F_ = self.E[:, :T], self.F[:, :T]  # (k, T)
+            out = F.scaled_dot_product_attention(q, E @ k, F_ @ v, dropout_p=p)
+        elif self.kind == "full" and bias is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
+        else:
+            mask = pattern_mask(self.kind, T, self.causal, self.window, self.n_global, self.random_keys, x.device)
+            out = masked_attention(q, k, v, mask, bias, p)
+        return self.o(out.transpose(1, 2).reshape(B, T, D))

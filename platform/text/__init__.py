@@ -1,0 +1,1 @@
+"""Text: tokenizers (characters, byte-pair encoding), corpora, and the language-model training step."""

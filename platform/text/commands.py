@@ -1,0 +1,109 @@
+"""`raycraft generate` (sample text from a trained language model) and `raycraft tokenizer train`."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from raycraft.cli import TrackingOpt, app, console
+from raycraft.errors import UserError
+
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect BPE tokenizers.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+def load_language_model(run_id: str, uri: str):
+    """Rebuild a run's model from its config.yaml and final checkpoint (weights_only), with its tokenizer.
+    LoRA adapters are merged into the weights."""
+    import tempfile
+
+    import yaml
+
+    from raycraft import tracking
+    from raycraft.config import from_dict
+    from raycraft.registry import create_model, model_spec
+    from raycraft.text import tokenizers
+    from raycraft.text.lm import TOKENIZER_FILE
+    from raycraft.train.config import TrainConfig
+    from raycraft.train.loop import CHECKPOINT_FILE, load_state
+
+    tracking.get_run(uri, run_id)
+    cfg = from_dict(TrainConfig, yaml.safe_load(tracking.download_text(uri, run_id, "config.yaml")))
+    spec = model_spec(cfg.model)
+    if spec.task != "language-model":
+        raise UserError(f"RUN_ID: run {run_id!r} trained {cfg.model!r}, a {spec.task} model; generate needs a "
+                        "language model (transformer, lstm, ...).")
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = tokenizers.load(tracking.download_artifact(uri, run_id, f"plots/{TOKENIZER_FILE}", tmp))
+        state = load_state(tracking.download_artifact(uri, run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp).parent)
+    info = {"vocab_size": tok.vocab_size, "seq_len": cfg.data.seq_len, "tokenizer": tok.to_dict()}
+    model = create_model(cfg.model, from_dict(spec.config_cls, cfg.model_args), info)
+    model.load_state_dict(state["model"])
+    if hasattr(model, "merge_lora"):
+        model.merge_lora()
+    return model.eval(), tok, cfg.data.seq_len
+
+
+@app.command("generate")
+def generate_cmd(
+    run_id: Annotated[str, typer.Argument(help="MLflow run id of a language-model `raycraft train` run.")],
+    prompt: Annotated[str, typer.Option(help="Text to continue.")] = "\n",
+    tokens: Annotated[int, typer.Option(help="Tokens to sample.")] = 200,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature; 0 picks the most likely token.")] = 0.8,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Sample among the k most likely tokens.")] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed.")] = 0,
+    tracking_uri: TrackingOpt = None,
+):
+    """Print PROMPT continued by TOKENS tokens sampled from the model logged by RUN_ID."""
+    import torch
+
+    from raycraft.text.lm import generate
+    from raycraft.tracking import resolve_tracking_uri
+
+    if tokens < 1:
+        raise UserError(f"--tokens: {tokens} must be at least 1.")
+    if temperature < 0:
+        raise UserError(f"--temperature: {temperature} must be >= 0.")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"--top-k: {top_k} must be at least 1.")
+    if not prompt:
+        raise UserError("--prompt: give at least one character to start from.")
+    torch.set_num_threads(1)
+    model, tok, context = load_language_model(run_id, resolve_tracking_uri(tracking_uri))
+    ids = generate(model, tok.encode(prompt), tokens, context, temperature, top_k,
+                   torch.Generator().manual_seed(seed))
+    console.print(prompt + tok.decode(ids), highlight=False, markup=False)
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    dataset: Annotated[str, typer.Option("--dataset", help="Text dataset (shakespeare, text_folder).")] = "shakespeare",
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="Target vocabulary size.")] = 4096,
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder of .txt files (text_folder).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Write the tokenizer JSON here.")] = None,
+):
+    """Learn BPE merges on the dataset's training split; print the first merges and the compression."""
+    from raycraft.data.base import DataConfig
+    from raycraft.data.text import DOCUMENTS, train_text
+    from raycraft.errors import invalid_choice
+    from raycraft.text import tokenizers
+
+    if dataset not in DOCUMENTS:
+        raise invalid_choice("--dataset", dataset, DOCUMENTS)
+    if dataset == "text_folder" and not (data_dir and Path(data_dir).is_dir()):
+        raise UserError(f"--data-dir: {data_dir!r} is not a folder of .txt files.")
+    cfg = DataConfig(data_dir=data_dir, tokenizer="bpe", vocab_size=vocab_size)
+    text, corpus = train_text(dataset, cfg)
+    start = time.perf_counter()
+    tok = tokenizers.BPETokenizer.train(text, vocab_size, alphabet=sorted(set(corpus)))
+    seconds = time.perf_counter() - start
+    n_tokens = len(tok.encode(text))
+    console.print(f"BPE on {dataset}'s training split ({len(text):,} characters): {tok.vocab_size} tokens, "
+                  f"{len(tok.merges)} merges in {seconds:.1f} s; {len(text) / n_tokens:.2f} characters per token.")
+    console.print("first merges: " + ", ".join(repr(m) for m in tok.merge_strings()[:10]), highlight=False)
+    if out:
+        tokenizers.save(tok, out)
+        console.print(f"saved to {out}")
