@@ -1,6 +1,15 @@
 """raycraft's model zoo. Importing this package registers every model (see `raycraft models`)."""
 
 from raycraft.models import (  # noqa: F401
-    alexnet, efficientnet, inception, lenet, mlp, resnet, rl, rnn, transformer, vgg,
+    alexnet,
+    efficientnet,
+    inception,
+    lenet,
+    mlp,
+    resnet,
+    rl,
+    rnn,
+    transformer,
+    vgg,
 )
 from raycraft.text import lm  # noqa: F401  (registers the language-model step)
