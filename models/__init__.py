@@ -1,3 +1,3 @@
 """raycraft's model zoo. Importing this package registers every model (see `raycraft models`)."""
 
-from raycraft.models import alexnet, efficientnet, inception, lenet, mlp, resnet, vgg  # noqa: F401
+from raycraft.models import alexnet, ddpm, efficientnet, gan, inception, lenet, mlp, resnet, vae, vgg  # noqa: F401
