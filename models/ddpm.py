@@ -5,9 +5,10 @@ Forward process over t = 1..T with variances beta_t, alpha_t = 1 - beta_t, abar_
     q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)
     q(x_t | x_0)     = N(sqrt(abar_t) x_0, (1 - abar_t) I)        (closed form)
 
-Schedules: linear beta_t from 1e-4 to 0.02 (scaled by 1000/T), or cosine (Nichol & Dhariwal 2021):
+Schedules: linear beta_t from 1e-4 to 0.02 (scaled by 1000/T, at most 0.999), or cosine (Nichol & Dhariwal 2021):
 abar_t = f(t)/f(0), f(t) = cos^2(((t/T + s)/(1 + s)) pi/2), s = 0.008, beta_t = min(1 - abar_t/abar_{t-1}, 0.999).
-A U-Net eps_theta(x_t, t) learns the noise:  L = E_{t, x_0, eps} ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2.
+A U-Net eps_theta(x_t, t) learns the noise, t uniform:
+    L = E ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2.
 
 Ancestral sampling, t = T..1:  x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps_theta) / sqrt(alpha_t) + sigma_t z,
 sigma_t^2 = beta_t (1 - abar_{t-1}) / (1 - abar_t).
@@ -43,17 +44,19 @@ class DDPMConfig(GenerativeConfig):
     schedule: Literal["linear", "cosine"] = field_doc("linear", "The beta_t schedule.")
     width: int = field_doc(32, "Channels of the U-Net's first level.")
     channel_mults: list[int] = field_doc(doc="Width multiplier per U-Net level; the image is halved between "
-                                             "levels, so its size must divide by 2^(levels-1).",
+                                             "levels, so its size must divide by patch * 2^(levels-1).",
                                          factory=lambda: [1, 2, 2])
+    patch: int = field_doc(1, "Fold p x p pixel patches into channels before the U-Net (pixel unshuffle) and "
+                              "back after it: p^2 times less compute per level, for CPUs.")
     sampler: Literal["ancestral", "ddim"] = field_doc(
         "ddim", "Sampler for epoch grids and end-of-run metrics (`raycraft sample --sampler` overrides).")
     sample_steps: int = field_doc(50, "DDIM steps for epoch grids and end-of-run metrics.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.timesteps < 2 or not self.channel_mults or min(self.channel_mults) < 1:
-            raise UserError(f"ddpm: timesteps ({self.timesteps}) must be >= 2 and channel_mults "
-                            f"({self.channel_mults}) a non-empty list of positive ints.")
+        if self.timesteps < 2 or not self.channel_mults or min(self.channel_mults) < 1 or self.patch < 1:
+            raise UserError(f"ddpm: timesteps ({self.timesteps}) must be >= 2, patch ({self.patch}) >= 1 and "
+                            f"channel_mults ({self.channel_mults}) a non-empty list of positive ints.")
         if not 1 <= self.sample_steps <= self.timesteps:
             raise UserError(f"ddpm.sample_steps: {self.sample_steps} must be in [1, timesteps={self.timesteps}].")
 
@@ -61,7 +64,7 @@ class DDPMConfig(GenerativeConfig):
 def beta_schedule(kind: str, T: int) -> torch.Tensor:
     if kind == "linear":
         scale = 1000 / T
-        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64)
+        return torch.linspace(scale * 1e-4, scale * 0.02, T, dtype=torch.float64).clamp(max=0.999)
     s = 0.008
     steps = torch.arange(T + 1, dtype=torch.float64) / T
     f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
@@ -93,18 +96,21 @@ class ResBlock(nn.Module):
 
 
 class UNet(nn.Module):
-    """eps_theta(x_t, t): one residual block per level, halving between levels, skip connections across."""
+    """eps_theta(x_t, t): one residual block per level, halving between levels, skip connections across;
+    optionally on p x p patches folded into channels."""
 
-    def __init__(self, shape: tuple[int, int, int], width: int, mults: list[int]) -> None:
+    def __init__(self, shape: tuple[int, int, int], width: int, mults: list[int], patch: int = 1) -> None:
         super().__init__()
         c, h, w = shape
         levels = len(mults)
-        if h % 2 ** (levels - 1) or w % 2 ** (levels - 1):
-            raise UserError(f"channel_mults: {list(mults)} has {levels} U-Net levels, which halve a {h}x{w} image "
-                            f"{levels - 1} times; {h}x{w} does not divide by {2 ** (levels - 1)}. Use fewer "
+        div = patch * 2 ** (levels - 1)
+        if h % div or w % div:
+            raise UserError(f"channel_mults: {list(mults)} with patch={patch} folds a {h}x{w} image by {patch} "
+                            f"and halves it {levels - 1} times; {h}x{w} does not divide by {div}. Use fewer "
                             "levels (e.g. channel_mults=[1,2] for 8x8 digits, [1,2,2] for 28x28).")
         t_dim = 4 * width
-        self.width = width
+        self.width, self.patch = width, patch
+        c = c * patch ** 2
         self.time_mlp = nn.Sequential(nn.Linear(width, t_dim), nn.SiLU(), nn.Linear(t_dim, t_dim))
         self.conv_in = nn.Conv2d(c, width, 3, padding=1)
         chans = [width * m for m in mults]
@@ -125,7 +131,7 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # (N, C, H, W), (N,) -> (N, C, H, W)
         emb = self.time_mlp(timestep_embedding(t, self.width))
-        h = self.conv_in(x)
+        h = self.conv_in(F.pixel_unshuffle(x, self.patch))  # (N, C p^2, H/p, W/p)
         skips = []
         for block, down in zip(self.down, self.downsample, strict=True):
             h = block(h, emb)
@@ -134,7 +140,7 @@ class UNet(nn.Module):
         h = self.mid(h, emb)
         for block, up in zip(self.up, self.upsample, strict=True):
             h = up(block(torch.cat([h, skips.pop()], dim=1), emb))
-        return self.out(h)
+        return F.pixel_shuffle(self.out(h), self.patch)
 
 
 class DDPM(GenerativeModel):
@@ -142,7 +148,7 @@ class DDPM(GenerativeModel):
 
     def __init__(self, cfg: DDPMConfig, shape: tuple[int, int, int]) -> None:
         super().__init__(cfg, shape)
-        self.unet = UNet(shape, cfg.width, cfg.channel_mults)
+        self.unet = UNet(shape, cfg.width, cfg.channel_mults, cfg.patch)
         betas = beta_schedule(cfg.schedule, cfg.timesteps)
         abar = torch.cumprod(1 - betas, 0)
         self.register_buffer("betas", betas.float(), persistent=False)
@@ -211,7 +217,7 @@ class DDPM(GenerativeModel):
 
 
 def check_ddpm(cfg: DDPMConfig, data_info: dict) -> None:
-    UNet(image_shape(data_info), 8, cfg.channel_mults)  # raises UserError on an image it cannot halve
+    UNet(image_shape(data_info), 8, cfg.channel_mults, cfg.patch)  # raises UserError on an image it cannot halve
 
 
 @register_model("ddpm", family="generative", config=DDPMConfig, task="generative", check=check_ddpm,

@@ -155,6 +155,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     try:
+        _load_commands()
         app(standalone_mode=False)
     except UserError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)
