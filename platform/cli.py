@@ -175,4 +175,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Under `python -m raycraft.cli` this file is `__main__`, while command modules add to `raycraft.cli.app`:
+    # run the importable module's main so they land on the app that runs.
+    from raycraft.cli import main as module_main
+
+    module_main()
