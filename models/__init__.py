@@ -2,7 +2,9 @@
 
 from raycraft.models import (  # noqa: F401
     alexnet,
+    ddpm,
     efficientnet,
+    gan,
     inception,
     lenet,
     mlp,
@@ -10,6 +12,7 @@ from raycraft.models import (  # noqa: F401
     rl,
     rnn,
     transformer,
+    vae,
     vgg,
 )
 from raycraft.text import lm  # noqa: F401  (registers the language-model step)

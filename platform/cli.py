@@ -141,7 +141,11 @@ def eval_(
 
 
 # Each family's commands live beside its code: a module here adds commands to `app` on import.
-COMMAND_MODULES: tuple[str, ...] = ("raycraft.rl.commands", "raycraft.text.commands")
+COMMAND_MODULES: tuple[str, ...] = (
+    "raycraft.rl.commands",
+    "raycraft.text.commands",
+    "raycraft.generative.cli",
+)
 
 
 def _load_commands() -> None:

@@ -3,7 +3,8 @@
 A model registers a builder with `@register_model(name, family=..., config=ConfigClass, task=...)`;
 `create_model(name, config, data)` builds it for a dataset's shapes. A dataset registers a loader with
 `@register_dataset(name, task=...)`; `load_dataset(name, DataConfig)` returns its fixed splits.
-Each model's `task` says which datasets it can train on and which training step drives it.
+Each model's `task` says which datasets it can train on and which training step drives it; a dataset
+may serve several tasks (labelled images serve classification and generative models alike).
 """
 
 from __future__ import annotations
@@ -36,15 +37,22 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     recipe: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Trainer defaults that suit this model (epochs, optim.lr, ...); YAML and flags override them."""
+    check: Callable[[Any, dict[str, Any]], None] | None = None
+    """`check(config, data_info)` raises UserError when the model cannot be built for the dataset's shapes;
+    run before Ray starts (loads the dataset, so only models that need it declare one)."""
 
 
 @dataclass(frozen=True)
 class DatasetSpec:
     name: str
-    task: str
+    tasks: tuple[str, ...]
     description: str
     loader: Callable[..., DataSplits]
     needs_data_dir: bool = False
+
+    @property
+    def task(self) -> str:
+        return ", ".join(self.tasks)
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -52,25 +60,28 @@ _DATASETS: dict[str, DatasetSpec] = {}
 
 
 def register_model(name: str, *, family: str, config: type, task: str = "classification",
-                   description: str = "", recipe: dict[str, Any] | None = None) -> Callable:
+                   description: str = "", recipe: dict[str, Any] | None = None,
+                   check: Callable[[Any, dict[str, Any]], None] | None = None) -> Callable:
     """Decorator for `builder(cfg, data_info) -> nn.Module`; the docstring's first line describes it."""
     def wrap(builder: Callable) -> Callable:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
         doc = description or (builder.__doc__ or "").strip().splitlines()[0]
-        _MODELS[name] = ModelSpec(name, family, task, doc, config, builder, dict(recipe or {}))
+        _MODELS[name] = ModelSpec(name, family, task, doc, config, builder, dict(recipe or {}), check)
         return builder
     return wrap
 
 
-def register_dataset(name: str, *, task: str = "classification", needs_data_dir: bool = False,
+def register_dataset(name: str, *, task: str | tuple[str, ...] = "classification", needs_data_dir: bool = False,
                      description: str = "") -> Callable:
-    """Decorator for `loader(DataConfig) -> DataSplits`; the docstring's first line describes it."""
+    """Decorator for `loader(DataConfig) -> DataSplits`; the docstring's first line describes it.
+    `task` is one task or a tuple of the tasks whose models can train on this dataset."""
     def wrap(loader: Callable) -> Callable:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
         doc = description or (loader.__doc__ or "").strip().splitlines()[0]
-        _DATASETS[name] = DatasetSpec(name, task, doc, loader, needs_data_dir)
+        tasks = (task,) if isinstance(task, str) else tuple(task)
+        _DATASETS[name] = DatasetSpec(name, tasks, doc, loader, needs_data_dir)
         return loader
     return wrap
 
@@ -106,8 +117,8 @@ def dataset_spec(name: str) -> DatasetSpec:
 
 def check_compatible(model: str, dataset: str) -> None:
     m, d = model_spec(model), dataset_spec(dataset)
-    if m.task != d.task:
-        fits = sorted(n for n, s in datasets().items() if s.task == m.task)
+    if m.task not in d.tasks:
+        fits = sorted(n for n, s in datasets().items() if m.task in s.tasks)
         raise UserError(f"dataset: {dataset!r} is a {d.task} dataset, but model {model!r} trains on "
                         f"{m.task} data. Datasets that fit: {', '.join(fits) or 'none'}.")
 
@@ -126,7 +137,10 @@ def load_dataset(name: str, cfg: DataConfig) -> DataSplits:
     spec = dataset_spec(name)
     if spec.needs_data_dir and not cfg.data_dir:
         raise UserError(f"--data-dir: dataset {name!r} reads your own files; pass --data-dir PATH.")
-    return spec.loader(cfg)
+    splits = spec.loader(cfg)
+    splits.info.setdefault("dataset", name)  # lets end-of-run metrics find the data again
+    splits.info.setdefault("data_dir", cfg.data_dir)
+    return splits
 
 
 def config_fields(cls: type) -> list[tuple[str, Any, str]]:

@@ -17,7 +17,7 @@ import yaml
 
 from raycraft.config import flatten, to_dict
 from raycraft.errors import UserError
-from raycraft.registry import check_compatible, dataset_spec
+from raycraft.registry import check_compatible, dataset_spec, load_dataset, model_spec
 from raycraft.tracking import EPOCH_KEY
 from raycraft.train.config import TrainConfig
 
@@ -70,6 +70,11 @@ def prepare(cfg: TrainConfig, address: str | None = None) -> None:
             raise UserError(f"--data-dir: dataset {cfg.dataset!r} reads your own files; pass --data-dir PATH.")
         if not Path(cfg.data.data_dir).is_dir():
             raise UserError(f"--data-dir: {cfg.data.data_dir!r} does not exist or is not a folder.")
+    model = model_spec(cfg.model)
+    if model.check:
+        from raycraft.config import from_dict
+
+        model.check(from_dict(model.config_cls, cfg.model_args), load_dataset(cfg.dataset, cfg.data).info)
     if cfg.gpu and not (address or os.environ.get("RAY_ADDRESS")):
         import torch
 

@@ -35,7 +35,7 @@ def test_recipe_is_overridden_by_user():
     ("optim.lrr=0.1", ["optim: unknown key", "'lrr'", "lr"]),
     ("optim.lr=fast", ["optim.lr", "expected a number", "'fast'"]),
     ("epochs=2.5", ["epochs", "expected an integer"]),
-    ("optim.name=rmsprop", ["optim.name", "'rmsprop'", "adam, adamw, sgd"]),
+    ("optim.name=adagrad", ["optim.name", "'adagrad'", "adam, adamw, rmsprop, sgd"]),
     ("dropot=0.1", ["unknown key", "'dropot'", "dropout"]),
     ("workers=0", ["--workers", "at least 1"]),
     ("novalue", ["key=value"]),

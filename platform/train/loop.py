@@ -127,7 +127,7 @@ class Updater:
                  device: torch.device) -> None:
         self.cfg = cfg.optim
         self.params = {name: [p for p in step.parameters(model, name) if p.requires_grad]
-                       for name in step.optimizers}
+                       for name in step.optimizer_names(model)}
         self.optimizers = {n: build_optimizer(ps, cfg.optim) for n, ps in self.params.items()}
         self.schedulers = {n: build_scheduler(o, cfg.optim, steps_per_epoch, cfg.epochs)
                            for n, o in self.optimizers.items()}
@@ -245,7 +245,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     elif cfg.init_from:
         init_from_run(model, payload["tracking_uri"], cfg.init_from)
     torch.manual_seed(cfg.seed + 1000 * rank + len(history))  # dropout differs per rank and epoch
-    ddp_model = ray.train.torch.prepare_model(model, move_to_device=False) if world > 1 else model
+    ddp_model = (step.distribute(model, lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
+                 if world > 1 else model)
 
     logger = logger_future.result() if logger_future else None
     if logger:
@@ -254,6 +255,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     first_batch_at: float | None = None
     for epoch in range(len(history), cfg.epochs):
         train.epoch = epoch
+        step.start_epoch(model, epoch)
         sums = Sums()
         start = time.perf_counter()
         with autocast():
@@ -299,7 +301,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             curves_png(history, Path(tmp) / "curves.png")
             full_test = Batches(splits.test, cfg.batch_size, shuffle=False, device=device)
             with autocast():
-                step.artifacts(unwrap(model).eval(), full_test, splits.info, Path(tmp))
+                end_metrics = step.artifacts(unwrap(model).eval(), full_test, splits.info, Path(tmp))
+            if end_metrics:
+                logger.log_once(end_metrics)
             logger.log_artifacts(tmp, "plots")
         with tempfile.TemporaryDirectory() as tmp:
             torch.save({"model": unwrap(model).state_dict(), "trainer": update.state_dict(), "history": history},

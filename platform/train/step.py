@@ -31,8 +31,21 @@ class Step:
     optimizers: tuple[str, ...] = ("main",)
     """Names of this family's optimizers; each gets the trainer's optim config unless overridden."""
 
+    def optimizer_names(self, model: nn.Module) -> tuple[str, ...]:
+        """The optimizers this model needs; `optimizers` unless a family's models differ (GAN vs VAE)."""
+        return self.optimizers
+
     def parameters(self, model: nn.Module, optimizer: str) -> Iterable[nn.Parameter]:
         return model.parameters()
+
+    def distribute(self, model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> nn.Module:
+        """The module `train_batch` receives with several workers. `wrap` makes a module data-parallel
+        (DDP); a family that calls submodules directly (a GAN's generator, then its discriminator)
+        wraps those instead, since DDP only syncs gradients of calls through its own forward."""
+        return wrap(model)
+
+    def start_epoch(self, model: nn.Module, epoch: int) -> None:
+        """Called on every worker before an epoch's first batch (annealing schedules, curricula)."""
 
     def train_batch(self, model: nn.Module, batch: Any, update: Update) -> Sums:
         raise NotImplementedError
@@ -52,8 +65,9 @@ class Step:
         `epochs/epoch_NNNN/`. Runs on rank 0 only, after the epoch's checkpoint."""
 
     def artifacts(self, model: nn.Module, test_batches: Iterable[Any], info: dict[str, Any],
-                  out_dir: Path) -> None:
-        """Write end-of-run files (plots, samples) for MLflow into `out_dir`. Runs on rank 0 only."""
+                  out_dir: Path) -> dict[str, float] | None:
+        """Write end-of-run files (plots, samples) for MLflow into `out_dir`. Runs on rank 0 only.
+        May return end-of-run metrics that need the whole model (sample quality); they are logged too."""
 
 
 class ClassificationStep(Step):

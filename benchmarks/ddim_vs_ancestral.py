@@ -1,0 +1,36 @@
+"""DDIM with few steps against full ancestral sampling of one trained DDPM run: same noise seed, same n.
+
+    python benchmarks/ddim_vs_ancestral.py RUN_ID [N] [DDIM_STEPS]
+
+Prints FID (raycraft <dataset> classifier), classes covered and sampling time of each sampler, the FID
+ratio (DDIM / ancestral) and the speed-up (ancestral time / DDIM time).
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from raycraft.generative.cli import generate, load_generative_run
+from raycraft.generative.metrics import classifier_for, fid_key
+
+
+def main(run_id: str, n: int = 500, ddim_steps: int = 50) -> None:
+    torch.set_num_threads(1)
+    model, cfg, info = load_generative_run(run_id, None)
+    clf = classifier_for(info["dataset"], info.get("data_dir"))
+    results = {}
+    for sampler, steps in (("ddim", ddim_steps), ("ancestral", None)):
+        images, seconds = generate(model, n, 0, sampler, steps, batch=n)
+        s = clf.score(images)
+        results[sampler] = (s[fid_key(cfg.dataset)], seconds)
+        print(f"{sampler:9s} steps={steps or model.cfg.timesteps:4d} n={n}: FID (raycraft {cfg.dataset} classifier) "
+              f"{s[fid_key(cfg.dataset)]:.2f}  classes covered {s['classes_covered']:.0f}  sampling {seconds:.1f} s",
+              flush=True)
+    (fid_d, t_d), (fid_a, t_a) = results["ddim"], results["ancestral"]
+    print(f"FID ratio ddim/ancestral {fid_d / fid_a:.3f}   speed-up {t_a / t_d:.1f}x")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *(int(a) for a in sys.argv[2:]))
