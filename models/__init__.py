@@ -1,3 +1,15 @@
 """raycraft's model zoo. Importing this package registers every model (see `raycraft models`)."""
 
-from raycraft.models import alexnet, efficientnet, inception, lenet, mlp, resnet, vgg  # noqa: F401
+from raycraft.models import (  # noqa: F401
+    alexnet,
+    deep_kalman,
+    efficientnet,
+    gnn,
+    inception,
+    kalman,
+    lenet,
+    mlp,
+    resnet,
+    timeseries,
+    vgg,
+)
