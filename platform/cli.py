@@ -137,7 +137,7 @@ def eval_(
 
 
 # Each family's commands live beside its code: a module here adds commands to `app` on import.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("raycraft.graph_runs",)
 
 
 def _load_commands() -> None:
