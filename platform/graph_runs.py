@@ -79,8 +79,9 @@ def oversmoothing(
     params = {"model": model, "dataset": dataset, "depths": ",".join(map(str, ds))}
     run_id = tracking.start_run(uri, experiment, f"oversmoothing-{model}-{dataset}", params,
                                 {"raycraft.kind": "oversmoothing"}, "")
-    tracking._client(uri).log_batch(run_id, metrics=[
-        Metric(f"dirichlet_energy_{name}", e, 0, d) for name, es in curves.items() for d, e in zip(ds, es, strict=True)])
+    metrics = [Metric(f"dirichlet_energy_{name}", e, 0, d)
+               for name, es in curves.items() for d, e in zip(ds, es, strict=True)]
+    tracking._client(uri).log_batch(run_id, metrics=metrics)
     with tempfile.TemporaryDirectory() as tmp:
         lines_png(ds, curves, Path(tmp) / "oversmoothing.png", "depth (layers)", "relative Dirichlet energy",
                   f"over-smoothing: {model} on {dataset}", logy=True)

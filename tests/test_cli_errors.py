@@ -22,7 +22,11 @@ CASES = {
     "absent data dir": (["train", "lenet5", "--dataset", "cifar10", "--data-dir", "/nonexistent/x"],
                         ["--data-dir", "/nonexistent/x"]),
     "malformed yaml": (["train", "--config", "{bad_yaml}"], ["not valid YAML", "line"]),
-    "model on wrong task": None,  # filled in by later families (e.g. a language model on digits)
+    "model on wrong task": (["train", "kalman", "--dataset", "digits"], ["'digits'", "time-series", "nile"]),
+    "non-square transition": (["train", "kalman", "--dataset", "nile", "--set", "A=[[1, 0]]"],
+                              ["A:", "square", "(1, 2)"]),
+    "covariance not positive definite": (["train", "kalman", "--dataset", "nile", "--set", "R=[[-2.0]]"],
+                                         ["R:", "not positive definite"]),
     "unknown run": (["eval", "0123456789abcdef"], ["RUN_ID", "0123456789abcdef"]),
 }
 if not torch.cuda.is_available():

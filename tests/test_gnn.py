@@ -153,3 +153,28 @@ def test_1wl_limit_every_message_passing_network_confuses_what_1wl_confuses():
         assert torch.allclose(embed(model, hexagon), embed(model, triangles))
         same_as_cubic = torch.allclose(embed(model, hexagon), embed(model, cubic))
         assert same_as_cubic == (aggr != "sum")
+
+
+def test_oversmoothing_deep_gcn_states_collapse_and_residual_links_slow_it():
+    from raycraft.graph_runs import oversmoothing_curve
+
+    depths = [1, 4, 16, 32]
+    plain = oversmoothing_curve("gcn", "karate", depths, residual=False)
+    residual = oversmoothing_curve("gcn", "karate", depths, residual=True)
+    assert plain == sorted(plain, reverse=True) and plain[-1] < 1e-3 * plain[0]
+    assert all(r > p for r, p in zip(residual[1:], plain[1:], strict=True))
+
+
+def test_oversmoothing_command_logs_a_run(mlflow_uri):
+    from mlflow.tracking import MlflowClient
+    from typer.testing import CliRunner
+
+    from raycraft.cli import _load_commands, app
+
+    _load_commands()
+    result = CliRunner().invoke(app, ["oversmoothing", "--depths", "1,2,8", "--tracking-uri", mlflow_uri])
+    assert result.exit_code == 0, result.output
+    run_id = result.output.split("MLflow run ")[1].split()[0]
+    client = MlflowClient(mlflow_uri)
+    assert [m.step for m in client.get_metric_history(run_id, "dirichlet_energy_plain")] == [1, 2, 8]
+    assert [a.path for a in client.list_artifacts(run_id, "plots")] == ["plots/oversmoothing.png"]
