@@ -21,12 +21,7 @@ def bands_png(y, curves: dict, path: Path, title: str) -> None:
         ax.plot(t, mean, lw=1.2, label=name)
         ax.fill_between(t, mean - 1.96 * sd, mean + 1.96 * sd, alpha=0.2)
     ax.set_xlabel("t")
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, ax, title, path)
 
 
 def lines_png(x, series: dict, path: Path, xlabel: str, ylabel: str, title: str, logy: bool = False) -> None:
@@ -38,8 +33,12 @@ def lines_png(x, series: dict, path: Path, xlabel: str, ylabel: str, title: str,
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    _save(fig, ax, title, path)
+
+
+def _save(fig, ax, title: str, path: Path) -> None:
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
