@@ -145,6 +145,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "raycraft.rl.commands",
     "raycraft.text.commands",
     "raycraft.generative.cli",
+    "raycraft.graph_runs",
 )
 
 

@@ -24,7 +24,8 @@ if TYPE_CHECKING:  # torch is imported only by the code that builds models
 
 # Modules that register models and datasets on import. A new family adds its module here.
 _MODEL_MODULES = ("raycraft.models",)
-_DATASET_MODULES = ("raycraft.data.vision", "raycraft.data.text")
+_DATASET_MODULES = ("raycraft.data.vision", "raycraft.data.text", "raycraft.data.timeseries",
+                    "raycraft.data.graphs")
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ CASES = {
     "causal linformer": (["train", "transformer", "--dataset", "shakespeare", "--set", "attention=linformer"],
                          ["linformer", "causal=false"]),
     "generate zero tokens": (["generate", "0123456789abcdef", "--tokens", "0"], ["--tokens", "0"]),
+    "model on wrong task": (["train", "kalman", "--dataset", "digits"], ["'digits'", "time-series", "nile"]),
+    "non-square transition": (["train", "kalman", "--dataset", "nile", "--set", "A=[[1, 0]]"],
+                              ["A:", "square", "(1, 2)"]),
+    "covariance not positive definite": (["train", "kalman", "--dataset", "nile", "--set", "R=[[-2.0]]"],
+                                         ["R:", "not positive definite"]),
     "unknown run": (["eval", "0123456789abcdef"], ["RUN_ID", "0123456789abcdef"]),
 }
 if not torch.cuda.is_available():

@@ -309,5 +309,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             torch.save({"model": unwrap(model).state_dict(), "trainer": update.state_dict(), "history": history},
                        Path(tmp) / CHECKPOINT_FILE)
             logger.log_artifacts(tmp, "checkpoint")
-        logger.log_model(unwrap(model), step.example_input(next(iter(full_test))))
+        example = step.example_input(next(iter(full_test)))
+        if example is not None:
+            logger.log_model(unwrap(model), example)
     ray.train.report({**final, "done": 1.0})

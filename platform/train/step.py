@@ -56,8 +56,9 @@ class Step:
     def finalize(self, means: dict[str, float]) -> dict[str, float]:
         return means
 
-    def example_input(self, batch: Any) -> torch.Tensor:
-        """A model input taken from a batch, for the logged model's signature."""
+    def example_input(self, batch: Any) -> torch.Tensor | None:
+        """A model input taken from a batch, for the logged model's signature; None logs no model
+        (for models that take several tensors or do not export), only the checkpoint."""
         return batch[0]
 
     def epoch_artifacts(self, model: nn.Module, epoch: int, info: dict[str, Any], out_dir: Path) -> None:
@@ -71,11 +72,16 @@ class Step:
 
 
 class ClassificationStep(Step):
-    """Cross-entropy classification: loss = -log softmax(f(x))_y, metrics loss and accuracy."""
+    """Cross-entropy classification: loss = -log softmax(f(x))_y, metrics loss and accuracy.
+    A family whose batches are not (x, y) overrides `predict`."""
+
+    def predict(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits, targets) of the examples a batch scores."""
+        x, y = batch
+        return model(x), y
 
     def train_batch(self, model: nn.Module, batch: Any, update: Update) -> Sums:
-        x, y = batch
-        logits = model(x)
+        logits, y = self.predict(model, batch)
         loss = F.cross_entropy(logits, y)
         update("main", loss)
         n = y.new_tensor(len(y))
@@ -83,8 +89,7 @@ class ClassificationStep(Step):
 
     @torch.no_grad()
     def eval_batch(self, model: nn.Module, batch: Any) -> Sums:
-        x, y = batch
-        logits = model(x)
+        logits, y = self.predict(model, batch)
         n = y.new_tensor(len(y))
         return {"loss": F.cross_entropy(logits, y, reduction="sum"), "accuracy": (logits.argmax(-1) == y).sum(),
                 "n": n}
@@ -95,8 +100,9 @@ class ClassificationStep(Step):
         from raycraft.plots import confusion_matrix_png
 
         ys, preds = [], []
-        for x, y in test_batches:
-            preds.append(model(x).argmax(-1).cpu())
+        for batch in test_batches:
+            logits, y = self.predict(model, batch)
+            preds.append(logits.argmax(-1).cpu())
             ys.append(y.cpu())
         confusion_matrix_png(torch.cat(ys), torch.cat(preds), info.get("class_names"),
                              out_dir / "confusion_matrix.png")

@@ -1,0 +1,300 @@
+"""Linear-Gaussian state-space model: the Kalman filter and the Rauch-Tung-Striebel smoother.
+
+    state        x_t = A x_{t-1} + B u_t + w_t,   w_t ~ N(0, Q)
+    observation  y_t = C x_t     + D u_t + v_t,   v_t ~ N(0, R)
+
+Predict:   x̂_{t|t-1} = A x̂_{t-1|t-1} + B u_t,       P_{t|t-1} = A P_{t-1|t-1} A^T + Q
+Innovate:  ŷ_{t|t-1} = C x̂_{t|t-1} + D u_t,          F_t = C P_{t|t-1} C^T + R,   v_t = y_t - ŷ_{t|t-1}
+Update:    K_t = P_{t|t-1} C^T F_t^{-1},   x̂_{t|t} = x̂_{t|t-1} + K_t v_t,   P_{t|t} = P_{t|t-1} - K_t C P_{t|t-1}
+Log-lik:   log p(y_t | y_{1:t-1}) = -1/2 (p log 2π + log|F_t| + v_t^T F_t^{-1} v_t)
+
+A missing observation (any NaN in y_t) skips the update: x̂_{t|t} = x̂_{t|t-1}, P_{t|t} = P_{t|t-1}.
+The first state starts from the approximate diffuse prior x̂_{1|0} = 0, P_{1|0} = κ I (statsmodels'
+default for unobserved-components models, κ = 10^6); the first `burn` log-likelihood terms, which
+mostly measure κ, are left out of the likelihood, as statsmodels does (burn = state dimension).
+
+RTS smoother, backwards from x̂_{T|T}:
+    J_t = P_{t|t} A^T P_{t+1|t}^{-1},   x̂_{t|T} = x̂_{t|t} + J_t (x̂_{t+1|T} - x̂_{t+1|t}),
+    P_{t|T} = P_{t|t} + J_t (P_{t+1|T} - P_{t+1|t}) J_t^T
+
+Every function is batched over N series: y is (N, T, p), states (N, T, m), covariances (N, T, m, m).
+`KalmanModel` fits A, C, Q, R by maximum likelihood (Q = L L^T with a log-diagonal Cholesky factor L,
+so it stays positive definite), or keeps any of them fixed.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from raycraft.config import field_doc
+from raycraft.errors import UserError, invalid_choice
+from raycraft.registry import register_model
+
+MATRICES = ("A", "C", "Q", "R")
+
+
+@dataclass
+class KalmanResult:
+    x_pred: torch.Tensor  # (N, T, m)     x̂_{t|t-1}
+    P_pred: torch.Tensor  # (N, T, m, m)  P_{t|t-1}
+    x_filt: torch.Tensor  # (N, T, m)     x̂_{t|t}
+    P_filt: torch.Tensor  # (N, T, m, m)  P_{t|t}
+    y_pred: torch.Tensor  # (N, T, p)     ŷ_{t|t-1}, the one-step forecast
+    F: torch.Tensor       # (N, T, p, p)  its covariance
+    loglik_terms: torch.Tensor  # (N, T)  log p(y_t | y_{1:t-1}); 0 where missing
+    counted: torch.Tensor       # (N, T)  observed and past the diffuse burn-in
+
+    @property
+    def loglik(self) -> torch.Tensor:  # (N,)
+        return (self.loglik_terms * self.counted).sum(-1)
+
+    def forecast_interval(self, z: float = 1.96) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pointwise bands ŷ ± z sqrt(diag F) of the one-step forecasts, each (N, T, p)."""
+        sd = torch.diagonal(self.F, dim1=-2, dim2=-1).sqrt()
+        return self.y_pred - z * sd, self.y_pred + z * sd
+
+
+def _matrix(name: str, value) -> torch.Tensor:
+    t = torch.as_tensor(value, dtype=torch.float64)
+    if t.ndim != 2:
+        raise UserError(f"{name}: expected a matrix (a list of rows), got shape {tuple(t.shape)}.")
+    return t
+
+
+def check_system(A=None, C=None, Q=None, R=None, B=None, D=None) -> None:
+    """UserError unless the given matrices form a system: A square (m, m), C (p, m), Q (m, m) and
+    R (p, p) symmetric positive definite, B (m, k) and D (p, k)."""
+    mats = {k: _matrix(k, v) for k, v in dict(A=A, C=C, Q=Q, R=R, B=B, D=D).items() if v is not None}
+    if "A" in mats and mats["A"].shape[0] != mats["A"].shape[1]:
+        raise UserError(f"A: the transition matrix must be square (m, m), got {tuple(mats['A'].shape)}.")
+    m = mats["A"].shape[0] if "A" in mats else None
+    p = None
+    # (matrix, axis, which dimension it fixes): each dimension is read from the first matrix that has it
+    for name, axis, dim in (("Q", 0, "m"), ("Q", 1, "m"), ("C", 1, "m"), ("B", 0, "m"),
+                            ("C", 0, "p"), ("R", 0, "p"), ("R", 1, "p"), ("D", 0, "p")):
+        if name not in mats:
+            continue
+        size = mats[name].shape[axis]
+        want = m if dim == "m" else p
+        if want is None:
+            m, p = (size, p) if dim == "m" else (m, size)
+        elif size != want:
+            what = "state dimension m" if dim == "m" else "observation dimension p"
+            raise UserError(f"{name}: shape {tuple(mats[name].shape)} does not chain with the others' "
+                            f"{what} = {want} (A: (m, m), C: (p, m), Q: (m, m), R: (p, p), B: (m, k), D: (p, k)).")
+    if "B" in mats and "D" in mats and mats["B"].shape[1] != mats["D"].shape[1]:
+        raise UserError(f"B, D: input dimensions differ ({mats['B'].shape[1]} vs {mats['D'].shape[1]}).")
+    for name in ("Q", "R"):
+        if name in mats:
+            cov = mats[name]
+            if not torch.allclose(cov, cov.T):
+                raise UserError(f"{name}: a covariance must be symmetric, got {cov.tolist()}.")
+            if torch.linalg.cholesky_ex(cov).info != 0:
+                raise UserError(f"{name}: covariance {cov.tolist()} is not positive definite "
+                                f"(eigenvalues {torch.linalg.eigvalsh(cov).tolist()}).")
+
+
+def mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b for small matrices in large batches, as a broadcast product-sum: one vectorised kernel over
+    all series, where batched matmul calls a tiny GEMM per series (several times slower here)."""
+    return (a.unsqueeze(-1) * b.unsqueeze(-3)).sum(-2)
+
+
+def mv(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """a @ x for a batch of vectors x (..., k), as `mm` does it."""
+    return (a * x.unsqueeze(-2)).sum(-1)
+
+
+def _solve_innovation(F: torch.Tensor, CP: torch.Tensor,
+                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """K = P C^T F^{-1} (N, m, p), F^{-1} v (N, p) and log|F| (N,); a scalar F (one observed series, the
+    common case) is divided elementwise, which is much faster than batched Cholesky solves."""
+    if F.shape[-1] == 1:
+        return CP.transpose(-1, -2) / F, v / F[..., 0], torch.log(F[..., 0, 0])
+    L_F = torch.linalg.cholesky(F)
+    kalman_gain = torch.cholesky_solve(CP, L_F).transpose(-1, -2)
+    F_inv_v = torch.cholesky_solve(v.unsqueeze(-1), L_F).squeeze(-1)
+    return kalman_gain, F_inv_v, 2 * torch.log(torch.diagonal(L_F, dim1=-2, dim2=-1)).sum(-1)
+
+
+def kalman_filter(y: torch.Tensor, A: torch.Tensor, C: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, *,
+                  B: torch.Tensor | None = None, D: torch.Tensor | None = None, u: torch.Tensor | None = None,
+                  x0: torch.Tensor | None = None, P0: torch.Tensor | None = None, kappa: float = 1e6,
+                  burn: int | None = None) -> KalmanResult:
+    """Filter N series y (N, T, p), NaN where missing, with inputs u (N, T, k) if B or D is given.
+
+    x0 (m,) and P0 (m, m) are the prior x̂_{1|0}, P_{1|0}; by default the approximate diffuse 0 and κ I.
+    `burn` log-likelihood terms are left out (default m, statsmodels' rule for the diffuse prior)."""
+    N, T, p = y.shape
+    m = A.shape[-1]
+    dtype = y.dtype
+    x = (torch.zeros(m, dtype=dtype) if x0 is None else x0).expand(N, m)
+    P = (kappa * torch.eye(m, dtype=dtype) if P0 is None else P0).expand(N, m, m)
+    burn = m if burn is None else burn
+    observed = ~torch.isnan(y).any(-1)  # (N, T)
+    y0 = torch.nan_to_num(y)
+    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("x_pred", "P_pred", "x_filt", "P_filt", "y_pred", "F",
+                                                         "ll")}
+    for t in range(T):
+        if t > 0:  # predict
+            x = mv(A, x)
+            P = mm(mm(A, P), A.T) + Q
+            if B is not None:
+                x = x + mv(B, u[:, t])
+        y_hat = mv(C, x)
+        if D is not None:
+            y_hat = y_hat + mv(D, u[:, t])
+        CP = mm(C, P)                                            # (N, p, m)
+        F = mm(CP, C.T) + R                                      # (N, p, p)
+        v = y0[:, t] - y_hat                                     # innovation (N, p)
+        kalman_gain, F_inv_v, logdet_F = _solve_innovation(F, CP, v)
+        ll = -0.5 * (p * math.log(2 * math.pi) + logdet_F + (v * F_inv_v).sum(-1))
+        x_upd = x + mv(kalman_gain, v)
+        P_upd = P - mm(kalman_gain, CP)                          # = P - K F K^T
+        P_upd = 0.5 * (P_upd + P_upd.transpose(-1, -2))
+        obs = observed[:, t]
+        out["x_pred"].append(x)
+        out["P_pred"].append(P)
+        out["y_pred"].append(y_hat)
+        out["F"].append(F)
+        out["ll"].append(torch.where(obs, ll, torch.zeros_like(ll)))
+        x = torch.where(obs[:, None], x_upd, x)
+        P = torch.where(obs[:, None, None], P_upd, P)
+        out["x_filt"].append(x)
+        out["P_filt"].append(P)
+    stacked = {k: torch.stack(v, 1) for k, v in out.items()}
+    counted = observed & (torch.arange(T) >= burn)
+    return KalmanResult(stacked["x_pred"], stacked["P_pred"], stacked["x_filt"], stacked["P_filt"],
+                        stacked["y_pred"], stacked["F"], stacked["ll"], counted)
+
+
+def rts_smoother(result: KalmanResult, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Smoothed means x̂_{t|T} (N, T, m) and covariances P_{t|T} (N, T, m, m) from a filter's output."""
+    x_s, P_s = [result.x_filt[:, -1]], [result.P_filt[:, -1]]
+    for t in range(result.x_filt.shape[1] - 2, -1, -1):
+        P_f, P_p = result.P_filt[:, t], result.P_pred[:, t + 1]
+        J = torch.linalg.solve(P_p, A @ P_f).transpose(-1, -2)   # P_{t|t} A^T P_{t+1|t}^{-1}
+        x_s.append(result.x_filt[:, t] + (J @ (x_s[-1] - result.x_pred[:, t + 1]).unsqueeze(-1)).squeeze(-1))
+        P_s.append(P_f + J @ (P_s[-1] - P_p) @ J.transpose(-1, -2))
+    return torch.stack(x_s[::-1], 1), torch.stack(P_s[::-1], 1)
+
+
+def forecast(result: KalmanResult, A: torch.Tensor, C: torch.Tensor, Q: torch.Tensor, R: torch.Tensor,
+             steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """h = 1..steps ahead of the last observation, without inputs: means C A^h x̂_{T|T} (N, steps, p) and
+    covariances C P_{T+h|T} C^T + R (N, steps, p, p)."""
+    x, P = result.x_filt[:, -1], result.P_filt[:, -1]
+    means, covs = [], []
+    for _ in range(steps):
+        x, P = x @ A.T, A @ P @ A.T + Q
+        means.append(x @ C.T)
+        covs.append(C @ P @ C.T + R)
+    return torch.stack(means, 1), torch.stack(covs, 1)
+
+
+@dataclass
+class KalmanConfig:
+    state_dim: int = field_doc(1, "State dimension m when A is not given (A then starts as the identity).")
+    A: list[list[float]] | None = field_doc(None, "Transition matrix (m, m); default identity (random walk).")
+    C: list[list[float]] | None = field_doc(None, "Observation matrix (p, m); default: each series reads state 0.")
+    Q: list[list[float]] | None = field_doc(None, "State noise covariance (m, m); default: half the variance of "
+                                                  "the series' differences on the diagonal.")
+    R: list[list[float]] | None = field_doc(None, "Observation noise covariance (p, p); default as Q.")
+    fit: tuple[str, ...] = field_doc(("Q", "R"), "Matrices fitted by maximum likelihood; the others stay fixed.")
+    kappa: float = field_doc(1e6, "Variance of the approximate diffuse prior P_{1|0} = kappa I.")
+    burn: int | None = field_doc(None, "Log-likelihood terms left out at the start (default: state dimension).")
+
+    def __post_init__(self) -> None:
+        for name in self.fit:
+            if name not in MATRICES:
+                raise invalid_choice("kalman.fit", name, MATRICES)
+        check_system(self.A, self.C, self.Q, self.R)
+        if self.A is not None and len(self.A) != self.state_dim:
+            self.state_dim = len(self.A)
+        if self.kappa <= 0:
+            raise UserError(f"kalman.kappa: {self.kappa} must be > 0.")
+
+
+class CovarianceParam(nn.Module):
+    """Σ = L L^T with L lower triangular and diag(L) = exp(log_diag): positive definite for any value."""
+
+    def __init__(self, cov: torch.Tensor, trainable: bool) -> None:
+        super().__init__()
+        L = torch.linalg.cholesky(cov)
+        self.log_diag = nn.Parameter(torch.log(torch.diagonal(L)).clone(), requires_grad=trainable)
+        self.lower = nn.Parameter(torch.tril(L, -1).clone(), requires_grad=trainable)
+
+    def forward(self) -> torch.Tensor:
+        L = torch.tril(self.lower, -1) + torch.diag(torch.exp(self.log_diag))
+        return L @ L.T
+
+
+class KalmanModel(nn.Module):
+    """forward(y (N, T, p)) -> (negative log-likelihood terms (N, T), counted (N, T))."""
+
+    def __init__(self, cfg: KalmanConfig, obs_dim: int, scale: float = 1.0) -> None:
+        super().__init__()
+        m, p = cfg.state_dim, obs_dim
+        A = _matrix("A", cfg.A) if cfg.A is not None else torch.eye(m, dtype=torch.float64)
+        if cfg.C is not None:
+            C = _matrix("C", cfg.C)
+        else:
+            C = torch.zeros(p, m, dtype=torch.float64)
+            C[:, 0] = 1.0
+        Q = _matrix("Q", cfg.Q) if cfg.Q is not None else scale * torch.eye(m, dtype=torch.float64)
+        R = _matrix("R", cfg.R) if cfg.R is not None else scale * torch.eye(p, dtype=torch.float64)
+        check_system(A, C, Q, R)
+        if C.shape[0] != p:
+            raise UserError(f"C: {tuple(C.shape)} has {C.shape[0]} rows, but the data has {p} series columns.")
+        self.A = nn.Parameter(A, requires_grad="A" in cfg.fit)
+        self.C = nn.Parameter(C, requires_grad="C" in cfg.fit)
+        self.Q = CovarianceParam(Q, "Q" in cfg.fit)
+        self.R = CovarianceParam(R, "R" in cfg.fit)
+        self.kappa, self.burn = cfg.kappa, cfg.burn
+
+    def filter(self, y: torch.Tensor) -> KalmanResult:
+        return kalman_filter(y.double(), self.A, self.C, self.Q(), self.R(), kappa=self.kappa, burn=self.burn)
+
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        res = self.filter(y)
+        return -res.loglik_terms, res.counted
+
+    def param_metrics(self) -> dict[str, torch.Tensor]:
+        """The fitted variances (diagonals of Q and R), logged as metrics each epoch."""
+        Q, R = self.Q().detach(), self.R().detach()
+        return {**{f"var_state_{i}": Q[i, i] for i in range(len(Q))},
+                **{f"var_obs_{i}": R[i, i] for i in range(len(R))}}
+
+    @torch.no_grad()
+    def write_plots(self, y: torch.Tensor, info: dict, out_dir: Path) -> None:
+        """states.png: filtered and smoothed C x̂ with 95% bands against the data; forecast.png: one-step
+        forecasts with their bands, then forecasts beyond the last observation."""
+        from raycraft.ssm_plots import bands_png
+
+        res = self.filter(y[:1])
+        x_s, P_s = rts_smoother(res, self.A)
+        T, h = y.shape[1], max(1, y.shape[1] // 5)
+        f_mean, f_cov = forecast(res, self.A, self.C, self.Q(), self.R(), h)
+        t, ahead = torch.arange(T), torch.arange(T, T + h)
+
+        def observed(x, P):  # first series, first column: C x and sqrt(C P C^T)
+            return (x[0] @ self.C.T)[:, 0], (self.C @ P[0] @ self.C.T)[:, 0, 0].sqrt()
+
+        name = info.get("name", "series")
+        bands_png(y[0, :, 0], {"filtered": (t, *observed(res.x_filt, res.P_filt)),
+                               "smoothed": (t, *observed(x_s, P_s))}, out_dir / "states.png", name)
+        bands_png(y[0, :, 0], {"one-step forecast": (t, res.y_pred[0, :, 0], res.F[0, :, 0, 0].sqrt()),
+                               f"{h}-step forecast": (ahead, f_mean[0, :, 0], f_cov[0, :, 0, 0].sqrt())},
+                  out_dir / "forecast.png", name)
+
+
+@register_model("kalman", family="state-space", config=KalmanConfig, task="time-series",
+                recipe={"epochs": 100, "batch_size": 256, "optim": {"name": "adam", "lr": 0.05}})
+def kalman(cfg: KalmanConfig, data_info: dict) -> KalmanModel:
+    """Kalman filter + RTS smoother; A, C, Q, R fitted by maximum likelihood or fixed."""
+    return KalmanModel(cfg, int(data_info.get("obs_dim", 1)), float(data_info.get("diff_var", 1.0)) / 2)
