@@ -50,6 +50,10 @@ def init_ray(address: str | None = None) -> None:
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
     quiet = ray.LoggingConfig(log_level="WARNING")
     if address:
+        if address != "auto":  # an unreachable address would make ray.init retry for minutes
+            from raycraft.cluster import check_reachable
+
+            check_reachable(address, 10001 if address.startswith("ray://") else 6379)
         try:
             ray.init(address=address, logging_config=quiet, runtime_env={"env_vars": env})
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
