@@ -100,7 +100,7 @@ def _calling(fn, *args):
     except AuthenticationError as exc:
         raise UserError(f"the cluster refused the token: {exc.message}. {AUTH_HELP}") from None
     except RuntimeError as exc:
-        if "404" in str(exc) or "does not exist" in str(exc):
+        if args and ("404" in str(exc) or "does not exist" in str(exc)):
             raise UserError(f"JOB_ID: no job {args[0]!r} on this cluster (`raycraft jobs list`).") from None
         raise
 
@@ -302,16 +302,10 @@ def submit_cmd(
 
 @jobs_app.command("list")
 def jobs_list(address: Optional[str] = AddressOpt):
-    """Every job on the cluster, oldest first."""
-    from rich.table import Table
-
-    table = Table(title="Ray jobs")
-    for col in ("job id", "status", "started", "entrypoint"):
-        table.add_column(col)
+    """Every job on the cluster, oldest first: id, status, start time, command (one line each)."""
     for job in list_jobs(address):
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else ""
-        table.add_row(job.submission_id or job.job_id or "", job.status.value, started, job.entrypoint)
-    console.print(table)
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
+        print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {started}  {job.entrypoint}")
 
 
 @jobs_app.command("logs")
