@@ -149,15 +149,20 @@ def cluster():
         dashboard = f"http://127.0.0.1:{dash}"
         token = (home / ".ray" / "auth_token").read_text().strip()
         headers = {"Authorization": f"Bearer {token}"}
-        deadline = time.time() + 180
+        deadline, answer = time.time() + 240, ""
         while time.time() < deadline:
             assert worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
-            r = requests.get(f"{dashboard}/api/v0/nodes", headers=headers, timeout=10)
-            if r.ok and sum(n["state"] == "ALIVE" for n in r.json()["data"]["result"]["result"]) == 2:
-                break
+            try:  # on a loaded machine the dashboard may still be (re)starting its modules
+                r = requests.get(f"{dashboard}/api/v0/nodes", headers=headers, timeout=10)
+                answer = r.text[:500]
+                if r.ok and sum(n["state"] == "ALIVE" for n in r.json()["data"]["result"]["result"]) == 2:
+                    break
+            except requests.ConnectionError as exc:
+                answer = str(exc)
             time.sleep(1)
         else:
-            raise AssertionError(f"the second node never joined: {r.text[:500]}")
+            tails = {p.name: p.read_text()[-1500:] for p in (root / "ray-head").glob("session_*/logs/dashboard.*")}
+            raise AssertionError(f"the second node never joined: {answer}\n{tails}")
         yield {"dashboard": dashboard, "mlflow": f"http://127.0.0.1:{mlflow_port}", "env": env,
                "headers": headers, "procs": procs, "root": root, "gcs": gcs}
     finally:
