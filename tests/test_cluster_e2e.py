@@ -38,11 +38,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Exited(AssertionError):
+    """A process the test started ended while it should be coming up."""
+
+
+def check_alive(proc: subprocess.Popen, log: Path) -> None:
+    if proc.poll() is not None:
+        raise Exited(f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+
+
+def retried(start):
+    """`ray start` gives its raylet a fixed 30 s to register with the GCS, which an overloaded machine can
+    miss: one more try, with fresh ports."""
+    try:
+        return start(0)
+    except Exited:
+        return start(1)
+
+
 def wait_port(port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        check_alive(proc, log)
         try:
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
             return
@@ -129,42 +146,52 @@ def cluster():
                 "RAY_AUTH_TOKEN_PATH"):
         env.pop(key, None)
     procs = Processes(env, logs)
-    gcs, dash, mlflow_port = free_port(), free_port(), free_port()
+    mlflow_port = free_port()
     ray = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
            "--disable-usage-stats", "--dashboard-agent-listen-port"]
     try:
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
                        capture_output=True, timeout=120)
-        head = procs.start("head", [*ray, str(free_port()), "--head", "--port", str(gcs), "--dashboard-host",
-                                    "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port",
-                                    str(free_port()), "--temp-dir", str(root / "ray-head")])
         server = procs.start("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
                                         f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination",
                                         str(root / "mlartifacts"), "--host", "127.0.0.1", "--port",
                                         str(mlflow_port), "--workers", "1"])
-        wait_port(dash, head, 180, logs / "head.log")
-        worker = procs.start("worker", [*ray, str(free_port()), "--address", f"127.0.0.1:{gcs}", "--temp-dir",
-                                        str(root / "ray-worker")])
-        wait_port(mlflow_port, server, 180, logs / "mlflow.log")
+
+        def start_head(attempt: int) -> tuple[int, int]:
+            gcs, dash = free_port(), free_port()
+            head = procs.start(f"head{attempt}", [
+                *ray, str(free_port()), "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+                "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()),
+                "--temp-dir", str(root / f"ray-head{attempt}")])
+            wait_port(dash, head, 180, logs / f"head{attempt}.log")
+            return gcs, dash
+
+        gcs, dash = retried(start_head)
         dashboard = f"http://127.0.0.1:{dash}"
         token = (home / ".ray" / "auth_token").read_text().strip()
         headers = {"Authorization": f"Bearer {token}"}
-        deadline, answer = time.time() + 240, ""
-        while time.time() < deadline:
-            assert worker.poll() is None, (logs / "worker.log").read_text()[-3000:]
-            try:  # on a loaded machine the dashboard may still be (re)starting its modules
-                r = requests.get(f"{dashboard}/api/v0/nodes", headers=headers, timeout=10)
-                answer = r.text[:500]
-                if r.ok and sum(n["state"] == "ALIVE" for n in r.json()["data"]["result"]["result"]) == 2:
-                    break
-            except requests.ConnectionError as exc:
-                answer = str(exc)
-            time.sleep(1)
-        else:
-            tails = {p.name: p.read_text()[-1500:] for p in (root / "ray-head").glob("session_*/logs/dashboard.*")}
+
+        def start_worker(attempt: int) -> None:
+            worker = procs.start(f"worker{attempt}", [*ray, str(free_port()), "--address", f"127.0.0.1:{gcs}",
+                                                      "--temp-dir", str(root / f"ray-worker{attempt}")])
+            deadline, answer = time.time() + 240, ""
+            while time.time() < deadline:
+                check_alive(worker, logs / f"worker{attempt}.log")
+                try:  # on a loaded machine the dashboard may still be (re)starting its modules
+                    r = requests.get(f"{dashboard}/api/v0/nodes", headers=headers, timeout=10)
+                    answer = r.text[:500]
+                    if r.ok and sum(n["state"] == "ALIVE" for n in r.json()["data"]["result"]["result"]) == 2:
+                        return
+                except requests.ConnectionError as exc:
+                    answer = str(exc)
+                time.sleep(1)
+            tails = {p.name: p.read_text()[-1500:] for p in root.glob("ray-head*/session_*/logs/dashboard.*")}
             raise AssertionError(f"the second node never joined: {answer}\n{tails}")
+
+        retried(start_worker)
+        wait_port(mlflow_port, server, 180, logs / "mlflow.log")
         yield {"dashboard": dashboard, "mlflow": f"http://127.0.0.1:{mlflow_port}", "env": env,
-               "headers": headers, "procs": procs, "root": root, "gcs": gcs}
+               "headers": headers, "procs": procs}
     finally:
         left = procs.stop_all()
         assert not left, f"processes the test started are still running: {left}"
