@@ -185,7 +185,8 @@ def cluster():
                 except requests.ConnectionError as exc:
                     answer = str(exc)
                 time.sleep(1)
-            tails = {p.name: p.read_text()[-1500:] for p in root.glob("ray-head*/session_*/logs/dashboard.*")}
+            tails = {p.name: p.read_text()[-1500:] for p in [*logs.glob("head*.log"),
+                                                              *root.glob("ray-head*/session_*/logs/dashboard.*")]}
             raise AssertionError(f"the second node never joined: {answer}\n{tails}")
 
         retried(start_worker)
