@@ -88,7 +88,9 @@ def test_killed_worker_resumes_without_gaps_or_duplicates(ray_session, mlflow_ur
     while time.time() < deadline and not (run_ids and len(_logged_epochs(mlflow_uri, run_ids[0])) >= 2):
         time.sleep(0.2)
     assert run_ids, "training never started"
-    workers = [a for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])]
+    # this session's own Ray: on a shared machine, address-less discovery finds other users' clusters too
+    workers = list_actors(address=ray_session.get_runtime_context().gcs_address,
+                          filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     assert len(workers) == 2
     killed_after = len(_logged_epochs(mlflow_uri, run_ids[0]))
     os.kill(workers[1]["pid"], signal.SIGKILL)
