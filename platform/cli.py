@@ -146,6 +146,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "raycraft.text.commands",
     "raycraft.generative.cli",
     "raycraft.graph_runs",
+    "raycraft.cluster",
 )
 
 

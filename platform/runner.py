@@ -49,8 +49,16 @@ def init_ray(address: str | None = None) -> None:
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
     quiet = ray.LoggingConfig(log_level="WARNING")
     if address:
+        from ray.exceptions import AuthenticationError
+
+        from raycraft.cluster import AUTH_HELP, check_reachable
+
+        if address != "auto":  # an unreachable address would make ray.init retry for minutes
+            check_reachable(address, 10001 if address.startswith("ray://") else 6379)
         try:
             ray.init(address=address, logging_config=quiet, runtime_env={"env_vars": env})
+        except AuthenticationError as exc:
+            raise UserError(f"--address: Ray at {address!r} refused the token: {exc.message}. {AUTH_HELP}") from None
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
             raise UserError(f"--address: cannot connect to Ray at {address!r}: {exc}") from None
     else:

@@ -16,6 +16,7 @@ from typing import Any
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 EPOCH_KEY = "epoch"  # logged at step = epoch; its history says which epochs MLflow already holds
+RESTORES_TAG = "raycraft.restored_at_epochs"  # comma-separated: the first epoch of each restart from a checkpoint
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -154,6 +155,11 @@ class RunLogger:
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
+
+    def note_restore(self, epoch: int) -> None:
+        """Append `epoch` (where a restarted worker group picked up) to the run's RESTORES_TAG."""
+        before = self.client.get_run(self.run_id).data.tags.get(RESTORES_TAG)
+        self.set_tag(RESTORES_TAG, f"{before},{epoch}" if before else str(epoch))
 
     def log_model(self, model, example_input) -> None:
         """The final model through `mlflow.pytorch`, with a signature inferred from a real batch."""

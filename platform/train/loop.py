@@ -251,6 +251,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     logger = logger_future.result() if logger_future else None
     if logger:
         logger.log_history(history)  # back-fills epochs a killed worker checkpointed but never logged
+        if checkpoint:
+            logger.note_restore(len(history))
 
     first_batch_at: float | None = None
     for epoch in range(len(history), cfg.epochs):
