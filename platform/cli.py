@@ -137,7 +137,7 @@ def eval_(
 
 
 # Each family's commands live beside its code: a module here adds commands to `app` on import.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("raycraft.sweep.commands",)
 
 
 def _load_commands() -> None:
@@ -155,6 +155,7 @@ def main() -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
     try:
+        _load_commands()
         app(standalone_mode=False)
     except UserError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False)

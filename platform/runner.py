@@ -135,7 +135,10 @@ class Progress:
 def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: str | None = None,
                  resume_run_id: str | None = None, run_name: str | None = None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
-                 on_start: Callable[[str], None] | None = None) -> Outcome:
+                 on_start: Callable[[str], None] | None = None, tags: dict[str, str] | None = None,
+                 callbacks: list | None = None) -> Outcome:
+    """`tags` are added to a new MLflow run (a sweep's `mlflow.parentRunId`); `callbacks` are Ray Train
+    callbacks (Tune's `TuneReportCallback` when this runs as a sweep trial)."""
     from raycraft import tracking
 
     prepare(cfg, address)
@@ -157,7 +160,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
         name = run_name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
                                     {"raycraft.model": cfg.model, "raycraft.dataset": cfg.dataset,
-                                     "raycraft.storage_path": storage},
+                                     "raycraft.storage_path": storage, **(tags or {})},
                                     yaml.safe_dump(to_dict(cfg), sort_keys=False))
         ray_name = f"raycraft-{run_id}"
         tracking.set_tags(uri, run_id, {"raycraft.ray_name": ray_name})
@@ -173,6 +176,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
             name=ray_name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks,
             logging_config=ray.LoggingConfig(log_level="WARNING")),  # per-report INFO lines drown progress
     )
     progress = Progress(uri, run_id, on_epoch) if on_epoch else contextlib.nullcontext()
