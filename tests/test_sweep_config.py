@@ -66,3 +66,16 @@ def test_bad_yaml_file_names_the_file(tmp_path):
     bad.write_text("job: [unclosed\n")
     with pytest.raises(UserError, match="bad.yaml is not valid YAML"):
         load_sweep(bad)
+
+
+def test_label_noise_corrupts_only_the_training_labels():
+    from raycraft.data.base import DataConfig
+    from raycraft.registry import load_dataset
+
+    clean, noisy = (load_dataset("digits", DataConfig(label_noise=f)) for f in (0.0, 0.5))
+    changed = (clean.train.tensors[1] != noisy.train.tensors[1]).float().mean().item()
+    assert 0.5 * 0.9 * 0.8 < changed < 0.5 * 0.9 * 1.2  # half relabelled, 9 in 10 of those to a new class
+    for split in ("val", "test"):
+        assert (getattr(clean, split).tensors[1] == getattr(noisy, split).tensors[1]).all()
+    with pytest.raises(UserError, match="label_noise"):
+        DataConfig(label_noise=1.5)

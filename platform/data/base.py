@@ -22,12 +22,16 @@ class DataConfig:
     test_fraction: float = field_doc(0.15, "Share held out for the test set (datasets without a fixed test set).")
     split_seed: int = field_doc(0, "Seed of the train/val/test permutation.")
     image_size: int = field_doc(32, "Side length images are resized to (image_folder only).")
+    label_noise: float = field_doc(0.0, "Share of training labels replaced by uniformly random classes "
+                                        "(val and test stay clean); the double-descent experiment uses it.")
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v < 0.5:
                 raise UserError(f"data.{name}: {v} is out of range; use a fraction in [0, 0.5).")
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise UserError(f"data.label_noise: {self.label_noise} is out of range; use a fraction in [0, 1].")
 
 
 @dataclass
@@ -53,5 +57,17 @@ def split_tensors(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig,
                         f"and test_fraction={cfg.test_fraction}.")
     test_ds = TensorDataset(*test) if test is not None else TensorDataset(x[:n_test], y[:n_test])
     val_ds = TensorDataset(x[n_test:n_test + n_val], y[n_test:n_test + n_val])
-    train_ds = TensorDataset(x[n_test + n_val:], y[n_test + n_val:])
+    train_ds = TensorDataset(x[n_test + n_val:], noisy_labels(y[n_test + n_val:], cfg.label_noise, g))
     return train_ds, val_ds, test_ds
+
+
+def noisy_labels(y: torch.Tensor, fraction: float, g: torch.Generator) -> torch.Tensor:
+    """A copy of `y` whose first round(fraction * n) entries of a seeded permutation get random classes
+    (a random class may equal the true one, as in Nakkiran et al.'s label noise)."""
+    if fraction == 0:
+        return y
+    k = int(y.max()) + 1
+    pick = torch.randperm(len(y), generator=g)[:int(round(fraction * len(y)))]
+    out = y.clone()
+    out[pick] = torch.randint(0, k, (len(pick),), generator=g)
+    return out

@@ -80,6 +80,8 @@ class SweepConfig:
     samples: int = field_doc(4, "Trials to sample (grid: repeats of the whole grid).")
     concurrency: int = field_doc(1, "Trials running at once (each needs workers x cpus_per_worker CPUs).")
     resources: ResourcesConfig = field_doc(doc="Per-trial resources.", factory=ResourcesConfig)
+    plot_metrics: list[str] = field_doc(doc="More metrics to plot against each hyperparameter on the parent run "
+                                             "(test_* allowed: e.g. test_loss for double descent).", factory=list)
     seed: int = field_doc(0, "Seed of the search algorithm.")
     experiment: str = field_doc("raycraft-sweeps", "MLflow experiment of the parent and child runs.")
     storage_path: str = field_doc("ray_results", "Folder of Tune's experiment state (one subfolder per sweep).")
@@ -235,7 +237,7 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] = (), sample
             except UserError as exc:
                 raise UserError(f"space.{key}: value {value!r} is not valid for the job: {exc}") from None
     check_search(cfg, space)
-    check_metric(cfg.metric, base)
+    check_metric(cfg, base)
     return sweep
 
 
@@ -272,7 +274,11 @@ def reported_metrics(cfg: TrainConfig) -> set[str]:
     return {f"{split}_{k}" for k in names for split in ("train", "val")} | set(LOOP_METRICS)
 
 
-def check_metric(metric: str, cfg: TrainConfig) -> None:
+def check_metric(sweep: SweepConfig, cfg: TrainConfig) -> None:
     names = reported_metrics(cfg)
-    if metric not in names:
-        raise invalid_choice("metric", metric, names)
+    if sweep.metric not in names:
+        raise invalid_choice("metric", sweep.metric, names)
+    final = names | {f"test_{k.removeprefix('val_')}" for k in names if k.startswith("val_")}
+    for name in sweep.plot_metrics:
+        if name not in final:
+            raise invalid_choice("plot_metrics", name, final)

@@ -14,40 +14,35 @@ def _early(run: Any) -> bool:
 
 
 def metric_vs_params_png(sweep: Sweep, runs: list[Any], path: Path) -> None:
-    """One panel per hyperparameter: each trial's last metric value; early-stopped trials hollow."""
-    metric = sweep.config.metric
+    """A row per metric (the sweep's, then plot_metrics), a column per hyperparameter: each trial's last
+    value; early-stopped trials hollow. Choices keep the sweep file's order (widths of double descent)."""
+    metrics = [sweep.config.metric, *sweep.config.plot_metrics]
     keys = list(sweep.space)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
-    for ax, key in zip(axes[0], keys, strict=True):
+    fig, axes = plt.subplots(len(metrics), len(keys), figsize=(4.5 * len(keys), 3.2 * len(metrics)), squeeze=False)
+    for col, key in enumerate(keys):
         domain = sweep.space[key]
         raw = [r.data.params.get(job_key(key)) for r in runs]
-        categorical = domain.kind in ("choice", "grid") and not all(_is_number(v) for v in raw)
-        labels = sorted({str(v) for v in raw}) if categorical else []
-        for run, value in zip(runs, raw, strict=True):
-            if metric not in run.data.metrics or value is None:
-                continue
-            x = labels.index(str(value)) if categorical else float(value)
-            ax.scatter([x], [run.data.metrics[metric]], facecolors="none" if _early(run) else "C0",
-                       edgecolors="C0")
-        if categorical:
-            ax.set_xticks(range(len(labels)), labels)
-        elif domain.kind == "loguniform":
-            ax.set_xscale("log")
-        ax.set_xlabel(key)
-        ax.set_ylabel(metric)
-        ax.grid(alpha=0.3)
+        categorical = domain.kind in ("choice", "grid")
+        labels = [str(list(v)) if isinstance(v, (list, tuple)) else str(v) for v in domain.values]
+        for row, metric in enumerate(metrics):
+            ax = axes[row][col]
+            for run, value in zip(runs, raw, strict=True):
+                if metric not in run.data.metrics or value is None or (categorical and value not in labels):
+                    continue
+                x = labels.index(value) if categorical else float(value)
+                ax.scatter([x], [run.data.metrics[metric]], facecolors="none" if _early(run) else "C0",
+                           edgecolors="C0")
+            if categorical:
+                ax.set_xticks(range(len(labels)), labels, rotation=30 if max(map(len, labels)) > 6 else 0)
+            elif domain.kind == "loguniform":
+                ax.set_xscale("log")
+            ax.set_xlabel(key)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
     axes[0][0].set_title("filled: finished, hollow: stopped early", fontsize=8, loc="left")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _is_number(v: Any) -> bool:
-    try:
-        float(v)
-    except (TypeError, ValueError):
-        return False
-    return True
 
 
 def curves_png(metric: str, runs: list[Any], histories: dict[str, list[Any]], path: Path) -> None:
