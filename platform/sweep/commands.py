@@ -45,3 +45,23 @@ def tune(
     from raycraft.tracking import resolve_tracking_uri
 
     console.print(f"MLflow UI: {ui_command(resolve_tracking_uri(tracking_uri))}")
+
+
+@app.command("scaling")
+def scaling(
+    file: Annotated[Path, typer.Argument(help="Scaling YAML file (see tune_configs/scaling_*.yaml).")],
+    tracking_uri: TrackingOpt = None,
+    address: AddressOpt = None,
+):
+    """Train a grid of model sizes x data amounts, fit L(N), L(D) and L(N, D), predict the held-out runs."""
+    from raycraft.sweep.scaling_job import load_scaling, run_scaling
+
+    cfg, points = load_scaling(file)
+    parent, result = run_scaling(cfg, points, tracking_uri=tracking_uri, address=address, echo=console.print)
+    for law, fit in result.fits.items():
+        console.print(f"{law}: " + ", ".join(f"{k}={v:.4g}±{fit.stderr[k]:.2g}" for k, v in fit.params.items())
+                      + f"  (rms log residual {fit.rmse_log:.3g})")
+    console.print("held-out relative error: " + ", ".join(f"{k} {v:.2%}" for k, v in result.held_out.items()))
+    n_opt, d_opt = result.optimal
+    console.print(f"compute-optimal at C={cfg.budget:.3g} FLOPs: N={n_opt:.4g}, D={d_opt:.4g}")
+    console.print(f"[green]done[/]  MLflow parent run [bold]{parent}[/] (plots under scaling/)")

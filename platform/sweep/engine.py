@@ -159,7 +159,8 @@ def build_search(sweep: Sweep):
         return HyperOptSearch(metric=cfg.metric, mode=cfg.mode, random_state_seed=cfg.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    return BasicVariantGenerator(random_state=cfg.seed)
+    # Tune applies max_concurrent_trials only to searchers it wraps itself: this one limits its own.
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.concurrency)
 
 
 def build_scheduler(sweep: Sweep):
@@ -215,7 +216,7 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
     """Start (or with `resume`, continue) the sweep, then record the best trial on the parent run."""
     from ray import tune
 
-    from raycraft.runner import init_ray
+    from raycraft.runner import TrainingError, init_ray
 
     cfg = sweep.config
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -251,10 +252,13 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
     if echo:
         echo(f"sweep {cfg.name}: MLflow parent run {parent}")
     try:
-        tuner.fit()
+        results = tuner.fit()
     except BaseException as exc:
         tracking.end_run(uri, parent, "FAILED", f"{type(exc).__name__}: {exc}")
         raise
+    if len(results) > results.num_terminated + results.num_errors:  # Ctrl+C: Tune saved its state and returned
+        raise TrainingError(f"sweep {cfg.name!r} was interrupted; its state is saved. Continue it with "
+                            f"`raycraft tune FILE --resume {cfg.name}`.")
     return summarize(sweep, uri, parent)
 
 

@@ -55,7 +55,7 @@ def curves_png(metric: str, runs: list[Any], histories: dict[str, list[Any]], pa
                     linestyle="--" if _early(run) else "-", label=run.data.tags.get("raycraft.trial_id", ""))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
-    if runs:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
