@@ -126,7 +126,14 @@ def load_dataset(name: str, cfg: DataConfig) -> DataSplits:
     spec = dataset_spec(name)
     if spec.needs_data_dir and not cfg.data_dir:
         raise UserError(f"--data-dir: dataset {name!r} reads your own files; pass --data-dir PATH.")
-    return spec.loader(cfg)
+    splits = spec.loader(cfg)
+    if cfg.train_fraction < 1.0:
+        import torch
+        from torch.utils.data import Subset
+
+        keep = max(1, int(round(cfg.train_fraction * len(splits.train))))
+        splits.train = Subset(splits.train, torch.arange(keep))  # Subset keeps batch indexing ds[tensor]
+    return splits
 
 
 def config_fields(cls: type) -> list[tuple[str, Any, str]]:

@@ -57,9 +57,26 @@ def init_ray(address: str | None = None) -> None:
     else:
         # Local mode has no preemptible nodes: skip Ray Train's watcher actor (one process fewer).
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # The dashboard hosts the state API that Ray Train's cleanup polls; it listens on 127.0.0.1 only.
-        ray.init(address="local", dashboard_host="127.0.0.1", logging_config=quiet,
-                 runtime_env={"env_vars": env})
+        # Ray Train's placement-group cleaner (which frees a run's CPUs when its controller dies, e.g. a
+        # sweep trial stopped early) finds its cluster by auto-detection, which fails when other Ray
+        # instances run on the machine: choose the GCS port, and tell every worker the address.
+        port = free_port()
+        env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+        try:
+            # The dashboard hosts the state API that Ray Train's cleanup polls; it listens on 127.0.0.1 only.
+            ray.init(address="local", dashboard_host="127.0.0.1", logging_config=quiet,
+                     runtime_env={"env_vars": env})
+        finally:
+            del os.environ["RAY_GCS_SERVER_PORT"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def prepare(cfg: TrainConfig, address: str | None = None) -> None:

@@ -35,6 +35,8 @@ def test_sizes_data_and_fits_on_a_known_law(tmp_path, mlflow_uri):
     assert result.fits["L_ND"].params["alpha"] == pytest.approx(0.5, rel=0.05)
     assert result.fits["L_ND"].params["beta"] == pytest.approx(0.6, rel=0.05)
     assert result.held_out["L_ND"] < 0.02
+    assert result.fits["L_D"].params["alpha"] > 0 and "E" not in result.fits["L_D"].params  # 3 D values: no E
+    assert "E" in result.fits["L_N"].params  # 4 fitted sizes: with E
     n_opt, d_opt = result.optimal
     assert 6 * n_opt * d_opt == pytest.approx(1e12)
 
@@ -50,6 +52,8 @@ def test_sizes_data_and_fits_on_a_known_law(tmp_path, mlflow_uri):
 def test_bad_scaling_files(tmp_path):
     with pytest.raises(UserError, match="leave 3 to fit"):
         load_scaling(_file(tmp_path, sizes=[{"hidden": [w]} for w in (4, 8, 16, 32)]))
+    with pytest.raises(UserError, match="L\\(D\\) needs at least 3"):
+        load_scaling(_file(tmp_path, data=[{"epochs": 1}, {"epochs": 2}]))
     with pytest.raises(UserError, match="metric: 'val_perplexity' is not valid"):
         load_scaling(_file(tmp_path, metric="val_perplexity"))
     with pytest.raises(UserError, match=r"sizes\[0\].*hidden"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from raycraft.errors import UserError
 from raycraft.sweep.config import load_sweep
@@ -79,3 +80,13 @@ def test_label_noise_corrupts_only_the_training_labels():
         assert (getattr(clean, split).tensors[1] == getattr(noisy, split).tensors[1]).all()
     with pytest.raises(UserError, match="label_noise"):
         DataConfig(label_noise=1.5)
+
+
+def test_train_fraction_keeps_the_first_part_of_the_training_split():
+    from raycraft.data.base import DataConfig
+    from raycraft.registry import load_dataset
+
+    full, part = (load_dataset("digits", DataConfig(train_fraction=f)) for f in (1.0, 0.25))
+    assert len(part.train) == round(0.25 * len(full.train)) and len(part.val) == len(full.val)
+    idx = torch.tensor([0, 3])
+    assert all((a == b).all() for a, b in zip(part.train[idx], full.train[idx], strict=True))

@@ -24,12 +24,16 @@ class DataConfig:
     image_size: int = field_doc(32, "Side length images are resized to (image_folder only).")
     label_noise: float = field_doc(0.0, "Share of training labels replaced by uniformly random classes "
                                         "(val and test stay clean); the double-descent experiment uses it.")
+    train_fraction: float = field_doc(1.0, "Share of the training split used (its first part); scaling-law "
+                                           "runs vary the data size D with it.")
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
             v = getattr(self, name)
             if not 0.0 <= v < 0.5:
                 raise UserError(f"data.{name}: {v} is out of range; use a fraction in [0, 0.5).")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise UserError(f"data.train_fraction: {self.train_fraction} is out of range; use (0, 1].")
         if not 0.0 <= self.label_noise <= 1.0:
             raise UserError(f"data.label_noise: {self.label_noise} is out of range; use a fraction in [0, 1].")
 

@@ -39,8 +39,8 @@ class ScalingConfig:
     name: str = field_doc("", "Name of the MLflow parent run (default: the file's stem).")
     job: dict[str, Any] = field_doc(doc="The base `raycraft train` config.", factory=dict)
     sizes: list[dict[str, Any]] = field_doc(doc="Job overrides, one per model size N.", factory=list)
-    data: list[dict[str, Any]] = field_doc(doc="Job overrides, one per data amount D (epochs, data.*).",
-                                           factory=lambda: [{}])
+    data: list[dict[str, Any]] = field_doc(doc="Job overrides, one per data amount D (data.train_fraction, "
+                                               "epochs); at least 3 for L(D).", factory=list)
     metric: str = field_doc("val_loss", "Loss to fit (a per-epoch metric; its last value is used).")
     holdout: int = field_doc(1, "Largest sizes left out of the fits and predicted by them.")
     irreducible: bool = field_doc(True, "Fit L(N) and L(D) with an irreducible term E.")
@@ -52,6 +52,8 @@ class ScalingConfig:
         if self.holdout < 1 or fit_sizes < 4:
             raise UserError(f"sizes: {len(self.sizes)} sizes with holdout={self.holdout} leave {fit_sizes} to "
                             "fit; the laws need at least 4 (and holdout >= 1 to test the prediction).")
+        if len(self.data) < 3:
+            raise UserError(f"data: {len(self.data)} data amounts; L(D) needs at least 3.")
         if fit_sizes * len(self.data) < 6:
             raise UserError("data: L(N, D) has 5 constants; fitted sizes x data amounts must be at least 6.")
         if self.budget <= 0:
@@ -134,10 +136,11 @@ def analyse(cfg: ScalingConfig, points: list[Point]) -> Analysis:
     def arr(pts: list[Point], attr: str) -> np.ndarray:
         return np.array([getattr(p, attr) for p in pts])
 
-    fits = {"L_N": fit_power_law(arr(at_max_d, "n"), arr(at_max_d, "loss"), cfg.irreducible),
+    def one_law(pts: list[Point], attr: str) -> Fit:  # E needs a 4th point; with 3, the pure power law
+        return fit_power_law(arr(pts, attr), arr(pts, "loss"), cfg.irreducible and len(pts) >= 4)
+
+    fits = {"L_N": one_law(at_max_d, "n"), "L_D": one_law(at_max_n, "d"),
             "L_ND": fit_chinchilla(arr(fit_pts, "n"), arr(fit_pts, "d"), arr(fit_pts, "loss"))}
-    if len({p.d for p in at_max_n}) >= (4 if cfg.irreducible else 3):
-        fits["L_D"] = fit_power_law(arr(at_max_n, "d"), arr(at_max_n, "loss"), cfg.irreducible)
     held = {"L_ND": float(held_out_error(fits["L_ND"], arr(test_pts, "loss"), arr(test_pts, "n"),
                                          arr(test_pts, "d")).mean())}
     test_max_d = [p for p in test_pts if p.d == max(q.d for q in test_pts)]
@@ -163,11 +166,10 @@ def loglog_png(cfg: ScalingConfig, points: list[Point], result: Analysis, path: 
             ax.plot(grid, result.fits["L_ND"].predict(*((grid, np.full_like(grid, value)) if attr == "n"
                                                          else (np.full_like(grid, value), grid))),
                     ls=":", color=line[0].get_color())
-        if law in result.fits:
-            xs = np.geomspace(min(getattr(p, attr) for p in points), max(getattr(p, attr) for p in points), 50)
-            p = result.fits[law].params
-            ax.plot(xs, result.fits[law].predict(xs), "k--",
-                    label=f"{law}: alpha={p['alpha']:.3f}" + (f", E={p['E']:.3f}" if "E" in p else ""))
+        xs = np.geomspace(min(getattr(p, attr) for p in points), max(getattr(p, attr) for p in points), 50)
+        params = result.fits[law].params
+        ax.plot(xs, result.fits[law].predict(xs), "k--",
+                label=f"{law}: alpha={params['alpha']:.3f}" + (f", E={params['E']:.3f}" if "E" in params else ""))
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("N (non-embedding parameters)" if attr == "n" else "D (training targets seen)")
