@@ -60,13 +60,20 @@ def init_ray(address: str | None = None) -> None:
         # Ray Train's placement-group cleaner (which frees a run's CPUs when its controller dies, e.g. a
         # sweep trial stopped early) finds its cluster by auto-detection, which fails when other Ray
         # instances run on the machine: choose the GCS port, and tell every worker the address.
-        port = free_port()
-        env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-        os.environ["RAY_GCS_SERVER_PORT"] = str(port)
         try:
-            # The dashboard hosts the state API that Ray Train's cleanup polls; it listens on 127.0.0.1 only.
-            ray.init(address="local", dashboard_host="127.0.0.1", logging_config=quiet,
-                     runtime_env={"env_vars": env})
+            for attempt in range(3):
+                port = free_port()  # a fresh port each attempt: a timed-out GCS may still hold the last one
+                env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+                try:
+                    # The dashboard hosts the state API that Ray Train's cleanup polls; it listens on 127.0.0.1.
+                    ray.init(address="local", dashboard_host="127.0.0.1", logging_config=quiet,
+                             runtime_env={"env_vars": env})
+                    break
+                except Exception as exc:  # Ray waits a fixed 30 s for its raylet; an overloaded machine misses it
+                    if "timed out during startup" not in str(exc) or attempt == 2:
+                        raise
+                    ray.shutdown()
         finally:
             del os.environ["RAY_GCS_SERVER_PORT"]
 

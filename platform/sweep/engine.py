@@ -113,8 +113,11 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, parent_run_id: str, uri: 
                  callbacks=[report_callback(cfg.epochs)])
 
 
-def make_callback(uri: str, experiment: str, parent_run_id: str, echo: Callable[[str], None] | None):
+def make_callback(uri: str, experiment: str, parent_run_id: str, verbose: bool):
+    """Tune pickles its callbacks with the experiment state: this one holds only plain values."""
     from ray.tune import Callback
+
+    echo = print if verbose else None
 
     class MlflowSweepCallback(Callback):
         """Driver side: prints progress and records in MLflow how each trial ended."""
@@ -248,7 +251,7 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
                                         max_concurrent_trials=cfg.concurrency, search_alg=build_search(sweep),
                                         scheduler=build_scheduler(sweep)),
             run_config=tune.RunConfig(name=cfg.name, storage_path=str(folder.parent), verbose=0,
-                                      callbacks=[make_callback(uri, cfg.experiment, parent, echo)]))
+                                      callbacks=[make_callback(uri, cfg.experiment, parent, echo is not None)]))
     if echo:
         echo(f"sweep {cfg.name}: MLflow parent run {parent}")
     try:
