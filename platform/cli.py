@@ -147,6 +147,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "raycraft.generative.cli",
     "raycraft.graph_runs",
     "raycraft.cluster",
+    "raycraft.sweep.commands",
 )
 
 

@@ -139,6 +139,12 @@ def load_dataset(name: str, cfg: DataConfig) -> DataSplits:
     if spec.needs_data_dir and not cfg.data_dir:
         raise UserError(f"--data-dir: dataset {name!r} reads your own files; pass --data-dir PATH.")
     splits = spec.loader(cfg)
+    if cfg.train_fraction < 1.0:
+        import torch
+        from torch.utils.data import Subset
+
+        keep = max(1, int(round(cfg.train_fraction * len(splits.train))))
+        splits.train = Subset(splits.train, torch.arange(keep))  # Subset keeps batch indexing ds[tensor]
     splits.info.setdefault("dataset", name)  # lets end-of-run metrics find the data again
     splits.info.setdefault("data_dir", cfg.data_dir)
     return splits

@@ -64,9 +64,33 @@ def init_ray(address: str | None = None) -> None:
     else:
         # Local mode has no preemptible nodes: skip Ray Train's watcher actor (one process fewer).
         env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # The dashboard hosts the state API that Ray Train's cleanup polls; it listens on 127.0.0.1 only.
-        ray.init(address="local", dashboard_host="127.0.0.1", logging_config=quiet,
-                 runtime_env={"env_vars": env})
+        # Ray Train's placement-group cleaner (which frees a run's CPUs when its controller dies, e.g. a
+        # sweep trial stopped early) finds its cluster by auto-detection, which fails when other Ray
+        # instances run on the machine: choose the GCS port, and tell every worker the address.
+        try:
+            for attempt in range(3):
+                port = free_port()  # a fresh port each attempt: a timed-out GCS may still hold the last one
+                env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+                try:
+                    # The dashboard hosts the state API that Ray Train's cleanup polls; it listens on 127.0.0.1.
+                    ray.init(address="local", dashboard_host="127.0.0.1", logging_config=quiet,
+                             runtime_env={"env_vars": env})
+                    break
+                except Exception as exc:  # Ray waits a fixed 30 s for its raylet; an overloaded machine misses it
+                    if "timed out during startup" not in str(exc) or attempt == 2:
+                        raise
+                    ray.shutdown()
+        finally:
+            del os.environ["RAY_GCS_SERVER_PORT"]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def prepare(cfg: TrainConfig, address: str | None = None) -> None:
@@ -147,9 +171,12 @@ class Progress:
 def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: str | None = None,
                  resume_run_id: str | None = None, run_name: str | None = None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
-                 on_start: Callable[[str], None] | None = None, started_at: float | None = None) -> Outcome:
+                 on_start: Callable[[str], None] | None = None, started_at: float | None = None,
+                 tags: dict[str, str] | None = None, callbacks: list | None = None) -> Outcome:
     """Run `cfg` on Ray Train. `started_at` (Unix time, default now) is when the user's command began: the
-    run logs `startup_s`, from then to the first training batch, and `ray_init_s`, the part spent starting Ray."""
+    run logs `startup_s`, from then to the first training batch, and `ray_init_s`, the part spent starting Ray.
+    `tags` are added to a new MLflow run (a sweep's `mlflow.parentRunId`); `callbacks` are Ray Train
+    callbacks (Tune's `TuneReportCallback` when this runs as a sweep trial)."""
     from raycraft import tracking
 
     started_at = started_at or time.time()
@@ -176,7 +203,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
         name = run_name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
                                     {"raycraft.model": cfg.model, "raycraft.dataset": cfg.dataset,
-                                     "raycraft.storage_path": storage},
+                                     "raycraft.storage_path": storage, **(tags or {})},
                                     yaml.safe_dump(to_dict(cfg), sort_keys=False))
         ray_name = f"raycraft-{run_id}"
         tracking.set_tags(uri, run_id, {"raycraft.ray_name": ray_name})
@@ -193,6 +220,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
             name=ray_name, storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks,
             logging_config=ray.LoggingConfig(log_level="WARNING")),  # per-report INFO lines drown progress
     )
     progress = Progress(uri, run_id, on_epoch) if on_epoch else contextlib.nullcontext()

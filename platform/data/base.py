@@ -28,6 +28,10 @@ class DataConfig:
     vocab_size: int = field_doc(4096, "Text datasets with tokenizer=bpe: the BPE vocabulary size.")
     train_windows: int = field_doc(0, "Text datasets: training windows per epoch, at random offsets fixed by "
                                       "split_seed (0: every non-overlapping window).")
+    label_noise: float = field_doc(0.0, "Share of training labels replaced by uniformly random classes "
+                                        "(val and test stay clean); the double-descent experiment uses it.")
+    train_fraction: float = field_doc(1.0, "Share of the training split used (its first part); scaling-law "
+                                           "runs vary the data size D with it.")
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -38,6 +42,10 @@ class DataConfig:
             raise UserError(f"data.seq_len: {self.seq_len} must be at least 1.")
         if self.train_windows < 0:
             raise UserError(f"data.train_windows: {self.train_windows} must be >= 0.")
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise UserError(f"data.train_fraction: {self.train_fraction} is out of range; use (0, 1].")
+        if not 0.0 <= self.label_noise <= 1.0:
+            raise UserError(f"data.label_noise: {self.label_noise} is out of range; use a fraction in [0, 1].")
 
 
 @dataclass
@@ -63,5 +71,17 @@ def split_tensors(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig,
                         f"and test_fraction={cfg.test_fraction}.")
     test_ds = TensorDataset(*test) if test is not None else TensorDataset(x[:n_test], y[:n_test])
     val_ds = TensorDataset(x[n_test:n_test + n_val], y[n_test:n_test + n_val])
-    train_ds = TensorDataset(x[n_test + n_val:], y[n_test + n_val:])
+    train_ds = TensorDataset(x[n_test + n_val:], noisy_labels(y[n_test + n_val:], cfg.label_noise, g))
     return train_ds, val_ds, test_ds
+
+
+def noisy_labels(y: torch.Tensor, fraction: float, g: torch.Generator) -> torch.Tensor:
+    """A copy of `y` whose first round(fraction * n) entries of a seeded permutation get random classes
+    (a random class may equal the true one, as in Nakkiran et al.'s label noise)."""
+    if fraction == 0:
+        return y
+    k = int(y.max()) + 1
+    pick = torch.randperm(len(y), generator=g)[:int(round(fraction * len(y)))]
+    out = y.clone()
+    out[pick] = torch.randint(0, k, (len(pick),), generator=g)
+    return out

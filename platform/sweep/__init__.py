@@ -1,0 +1,1 @@
+"""Hyperparameter sweeps with Ray Tune, tracked as MLflow parent and child runs; scaling-law fits."""

@@ -1,0 +1,284 @@
+"""A sweep file: the base `train` job, a search space over its keys, how to search and when to stop trials.
+
+    name: lenet_digits                 # Tune experiment name: `--resume NAME` continues it
+    job: {model: lenet5, dataset: digits, epochs: 2}   # exactly a `raycraft train --config` file
+    space:                             # dotted or nested keys of the job; model keys need no prefix
+      optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
+      dropout: {uniform: [0.0, 0.5]}
+      optim: {name: {choice: [adam, adamw]}}
+    search: random                     # random | grid | optuna (TPE) | hyperopt
+    scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # fifo | asha | hyperband
+    metric: val_accuracy
+    mode: max
+    samples: 4
+    concurrency: 1
+    resources: {workers: 1, cpus_per_worker: 1, gpu: false}   # per trial
+
+Everything is checked by `load_sweep` before Ray starts: unknown names, keys the job lacks, bounds that
+are not numbers or are in the wrong order, `loguniform` bounds <= 0, values the job would reject, and a
+metric the job never reports.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from raycraft.config import field_doc, from_dict, load_yaml, parse_override, set_path
+from raycraft.errors import UserError, invalid_choice
+from raycraft.train.config import TrainConfig, build_config, check_override_keys
+
+DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
+SEARCHES = ("random", "grid", "optuna", "hyperopt")
+SCHEDULERS = ("fifo", "asha", "hyperband")
+LOOP_METRICS = ("epoch", "lr", "epoch_time", "samples_per_s")
+
+
+@dataclass
+class SchedulerConfig:
+    """When to stop trials early (ASHA, HyperBand). Times count epochs."""
+
+    name: str = field_doc("fifo", "fifo (run every trial to the end), asha or hyperband.")
+    grace_period: int = field_doc(1, "ASHA: epochs every trial runs before it can be stopped.")
+    reduction_factor: float = field_doc(2.0, "ASHA/HyperBand: keep 1/reduction_factor of trials per rung.")
+
+    def __post_init__(self) -> None:
+        if self.name == "pbt":
+            raise UserError("scheduler.name: pbt is not supported yet: it clones trials from Tune checkpoints, "
+                            "and raycraft trials keep theirs in Ray Train. Use asha, hyperband or fifo.")
+        if self.name not in SCHEDULERS:
+            raise invalid_choice("scheduler.name", self.name, SCHEDULERS)
+        if self.grace_period < 1:
+            raise UserError(f"scheduler.grace_period: {self.grace_period} must be at least 1.")
+        if self.reduction_factor <= 1:
+            raise UserError(f"scheduler.reduction_factor: {self.reduction_factor} must be > 1.")
+
+
+@dataclass
+class ResourcesConfig:
+    """Per trial; each value left null keeps the job's own."""
+
+    workers: int | None = field_doc(None, "Ray Train workers of each trial.")
+    cpus_per_worker: int | None = field_doc(None, "CPUs per worker.")
+    gpu: bool | None = field_doc(None, "One GPU per worker.")
+
+
+@dataclass
+class SweepConfig:
+    name: str = field_doc("", "Tune experiment name (default: the file's stem); `--resume NAME` continues it.")
+    job: dict[str, Any] = field_doc(doc="The base `raycraft train` config (model, dataset, epochs, ...).",
+                                    factory=dict)
+    space: dict[str, Any] = field_doc(doc="Search space: key -> {choice|grid|uniform|loguniform|randint: ...}.",
+                                      factory=dict)
+    search: str = field_doc("random", "random, grid, optuna (Bayesian, TPE) or hyperopt (TPE).")
+    scheduler: SchedulerConfig = field_doc(doc="Trial scheduler.", factory=SchedulerConfig)
+    metric: str = field_doc("val_loss", "Reported metric that ranks trials.")
+    mode: Literal["min", "max"] = field_doc("min", "Minimise or maximise the metric.")
+    samples: int = field_doc(4, "Trials to sample (grid: repeats of the whole grid).")
+    concurrency: int = field_doc(1, "Trials running at once (each needs workers x cpus_per_worker CPUs).")
+    resources: ResourcesConfig = field_doc(doc="Per-trial resources.", factory=ResourcesConfig)
+    plot_metrics: list[str] = field_doc(doc="More metrics to plot against each hyperparameter on the parent run "
+                                             "(test_* allowed: e.g. test_loss for double descent).", factory=list)
+    seed: int = field_doc(0, "Seed of the search algorithm.")
+    experiment: str = field_doc("raycraft-sweeps", "MLflow experiment of the parent and child runs.")
+    storage_path: str = field_doc("ray_results", "Folder of Tune's experiment state (one subfolder per sweep).")
+
+    def __post_init__(self) -> None:
+        if self.search not in SEARCHES:
+            raise invalid_choice("search", self.search, SEARCHES)
+        if self.samples < 1 or self.concurrency < 1:
+            raise UserError("samples and concurrency must be at least 1.")
+        if not self.space:
+            raise UserError("space: the sweep has no search space; add at least one key, e.g. "
+                            "`optim.lr: {loguniform: [1.0e-4, 1.0e-2]}`.")
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One hyperparameter's range: `kind` in DOMAINS, `values` (choice, grid) or (low, high) bounds."""
+
+    kind: str
+    values: tuple[Any, ...]
+
+    def tune(self) -> Any:
+        from ray import tune
+
+        if self.kind == "choice":
+            return tune.choice(list(self.values))
+        if self.kind == "grid":
+            return tune.grid_search(list(self.values))
+        return getattr(tune, self.kind)(*self.values)
+
+    def examples(self) -> list[Any]:
+        """Values that exercise the job's validation: every option, or both ends of a range."""
+        if self.kind == "randint":
+            return [self.values[0], self.values[1] - 1]
+        return list(self.values)
+
+
+def job_key(key: str) -> str:
+    """A space key as a path in the job: model keys take the `model_args.` prefix, as with `--set`."""
+    head = key.split(".")[0]
+    return key if head in {f.name for f in dataclasses.fields(TrainConfig)} else f"model_args.{key}"
+
+
+def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings become dotted keys; a one-key mapping to a list ({uniform: [0, 1]}) is a leaf."""
+    out: dict[str, Any] = {}
+    for k, v in space.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and not (len(v) == 1 and not isinstance(next(iter(v.values())), dict)):
+            if not v:
+                raise UserError(f"space.{key}: empty mapping; give a domain such as {{choice: [...]}}.")
+            out.update(flatten_space(v, f"{key}."))
+        else:
+            out[key] = v
+    return out
+
+
+def _number(key: str, v: Any, integer: bool = False) -> float:
+    if isinstance(v, str):  # YAML 1.1 reads `1e-4` (no dot) as a string
+        try:
+            v = float(v)
+        except ValueError:
+            pass
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (integer and not float(v).is_integer()):
+        raise UserError(f"space.{key}: bound {v!r} is not {'an integer' if integer else 'a number'}.")
+    return int(v) if integer else float(v)
+
+
+def parse_domain(key: str, spec: Any) -> Domain:
+    if not (isinstance(spec, dict) and len(spec) == 1):
+        raise UserError(f"space.{key}: expected one of {{{' | '.join(DOMAINS)}: ...}}, got {spec!r}.")
+    kind, arg = next(iter(spec.items()))
+    if kind not in DOMAINS:
+        raise invalid_choice(f"space.{key}", kind, DOMAINS)
+    if kind in ("choice", "grid"):
+        if not isinstance(arg, list) or not arg:
+            raise UserError(f"space.{key}: {kind} takes a non-empty list of values, got {arg!r}.")
+        return Domain(kind, tuple(arg))
+    if not isinstance(arg, list) or len(arg) != 2:
+        raise UserError(f"space.{key}: {kind} takes [low, high], got {arg!r}.")
+    low, high = (_number(key, v, integer=kind == "randint") for v in arg)
+    if low >= high:
+        raise UserError(f"space.{key}: {kind} needs low < high, got [{low}, {high}].")
+    if kind == "loguniform" and low <= 0:
+        raise UserError(f"space.{key}: loguniform bounds must be > 0 (log of {low} is undefined).")
+    return Domain(kind, (low, high))
+
+
+@dataclass
+class Sweep:
+    """A validated sweep: its config, the job every trial starts from, and the parsed space."""
+
+    config: SweepConfig
+    job: dict[str, Any]
+    space: dict[str, Domain]
+    epochs: int
+
+    def trial_job(self, params: dict[str, Any]) -> dict[str, Any]:
+        """The base job with one trial's sampled values set."""
+        data = copy.deepcopy(self.job)
+        for key, value in params.items():
+            set_path(data, job_key(key), value)
+        return data
+
+    def param_space(self) -> dict[str, Any]:
+        return {k: d.tune() for k, d in self.space.items()}
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """`--set` keys whose head is a sweep field change the sweep; all others change the job."""
+    names = {f.name for f in dataclasses.fields(SweepConfig)}
+    sweep, job = [], []
+    for text in overrides:
+        key, value = parse_override(text)
+        if key.split(".")[0] in names:
+            sweep.append((key, value))
+        else:
+            job.append(text)
+    return sweep, job
+
+
+def load_sweep(path: str | Path | None = None, overrides: list[str] = (), samples: int | None = None,
+               data: dict[str, Any] | None = None) -> Sweep:
+    """Read, override and validate a sweep file (or an already-read mapping `data`)."""
+    raw = copy.deepcopy(data) if data is not None else load_yaml(path)
+    sweep_sets, job_sets = split_overrides(list(overrides))
+    for key, value in sweep_sets:
+        set_path(raw, key, value)
+    if samples is not None:
+        raw["samples"] = samples
+    if path is not None and not raw.get("name"):
+        raw["name"] = Path(path).stem
+    cfg = from_dict(SweepConfig, raw)
+    if not cfg.name:
+        raise UserError("name: the sweep needs a name (it names the Tune experiment to resume).")
+    if "model" not in cfg.job or "dataset" not in cfg.job:
+        raise UserError("job: name a model and a dataset (the same keys as `raycraft train --config`).")
+    job = copy.deepcopy(cfg.job)
+    for text in job_sets:
+        key, value = parse_override(text)
+        set_path(job, job_key(key), value)
+    for name in ("workers", "cpus_per_worker", "gpu"):
+        if getattr(cfg.resources, name) is not None:
+            job[name] = getattr(cfg.resources, name)
+    base, model_cfg = build_config(job)
+    space = {k: parse_domain(k, v) for k, v in flatten_space(cfg.space).items()}
+    check_override_keys(TrainConfig, type(model_cfg), [job_key(k) for k in space])
+    sweep = Sweep(cfg, job, space, base.epochs)
+    for key, domain in space.items():
+        for value in domain.examples():
+            try:
+                build_config(sweep.trial_job({key: value}))
+            except UserError as exc:
+                raise UserError(f"space.{key}: value {value!r} is not valid for the job: {exc}") from None
+    check_search(cfg, space)
+    check_metric(cfg, base)
+    return sweep
+
+
+def check_search(cfg: SweepConfig, space: dict[str, Domain]) -> None:
+    grid = [k for k, d in space.items() if d.kind == "grid"]
+    if cfg.search == "grid":
+        ranges = [k for k, d in space.items() if d.kind not in ("grid", "choice")]
+        if ranges:
+            raise UserError(f"space.{ranges[0]}: search 'grid' enumerates values; use grid or choice, "
+                            "or search: random / optuna / hyperopt for ranges.")
+    elif grid and cfg.search != "random":
+        raise UserError(f"space.{grid[0]}: search {cfg.search!r} samples its own points; use choice "
+                        "instead of grid (or search: grid / random).")
+
+
+def reported_metrics(cfg: TrainConfig) -> set[str]:
+    """The per-epoch metric names a train job reports, found by evaluating its model on two validation
+    examples. `test_*` metrics come only after the last epoch, too late to rank or stop trials."""
+    import contextlib
+
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from raycraft.config import from_dict
+    from raycraft.registry import create_model, load_dataset, model_spec
+    from raycraft.train.loop import Batches, evaluate
+    from raycraft.train.step import step_for
+
+    spec = model_spec(cfg.model)
+    splits = load_dataset(cfg.dataset, cfg.data)
+    model = create_model(cfg.model, from_dict(spec.config_cls, cfg.model_args), splits.info)
+    few = TensorDataset(*splits.val[torch.arange(min(2, len(splits.val)))])
+    names = evaluate(step_for(spec.task), model, Batches(few, 2, shuffle=False), contextlib.nullcontext)
+    return {f"{split}_{k}" for k in names for split in ("train", "val")} | set(LOOP_METRICS)
+
+
+def check_metric(sweep: SweepConfig, cfg: TrainConfig) -> None:
+    names = reported_metrics(cfg)
+    if sweep.metric not in names:
+        raise invalid_choice("metric", sweep.metric, names)
+    final = names | {f"test_{k.removeprefix('val_')}" for k in names if k.startswith("val_")}
+    for name in sweep.plot_metrics:
+        if name not in final:
+            raise invalid_choice("plot_metrics", name, final)

@@ -1,0 +1,313 @@
+"""Run a sweep with Ray Tune: one MLflow parent run, one nested child run per trial.
+
+Each trial is a Tune function trainable that calls `raycraft.runner.run_training`, the same Train V2
+`TorchTrainer` as `raycraft train`; its epochs reach Tune through `TuneReportCallback`, so schedulers
+(ASHA, HyperBand) see them. The child run carries `mlflow.parentRunId` and the trial id. The driver
+marks what Tune decides: a trial stopped early is tagged `raycraft.early_stopped=true` and ends KILLED.
+
+Resume: Tune's experiment state lives in `<storage_path>/<name>`, beside `raycraft_sweep.yaml` (the
+validated sweep and its parent run id). `--resume NAME` restores Tune (finished trials are not run
+again) and reattaches each restarted trial to its child run, which continues from its last Ray Train
+checkpoint; a trial whose child run already ended only reports its final metrics again.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from raycraft import tracking
+from raycraft.config import flatten
+from raycraft.errors import UserError
+from raycraft.sweep.config import Sweep, job_key, load_sweep
+from raycraft.train.config import build_config
+
+STATE_FILE = "raycraft_sweep.yaml"
+TRIAL_TAG = "raycraft.trial_id"
+PARENT_TAG = "mlflow.parentRunId"
+EARLY_TAG = "raycraft.early_stopped"
+
+
+@dataclass
+class SweepOutcome:
+    name: str
+    parent_run_id: str
+    best_run_id: str | None
+    best_metric: float | None
+    best_params: dict[str, Any]
+    children: list[Any]
+
+
+def sweep_dir(sweep_storage: str, name: str) -> Path:
+    return Path(sweep_storage).resolve() / name
+
+
+def resolved_job(sweep: Sweep) -> dict[str, Any]:
+    """The base job with every path absolute (trials run in their own folders) and the sweep's experiment."""
+    job = copy.deepcopy(sweep.job)
+    base, _ = build_config(job)
+    job["experiment"] = sweep.config.experiment
+    storage = base.storage_path
+    job["storage_path"] = storage if "://" in storage else str(Path(storage).resolve())
+    if base.data.data_dir:
+        job.setdefault("data", {})["data_dir"] = str(Path(base.data.data_dir).resolve())
+    return job
+
+
+def children(uri: str, experiment: str, parent_run_id: str, trial_id: str | None = None) -> list[Any]:
+    """The child runs of a sweep (optionally of one trial), oldest first."""
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
+    if trial_id:
+        query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    runs = tracking._client(uri).search_runs([tracking.experiment_id(uri, experiment)], query,
+                                              max_results=10000, order_by=["attributes.start_time ASC"])
+    return list(runs)
+
+
+def is_done(run: Any) -> bool:
+    return run.info.status == "FINISHED" or run.data.tags.get(EARLY_TAG) == "true"
+
+
+def report_callback(epochs: int):
+    """Tune's `TuneReportCallback`, minus the loop's report of the last epoch: the run's final report
+    repeats that epoch's metrics with the test metrics, so Tune's iteration i is epoch i and a scheduler
+    with max_t = epochs never stops a trial between its last epoch and its test evaluation."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    class EpochReportCallback(TuneReportCallback):
+        def after_report(self, run_context, metrics, checkpoint):
+            last = metrics[0]
+            if last.get("epoch") == epochs - 1 and not any(k.startswith("test_") for k in last):
+                return
+            super().after_report(run_context, metrics, checkpoint)
+
+    return EpochReportCallback()
+
+
+def run_trial(params: dict[str, Any], *, sweep: Sweep, parent_run_id: str, uri: str) -> None:
+    """Tune's function trainable: one trial = one `run_training` call, reported epoch by epoch."""
+    import ray.tune
+    import torch
+
+    from raycraft.runner import run_training
+
+    torch.set_num_threads(1)
+    trial_id = ray.tune.get_context().get_trial_id()
+    cfg, _ = build_config(sweep.trial_job(params))
+    previous = children(uri, cfg.experiment, parent_run_id, trial_id)
+    if previous and is_done(previous[-1]):  # ended before the driver recorded it: report, do not retrain
+        ray.tune.report(dict(previous[-1].data.metrics))
+        return
+    run_training(cfg, tracking_uri=uri, resume_run_id=previous[-1].info.run_id if previous else None,
+                 run_name=f"{sweep.config.name}-{trial_id}",
+                 tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "raycraft.sweep": sweep.config.name,
+                       **{f"raycraft.param.{k}": str(v) for k, v in params.items()}},
+                 callbacks=[report_callback(cfg.epochs)])
+
+
+def make_callback(uri: str, experiment: str, parent_run_id: str, verbose: bool):
+    """Tune pickles its callbacks with the experiment state: this one holds only plain values."""
+    from ray.tune import Callback
+
+    echo = print if verbose else None
+
+    class MlflowSweepCallback(Callback):
+        """Driver side: prints progress and records in MLflow how each trial ended."""
+
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if echo and "epoch" in result:
+                shown = {k: v for k, v in result.items() if k.startswith(("val_", "train_"))}
+                echo(f"trial {trial.trial_id} epoch {int(result['epoch']) + 1}  "
+                     + "  ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            result = trial.last_result or {}
+            early = not any(k.startswith("test_") for k in result)
+            for run in children(uri, experiment, parent_run_id, trial.trial_id):
+                tracking.set_tags(uri, run.info.run_id, {EARLY_TAG: str(early).lower()})
+                if run.info.status == "RUNNING":  # Tune stopped the actor before run_training ended it
+                    if early:
+                        tracking.set_tags(uri, run.info.run_id, {"raycraft.status": "early_stopped"})
+                    tracking.end_run(uri, run.info.run_id, "KILLED" if early else "FINISHED")
+            if echo:
+                echo(f"trial {trial.trial_id} {'stopped early' if early else 'finished'}")
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            for run in children(uri, experiment, parent_run_id, trial.trial_id):
+                if run.info.status == "RUNNING":
+                    tracking.end_run(uri, run.info.run_id, "FAILED", str(trial.error_file or "trial error"))
+            if echo:
+                echo(f"trial {trial.trial_id} failed: see {trial.error_file}")
+
+    return MlflowSweepCallback()
+
+
+def build_search(sweep: Sweep):
+    cfg = sweep.config
+    if cfg.search == "optuna":
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(metric=cfg.metric, mode=cfg.mode, seed=cfg.seed)
+    if cfg.search == "hyperopt":
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        return HyperOptSearch(metric=cfg.metric, mode=cfg.mode, random_state_seed=cfg.seed)
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    # Tune applies max_concurrent_trials only to searchers it wraps itself: this one limits its own.
+    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.concurrency)
+
+
+def build_scheduler(sweep: Sweep):
+    from ray.tune import schedulers
+
+    s = sweep.config.scheduler
+    if s.name == "asha":
+        return schedulers.ASHAScheduler(max_t=sweep.epochs, grace_period=min(s.grace_period, sweep.epochs),
+                                        reduction_factor=s.reduction_factor)
+    if s.name == "hyperband":
+        return schedulers.HyperBandScheduler(max_t=sweep.epochs, reduction_factor=s.reduction_factor)
+    return schedulers.FIFOScheduler()
+
+
+def trainable(sweep: Sweep, parent_run_id: str, uri: str):
+    from ray import tune
+
+    job = resolved_job(sweep)
+    fixed = Sweep(sweep.config, job, sweep.space, sweep.epochs)
+    # The trial's own process only waits on its Ray Train workers, which reserve the CPUs (Tune needs
+    # a nonzero request).
+    return tune.with_resources(tune.with_parameters(run_trial, sweep=fixed, parent_run_id=parent_run_id, uri=uri),
+                               {"CPU": 0.01})
+
+
+def check_fits(sweep: Sweep) -> None:
+    from raycraft.runner import check_cluster_resources
+
+    check_cluster_resources(build_config(sweep.job)[0])
+
+
+def start_parent(sweep: Sweep, uri: str) -> str:
+    from raycraft.config import to_dict
+
+    cfg = sweep.config
+    params = {"search": cfg.search, "scheduler": cfg.scheduler.name, "metric": cfg.metric, "mode": cfg.mode,
+              "samples": cfg.samples, "concurrency": cfg.concurrency,
+              **{f"space.{k}": f"{d.kind}{list(d.values)}" for k, d in sweep.space.items()},
+              **{f"job.{k}": v for k, v in flatten(to_dict(build_config(sweep.job)[0])).items()}}
+    return tracking.start_run(uri, cfg.experiment, f"sweep-{cfg.name}", params,
+                              {"raycraft.sweep": cfg.name, "raycraft.kind": "sweep"},
+                              yaml.safe_dump(sweep_state(sweep, ""), sort_keys=False))
+
+
+def sweep_state(sweep: Sweep, parent_run_id: str) -> dict[str, Any]:
+    from raycraft.config import to_dict
+
+    return {"parent_run_id": parent_run_id, "sweep": {**to_dict(sweep.config), "job": sweep.job}}
+
+
+def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None = None,
+              resume: bool = False, echo: Callable[[str], None] | None = None) -> SweepOutcome:
+    """Start (or with `resume`, continue) the sweep, then record the best trial on the parent run."""
+    from ray import tune
+
+    from raycraft.runner import TrainingError, init_ray
+
+    cfg = sweep.config
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    folder = sweep_dir(cfg.storage_path, cfg.name)
+    if resume:
+        state = yaml.safe_load((folder / STATE_FILE).read_text())
+        parent = state["parent_run_id"]
+    else:
+        if folder.exists():
+            raise UserError(f"name: a sweep {cfg.name!r} already exists in {folder.parent}; continue it with "
+                            f"`--resume {cfg.name}` or give another name (`--set name=...`).")
+        parent = None
+    init_ray(address)
+    check_fits(sweep)
+    # Tune's experiment state is written at most this often: a killed driver loses less on resume.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
+    if resume:
+        tracking.reopen_run(uri, parent)
+        tuner = tune.Tuner.restore(str(folder), trainable(sweep, parent, uri), resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        parent = start_parent(sweep, uri)
+        folder.mkdir(parents=True)
+        (folder / STATE_FILE).write_text(yaml.safe_dump(sweep_state(sweep, parent), sort_keys=False))
+        tuner = tune.Tuner(
+            trainable(sweep, parent, uri),
+            param_space=sweep.param_space(),
+            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.samples,
+                                        max_concurrent_trials=cfg.concurrency, search_alg=build_search(sweep),
+                                        scheduler=build_scheduler(sweep)),
+            run_config=tune.RunConfig(name=cfg.name, storage_path=str(folder.parent), verbose=0,
+                                      callbacks=[make_callback(uri, cfg.experiment, parent, echo is not None)]))
+    if echo:
+        echo(f"sweep {cfg.name}: MLflow parent run {parent}")
+    try:
+        results = tuner.fit()
+    except BaseException as exc:
+        tracking.end_run(uri, parent, "FAILED", f"{type(exc).__name__}: {exc}")
+        raise
+    if len(results) > results.num_terminated + results.num_errors:  # Ctrl+C: Tune saved its state and returned
+        raise TrainingError(f"sweep {cfg.name!r} was interrupted; its state is saved. Continue it with "
+                            f"`raycraft tune FILE --resume {cfg.name}`.")
+    return summarize(sweep, uri, parent)
+
+
+def summarize(sweep: Sweep, uri: str, parent: str) -> SweepOutcome:
+    """Best trial, counts and plots on the parent run; the parent ends FINISHED."""
+    from raycraft.sweep.plots import curves_png, metric_vs_params_png
+
+    cfg = sweep.config
+    runs = children(uri, cfg.experiment, parent)
+    sign = 1 if cfg.mode == "min" else -1
+    scored = [r for r in runs if cfg.metric in r.data.metrics]
+    best = min(scored, key=lambda r: sign * r.data.metrics[cfg.metric]) if scored else None
+    counts = {"trials": len(runs),
+              "trials_finished": sum(r.info.status == "FINISHED" for r in runs),
+              "trials_early_stopped": sum(r.data.tags.get(EARLY_TAG) == "true" for r in runs),
+              "trials_failed": sum(r.info.status == "FAILED" for r in runs)}
+    client = tracking._client(uri)
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    best_params: dict[str, Any] = {}
+    metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
+    if best is not None:
+        best_params = {k: best.data.params.get(job_key(k)) for k in sweep.space}
+        metrics.append(Metric(f"best_{cfg.metric}", best.data.metrics[cfg.metric], now, 0))
+        tracking.set_tags(uri, parent, {"raycraft.best_run_id": best.info.run_id,
+                                        "raycraft.best_trial": best.data.tags.get(TRIAL_TAG, ""),
+                                        **{f"best.{k}": v for k, v in best_params.items()}})
+        client.log_text(parent, tracking.download_text(uri, best.info.run_id, "config.yaml"), "best_config.yaml")
+    client.log_batch(parent, metrics=metrics)
+    histories = {r.info.run_id: client.get_metric_history(r.info.run_id, cfg.metric) for r in runs}
+    with tempfile.TemporaryDirectory() as tmp:
+        metric_vs_params_png(sweep, runs, Path(tmp) / "metric_vs_params.png")
+        curves_png(cfg.metric, runs, histories, Path(tmp) / "learning_curves.png")
+        tracking.log_dir(uri, parent, tmp, "plots")
+    tracking.end_run(uri, parent, "FINISHED")
+    return SweepOutcome(cfg.name, parent, best.info.run_id if best else None,
+                        best.data.metrics[cfg.metric] if best else None, best_params, runs)
+
+
+def resume_sweep(name: str, storage_path: str = "ray_results", **kwargs: Any) -> SweepOutcome:
+    """Continue sweep NAME from its saved state."""
+    folder = sweep_dir(storage_path, name)
+    if not (folder / STATE_FILE).is_file():
+        found = sorted(p.parent.name for p in Path(storage_path).resolve().glob(f"*/{STATE_FILE}"))
+        raise UserError(f"--resume: no sweep {name!r} in {folder.parent}. Sweeps there: "
+                        f"{', '.join(found) or 'none'}.")
+    state = yaml.safe_load((folder / STATE_FILE).read_text())
+    return run_sweep(load_sweep(data=state["sweep"]), resume=True, **kwargs)

@@ -1,0 +1,63 @@
+"""A sweep's plots on its parent run: the metric against each hyperparameter, and every trial's curve."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from raycraft.plots import plt
+from raycraft.sweep.config import Sweep, job_key
+
+
+def _early(run: Any) -> bool:
+    return run.data.tags.get("raycraft.early_stopped") == "true"
+
+
+def metric_vs_params_png(sweep: Sweep, runs: list[Any], path: Path) -> None:
+    """A row per metric (the sweep's, then plot_metrics), a column per hyperparameter: each trial's last
+    value; early-stopped trials hollow. Choices keep the sweep file's order (widths of double descent)."""
+    metrics = [sweep.config.metric, *sweep.config.plot_metrics]
+    keys = list(sweep.space)
+    fig, axes = plt.subplots(len(metrics), len(keys), figsize=(4.5 * len(keys), 3.2 * len(metrics)), squeeze=False)
+    for col, key in enumerate(keys):
+        domain = sweep.space[key]
+        raw = [r.data.params.get(job_key(key)) for r in runs]
+        categorical = domain.kind in ("choice", "grid")
+        labels = [str(list(v)) if isinstance(v, (list, tuple)) else str(v) for v in domain.values]
+        for row, metric in enumerate(metrics):
+            ax = axes[row][col]
+            for run, value in zip(runs, raw, strict=True):
+                if metric not in run.data.metrics or value is None or (categorical and value not in labels):
+                    continue
+                x = labels.index(value) if categorical else float(value)
+                ax.scatter([x], [run.data.metrics[metric]], facecolors="none" if _early(run) else "C0",
+                           edgecolors="C0")
+            if categorical:
+                ax.set_xticks(range(len(labels)), labels, rotation=30 if max(map(len, labels)) > 6 else 0)
+            elif domain.kind == "loguniform":
+                ax.set_xscale("log")
+            ax.set_xlabel(key)
+            ax.set_ylabel(metric)
+            ax.grid(alpha=0.3)
+    axes[0][0].set_title("filled: finished, hollow: stopped early", fontsize=8, loc="left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def curves_png(metric: str, runs: list[Any], histories: dict[str, list[Any]], path: Path) -> None:
+    """Every trial's metric against epoch on one axis; dashed lines were stopped early."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for run in runs:
+        points = sorted((int(m.step), m.value) for m in histories.get(run.info.run_id, []))
+        if points:
+            ax.plot([p[0] + 1 for p in points], [p[1] for p in points], marker="o", ms=3,
+                    linestyle="--" if _early(run) else "-", label=run.data.tags.get("raycraft.trial_id", ""))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

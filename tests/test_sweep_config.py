@@ -1,0 +1,92 @@
+"""Sweep files: every shipped file validates; each kind of mistake is a UserError before Ray starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from raycraft.errors import UserError
+from raycraft.sweep.config import load_sweep
+
+TUNE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml"))
+
+
+def _sweep(**changes):
+    data = {"name": "t", "job": {"model": "mlp", "dataset": "digits", "epochs": 2},
+            "space": {"optim.lr": {"loguniform": [1e-4, 1e-2]}}, "metric": "val_accuracy", "mode": "max"}
+    data.update(changes)
+    return data
+
+
+@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=[p.stem for p in TUNE_CONFIGS])
+def test_every_shipped_sweep_file_validates(path):
+    sweep = load_sweep(path)
+    assert sweep.config.name == path.stem
+    assert sweep.space and sweep.epochs >= 1
+
+
+def test_nested_keys_model_shorthand_and_overrides():
+    sweep = load_sweep(data=_sweep(space={"optim": {"lr": {"loguniform": [1e-4, 1e-2]},
+                                                     "name": {"choice": ["adam", "sgd"]}},
+                                           "hidden": {"grid": [[16], [64, 32]]}}),
+                       overrides=["scheduler.name=asha", "epochs=3", "dropout=0.0"], samples=5)
+    assert sorted(sweep.space) == ["hidden", "optim.lr", "optim.name"]
+    assert sweep.config.scheduler.name == "asha" and sweep.config.samples == 5 and sweep.epochs == 3
+    job = sweep.trial_job({"hidden": [64, 32], "optim.name": "sgd"})
+    assert job["model_args"] == {"hidden": [64, 32], "dropout": 0.0} and job["optim"]["name"] == "sgd"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"search": "bayes"}, r"search: 'bayes' is not valid.*optuna"),
+    ({"scheduler": {"name": "ashaa"}}, r"scheduler.name: 'ashaa' is not valid. Did you mean 'asha'"),
+    ({"space": {"optim.learning_rate": {"uniform": [0, 1]}}}, r"key: 'optim.learning_rate' is not valid"),
+    ({"space": {"widths": {"choice": [1, 2]}}}, r"key: 'model_args.widths' is not valid"),
+    ({"space": {"optim.lr": {"uniform": ["small", 1.0]}}}, r"space.optim.lr: bound 'small' is not a number"),
+    ({"space": {"optim.lr": {"loguniform": [0, 0.1]}}}, r"loguniform bounds must be > 0"),
+    ({"space": {"optim.lr": {"loguniform": [-1, 0.1]}}}, r"loguniform bounds must be > 0"),
+    ({"space": {"optim.lr": {"uniform": [0.1, 0.01]}}}, r"needs low < high"),
+    ({"space": {"batch_size": {"randint": [8, 16.5]}}}, r"bound 16.5 is not an integer"),
+    ({"space": {"optim.lr": {"normal": [0, 1]}}}, r"'normal' is not valid"),
+    ({"space": {"optim.name": {"choice": ["adam", "sgdd"]}}}, r"value 'sgdd' is not valid for the job"),
+    ({"metric": "val_acc"}, r"metric: 'val_acc' is not valid. Did you mean 'val_accuracy'"),
+    ({"metric": "test_accuracy"}, r"metric: 'test_accuracy' is not valid"),
+    ({"search": "optuna", "space": {"optim.name": {"grid": ["adam", "sgd"]}}}, r"use choice instead of grid"),
+    ({"search": "grid"}, r"search 'grid' enumerates values"),
+    ({"space": {}}, r"no search space"),
+    ({"job": {"model": "mlp"}}, r"name a model and a dataset"),
+])
+def test_bad_sweep_files_are_clear_user_errors(changes, message):
+    with pytest.raises(UserError, match=message):
+        load_sweep(data=_sweep(**changes))
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("job: [unclosed\n")
+    with pytest.raises(UserError, match="bad.yaml is not valid YAML"):
+        load_sweep(bad)
+
+
+def test_label_noise_corrupts_only_the_training_labels():
+    from raycraft.data.base import DataConfig
+    from raycraft.registry import load_dataset
+
+    clean, noisy = (load_dataset("digits", DataConfig(label_noise=f)) for f in (0.0, 0.5))
+    changed = (clean.train.tensors[1] != noisy.train.tensors[1]).float().mean().item()
+    assert 0.5 * 0.9 * 0.8 < changed < 0.5 * 0.9 * 1.2  # half relabelled, 9 in 10 of those to a new class
+    for split in ("val", "test"):
+        assert (getattr(clean, split).tensors[1] == getattr(noisy, split).tensors[1]).all()
+    with pytest.raises(UserError, match="label_noise"):
+        DataConfig(label_noise=1.5)
+
+
+def test_train_fraction_keeps_the_first_part_of_the_training_split():
+    from raycraft.data.base import DataConfig
+    from raycraft.registry import load_dataset
+
+    full, part = (load_dataset("digits", DataConfig(train_fraction=f)) for f in (1.0, 0.25))
+    assert len(part.train) == round(0.25 * len(full.train)) and len(part.val) == len(full.val)
+    idx = torch.tensor([0, 3])
+    assert all((a == b).all() for a, b in zip(part.train[idx], full.train[idx], strict=True))
