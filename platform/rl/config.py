@@ -103,8 +103,9 @@ PRESETS: dict[tuple[str, str], dict[str, Any]] = {
         "model_args": {"hiddens": [128], "head_hiddens": [128]}, "eval_episodes": 5,
     },
     ("ddpg", "Pendulum-v1"): {
-        "timesteps": 20_000, "stop_reward": -200.0, "batch_size": 256, "learning_starts": 1000, "training_intensity": 256,
-        "grad_clip": None, "replay": {"prioritized": False, "capacity": 100_000}, "eval_episodes": 5,
+        "timesteps": 20_000, "stop_reward": -200.0, "batch_size": 256, "learning_starts": 1000,
+        "training_intensity": 256, "grad_clip": None, "replay": {"prioritized": False, "capacity": 100_000},
+        "eval_episodes": 5,
     },
     ("ddpg", "raycraft/Portfolio-v0"): {
         "timesteps": 20_000, "batch_size": 256, "learning_starts": 1000, "training_intensity": 256,
