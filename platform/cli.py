@@ -64,6 +64,21 @@ def _fmt(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {metrics[k]:.4g}" for k in sorted(keys))
 
 
+def layered_config(uri: str, config: Path | None, resume: str | None, flags: dict) -> dict:
+    """A run's config keys: the resumed run's config.yaml, then the --config file, then the flags given."""
+    from raycraft.config import load_yaml
+    from raycraft.tracking import download_text, get_run
+
+    base = load_yaml(config) if config else {}
+    if resume:
+        import yaml
+
+        get_run(uri, resume)
+        base = {**yaml.safe_load(download_text(uri, resume, "config.yaml")), **base}
+    base.update({k: v for k, v in flags.items() if v is not None})
+    return base
+
+
 @app.command("train")
 def train(
     model: Annotated[Optional[str], typer.Argument(help="Model name (`raycraft models`).")] = None,
@@ -84,23 +99,14 @@ def train(
         "--init-from", help="MLflow run id whose final weights start this run (fine-tuning).")] = None,
 ):
     """Train MODEL on --dataset with Ray Train, logging to MLflow; prints the run id and final metrics."""
-    from raycraft.config import load_yaml
     from raycraft.runner import run_training
-    from raycraft.tracking import download_text, resolve_tracking_uri, ui_command
+    from raycraft.tracking import resolve_tracking_uri, ui_command
     from raycraft.train.config import build_config
 
     uri = resolve_tracking_uri(tracking_uri)
-    base = load_yaml(config) if config else {}
-    if resume:
-        import yaml
-
-        from raycraft.tracking import get_run
-
-        get_run(uri, resume)
-        base = {**yaml.safe_load(download_text(uri, resume, "config.yaml")), **base}
     flags = {"model": model, "dataset": dataset, "workers": workers, "gpu": gpu, "epochs": epochs,
              "batch_size": batch_size, "experiment": experiment, "seed": seed, "init_from": init_from}
-    base.update({k: v for k, v in flags.items() if v is not None})
+    base = layered_config(uri, config, resume, flags)
     if data_dir is not None:
         base.setdefault("data", {})["data_dir"] = data_dir
     if "model" not in base or "dataset" not in base:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from raycraft.cli import AddressOpt, SetOpt, TrackingOpt, app, console
+from raycraft.cli import AddressOpt, SetOpt, TrackingOpt, app, console, layered_config
 
 
 def _fmt(m: dict[str, float]) -> str:
@@ -38,10 +38,9 @@ def rl(
     """Train ALGO on --env with RLlib; prints progress and the MLflow run id."""
     import torch
 
-    from raycraft.config import load_yaml
     from raycraft.rl.config import ALGOS, build_rl_config
     from raycraft.rl.run import train_rl
-    from raycraft.tracking import download_text, get_run, resolve_tracking_uri, ui_command
+    from raycraft.tracking import resolve_tracking_uri, ui_command
 
     torch.set_num_threads(1)
     if algo not in ALGOS:
@@ -49,15 +48,9 @@ def rl(
 
         raise invalid_choice("ALGO", algo, ALGOS)
     uri = resolve_tracking_uri(tracking_uri)
-    base = load_yaml(config) if config else {}
-    if resume:
-        import yaml
-
-        get_run(uri, resume)
-        base = {**yaml.safe_load(download_text(uri, resume, "config.yaml")), **base}
     flags = {"algo": algo, "env": env, "model": model, "stop_reward": stop_reward, "timesteps": timesteps,
              "workers": workers, "seed": seed, "experiment": experiment}
-    base.update({k: v for k, v in flags.items() if v is not None})
+    base = layered_config(uri, config, resume, flags)
     cfg, model_cfg = build_rl_config(base, set_ or [])
 
     def on_start(run_id: str) -> None:

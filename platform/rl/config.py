@@ -97,14 +97,15 @@ class RLConfig:
 # cartpole_dqn.py) is the baseline of benchmarks/rl_cartpole.py; these are raycraft's own.
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("dqn", "CartPole-v1"): {
-        "timesteps": 60_000, "lr": 1e-3, "batch_size": 64, "n_step": 3, "training_intensity": 64,
+        "timesteps": 60_000, "stop_reward": 475.0, "lr": 1e-3, "batch_size": 64, "n_step": 3, "training_intensity": 64,
         "learning_starts": 1000, "replay": {"capacity": 50_000},
         "dqn": {"epsilon_timesteps": 8000, "target_update_freq": 500},
         "model_args": {"hiddens": [128], "head_hiddens": [128]}, "eval_episodes": 5,
     },
     ("ddpg", "Pendulum-v1"): {
-        "timesteps": 20_000, "batch_size": 256, "learning_starts": 1000, "training_intensity": 256,
-        "grad_clip": None, "replay": {"prioritized": False, "capacity": 100_000}, "eval_episodes": 5,
+        "timesteps": 20_000, "stop_reward": -200.0, "batch_size": 256, "learning_starts": 1000,
+        "training_intensity": 256, "grad_clip": None, "replay": {"prioritized": False, "capacity": 100_000},
+        "eval_episodes": 5,
     },
     ("ddpg", "raycraft/Portfolio-v0"): {
         "timesteps": 20_000, "batch_size": 256, "learning_starts": 1000, "training_intensity": 256,

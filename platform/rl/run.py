@@ -223,13 +223,14 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
     if on_start:
         on_start(run_id)
 
-    init_ray(address)
-    register()
     client = tracking._client(uri)
-    algo = algorithm_config(cfg, model_cfg, prepared.module_class).build_algo()
     history: list[dict[str, float]] = []
     start = time.perf_counter()
+    algo = None
     try:
+        init_ray(address)
+        register()
+        algo = algorithm_config(cfg, model_cfg, prepared.module_class).build_algo()
         if resume_run_id:
             restore_checkpoint(algo, checkpoint_dir)
         steps, last_t, m = 0.0, time.perf_counter(), {}
@@ -259,7 +260,8 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
         tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
         raise
     finally:
-        algo.stop()
+        if algo is not None:
+            algo.stop()
     tracking.end_run(uri, run_id, "FINISHED")
     return RLOutcome(run_id, int(m["env_steps"]), int(m["iteration"]), m.get("eval_return_mean"),
                      time.perf_counter() - start, str(checkpoint_dir), history)

@@ -1,0 +1,102 @@
+"""raycraft DDPG on Pendulum-v1 (eval return ≥ −200 within 20k env steps) and on raycraft/Portfolio-v0,
+each against a random policy and a simple heuristic, measured in the same run.
+
+Pendulum heuristic: energy-shaping swing-up + PD balance (torque from the observation [cos θ, sin θ, θ̇]).
+Portfolio heuristic: equal weights every step (the 1/N rule).
+
+    .venv/bin/python benchmarks/rl_pendulum.py [--seed 0] [--episodes 20] [--skip-portfolio]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+
+import numpy as np
+import torch
+
+
+def pendulum_heuristic(obs: np.ndarray) -> np.ndarray:
+    """Pump energy towards the upright energy, then hold with PD once close to the top."""
+    cos, sin, omega = obs
+    theta = np.arctan2(sin, cos)  # 0 = upright
+    if cos > 0.85:
+        return np.array([np.clip(-10.0 * theta - 2.0 * omega, -2.0, 2.0)], np.float32)
+    energy = 0.5 * omega ** 2 + 10.0 * (cos - 1.0)  # 0 at rest upright (g = 10, m = l = 1)
+    return np.array([np.clip(-2.0 * np.sign(omega * energy) if omega else 2.0, -2.0, 2.0)], np.float32)
+
+
+def rollout(env_name: str, policy, episodes: int, seed: int) -> float:
+    from raycraft.envs import make
+
+    env = make(env_name)
+    total = []
+    for ep in range(episodes):
+        obs, _ = env.reset(seed=seed + ep)
+        ret, done = 0.0, False
+        while not done:
+            obs, r, term, trunc, _ = env.step(policy(obs))
+            ret, done = ret + float(r), term or trunc
+        total.append(ret)
+    return float(np.mean(total))
+
+
+def learned_policy(module, env_name: str):
+    from raycraft.envs import make
+    from raycraft.rl.run import policy_actions
+
+    space = make(env_name).action_space
+    return lambda obs: policy_actions(module, obs[None], space)[0]
+
+
+def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, uri: str, storage: str) -> None:
+    from ray.rllib.core.rl_module.rl_module import RLModule
+
+    from raycraft.envs import make
+    from raycraft.rl.config import build_rl_config
+    from raycraft.rl.run import train_rl
+
+    cfg, model_cfg = build_rl_config({"algo": "ddpg", "env": env_name, "seed": seed, "storage_path": storage}, [])
+    out = train_rl(cfg, model_cfg, tracking_uri=uri,
+                   on_iteration=lambda m: print(f"  {env_name} steps {m['env_steps']:.0f}  "
+                                                f"eval {m.get('eval_return_mean', float('nan')):.1f}  "
+                                                f"steps/s {m['steps_per_s']:.1f}", flush=True))
+    first = next((m for m in out.history if m.get("eval_return_mean", -np.inf) >= (cfg.stop_reward or np.inf)), None)
+    module = RLModule.from_checkpoint(f"{out.checkpoint}/learner_group/learner/rl_module/default_policy")
+    space = make(env_name).action_space
+    space.seed(seed)
+    results = {"ddpg": rollout(env_name, learned_policy(module, env_name), episodes, 10_000),
+               "random": rollout(env_name, lambda obs: space.sample(), episodes, 10_000),
+               "heuristic": rollout(env_name, heuristic, episodes, 10_000)}
+    print(f"\n{env_name}: trained {out.env_steps} env steps in {out.wall_s:.0f} s wall"
+          + (f"; first eval >= {cfg.stop_reward:g} at {first['env_steps']:.0f} steps, {first['wall_s']:.0f} s"
+             if first else "; target not reached"))
+    for name, value in results.items():
+        print(f"  {name:9s} mean return over {episodes} episodes: {value:9.2f}")
+    print(f"  ddpg - random = {results['ddpg'] - results['random']:.2f}; "
+          f"ddpg - heuristic = {results['ddpg'] - results['heuristic']:.2f}", flush=True)
+
+
+def main() -> None:
+    from raycraft.envs import PORTFOLIO
+    from raycraft.envs.portfolio import equal_weight_policy
+    from raycraft.runner import init_ray
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--skip-pendulum", action="store_true")
+    parser.add_argument("--skip-portfolio", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    init_ray()
+    with tempfile.TemporaryDirectory() as tmp:
+        uri, storage = f"sqlite:///{tmp}/mlflow.db", f"{tmp}/ray_results"
+        if not args.skip_pendulum:
+            train_and_compare("Pendulum-v1", pendulum_heuristic, args.seed, args.episodes, uri, storage)
+        if not args.skip_portfolio:
+            train_and_compare(PORTFOLIO, equal_weight_policy, args.seed, args.episodes, uri, storage)
+
+
+if __name__ == "__main__":
+    main()
