@@ -186,7 +186,8 @@ def returns_png(history: list[dict[str, float]], path: Path) -> None:
     ax.set_xlabel("env steps")
     ax.set_ylabel("episode return")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.lines:  # no finished episode yet in a very short run
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
