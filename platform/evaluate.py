@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import contextlib
+import tempfile
+from typing import Any
 
 import yaml
+from torch import nn
 
 from raycraft import tracking
 from raycraft.config import from_dict
-from raycraft.registry import check_compatible, load_dataset, model_spec
+from raycraft.errors import UserError
+from raycraft.registry import ModelSpec, check_compatible, create_model, load_dataset, model_spec, models
 from raycraft.train.config import TrainConfig
-from raycraft.train.loop import Batches, evaluate
+from raycraft.train.loop import CHECKPOINT_FILE, Batches, evaluate, load_state
 from raycraft.train.step import step_for
+
+
+def run_config(uri: str, run_id: str, task: str | None = None, command: str = "") -> tuple[TrainConfig, ModelSpec]:
+    """A run's TrainConfig and model spec; with `task`, a UserError unless the run's model is of that task."""
+    tracking.get_run(uri, run_id)
+    cfg = from_dict(TrainConfig, yaml.safe_load(tracking.download_text(uri, run_id, "config.yaml")))
+    spec = model_spec(cfg.model)
+    if task and spec.task != task:
+        fits = sorted(name for name, s in models().items() if s.task == task)
+        raise UserError(f"RUN_ID: run {run_id!r} trained {cfg.model!r}, a {spec.task} model; {command} needs a "
+                        f"{task} model ({', '.join(fits)}).")
+    return cfg, spec
+
+
+def rebuild_model(uri: str, run_id: str, cfg: TrainConfig, spec: ModelSpec, info: dict[str, Any]) -> nn.Module:
+    """The run's model rebuilt from its config and final checkpoint (weights only, no pickle), in eval mode:
+    unlike the logged torch.export graph it takes any sampler, step count or input length."""
+    with tempfile.TemporaryDirectory() as tmp:
+        state = load_state(tracking.download_artifact(uri, run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp).parent)
+    model = create_model(cfg.model, from_dict(spec.config_cls, cfg.model_args), info)
+    model.load_state_dict(state["model"])
+    return model.eval()
 
 
 def evaluate_run(run_id: str, dataset: str | None = None, tracking_uri: str | None = None) -> dict[str, float]:
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.get_run(uri, run_id)
-    cfg = from_dict(TrainConfig, yaml.safe_load(tracking.download_text(uri, run_id, "config.yaml")))
+    cfg, _ = run_config(uri, run_id)
     if dataset:
         check_compatible(cfg.model, dataset)
         cfg.dataset = dataset

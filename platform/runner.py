@@ -128,6 +128,10 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
                         f"the cluster has {total.get('CPU', 0):g}. Lower --workers or cpus_per_worker.")
 
 
+RUN_LEVEL_METRICS = {"startup_s", "ray_init_s"}
+"""Logged once per run (`RunLogger.log_once`), not per epoch: kept out of the epoch lines."""
+
+
 class Progress:
     """Reads new epochs from MLflow (where rank 0 logs them) and hands each to `on_epoch` once."""
 
@@ -144,7 +148,8 @@ class Progress:
         new = [s for s in steps if s not in self.seen]
         if not new:
             return
-        keys = [k for k in self.client.get_run(self.run_id).data.metrics if not k.startswith("test_")]
+        keys = [k for k in self.client.get_run(self.run_id).data.metrics if k not in RUN_LEVEL_METRICS
+                and not k.startswith("test_")]
         hist = {k: {int(m.step): m.value for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
         for s in new:
             self.on_epoch({k: h[s] for k, h in hist.items() if s in h})

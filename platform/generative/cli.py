@@ -18,33 +18,14 @@ from raycraft.errors import UserError, invalid_choice
 
 def load_generative_run(run_id: str, tracking_uri: str | None):
     """(model in eval mode, TrainConfig, data info) of a finished generative run."""
-    import tempfile
-
-    import yaml
-
     from raycraft import tracking
-    from raycraft.config import from_dict
-    from raycraft.registry import create_model, load_dataset, model_spec
-    from raycraft.train.config import TrainConfig
-    from raycraft.train.loop import load_state
+    from raycraft.evaluate import rebuild_model, run_config
+    from raycraft.registry import load_dataset
 
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    tracking.get_run(uri, run_id)
-    cfg = from_dict(TrainConfig, yaml.safe_load(tracking.download_text(uri, run_id, "config.yaml")))
-    spec = model_spec(cfg.model)
-    if spec.task != "generative":
-        raise UserError(f"RUN_ID: run {run_id} trained {cfg.model!r}, a {spec.task} model; `raycraft sample` "
-                        "needs a generative model (gan, wgan, vae, ddpm).")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = tracking._client(uri).download_artifacts(run_id, "checkpoint", tmp)
-        except Exception:
-            raise UserError(f"RUN_ID: run {run_id} has no final checkpoint (did it finish?).") from None
-        state = load_state(local)
+    cfg, spec = run_config(uri, run_id, "generative", "`raycraft sample`")
     info = load_dataset(cfg.dataset, cfg.data).info
-    model = create_model(cfg.model, from_dict(spec.config_cls, cfg.model_args), info)
-    model.load_state_dict(state["model"])
-    return model.eval(), cfg, info
+    return rebuild_model(uri, run_id, cfg, spec, info), cfg, info
 
 
 def generate(model, n: int, seed: int, sampler: str | None, steps: int | None, batch: int = 500):

@@ -20,28 +20,16 @@ def load_language_model(run_id: str, uri: str):
     LoRA adapters are merged into the weights."""
     import tempfile
 
-    import yaml
-
     from raycraft import tracking
-    from raycraft.config import from_dict
-    from raycraft.registry import create_model, model_spec
+    from raycraft.evaluate import rebuild_model, run_config
     from raycraft.text import tokenizers
     from raycraft.text.lm import TOKENIZER_FILE
-    from raycraft.train.config import TrainConfig
-    from raycraft.train.loop import CHECKPOINT_FILE, load_state
 
-    tracking.get_run(uri, run_id)
-    cfg = from_dict(TrainConfig, yaml.safe_load(tracking.download_text(uri, run_id, "config.yaml")))
-    spec = model_spec(cfg.model)
-    if spec.task != "language-model":
-        raise UserError(f"RUN_ID: run {run_id!r} trained {cfg.model!r}, a {spec.task} model; generate needs a "
-                        "language model (transformer, lstm, ...).")
+    cfg, spec = run_config(uri, run_id, "language-model", "`raycraft generate`")
     with tempfile.TemporaryDirectory() as tmp:
         tok = tokenizers.load(tracking.download_artifact(uri, run_id, f"plots/{TOKENIZER_FILE}", tmp))
-        state = load_state(tracking.download_artifact(uri, run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp).parent)
     info = {"vocab_size": tok.vocab_size, "seq_len": cfg.data.seq_len, "tokenizer": tok.to_dict()}
-    model = create_model(cfg.model, from_dict(spec.config_cls, cfg.model_args), info)
-    model.load_state_dict(state["model"])
+    model = rebuild_model(uri, run_id, cfg, spec, info)
     if hasattr(model, "merge_lora"):
         model.merge_lora()
     return model.eval(), tok, cfg.data.seq_len
