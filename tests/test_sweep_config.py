@@ -11,6 +11,8 @@ from raycraft.errors import UserError
 from raycraft.sweep.config import load_sweep
 
 TUNE_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "tune_configs").glob("*.yaml"))
+SWEEP_FILES = [p for p in TUNE_CONFIGS if not p.stem.startswith("scaling_")]
+SCALING_FILES = [p for p in TUNE_CONFIGS if p.stem.startswith("scaling_")]  # `raycraft scaling` files
 
 
 def _sweep(**changes):
@@ -20,11 +22,19 @@ def _sweep(**changes):
     return data
 
 
-@pytest.mark.parametrize("path", TUNE_CONFIGS, ids=[p.stem for p in TUNE_CONFIGS])
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.stem for p in SWEEP_FILES])
 def test_every_shipped_sweep_file_validates(path):
     sweep = load_sweep(path)
     assert sweep.config.name == path.stem
     assert sweep.space and sweep.epochs >= 1
+
+
+@pytest.mark.parametrize("path", SCALING_FILES, ids=[p.stem for p in SCALING_FILES])
+def test_every_shipped_scaling_file_validates(path):
+    from raycraft.sweep.scaling_job import load_scaling
+
+    _, points = load_scaling(path)
+    assert len(points) >= 4  # enough sizes and data amounts to fit a law and hold out the largest
 
 
 def test_nested_keys_model_shorthand_and_overrides():
