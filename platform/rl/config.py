@@ -76,7 +76,6 @@ class RLConfig:
     eval_interval: int = field_doc(1, "Evaluate the greedy policy every this many iterations.")
     eval_episodes: int = field_doc(10, "Episodes per evaluation.")
     checkpoint_every: int = field_doc(5, "Save a checkpoint every this many iterations (and at the end).")
-    store_buffer: bool = field_doc(False, "Put the replay buffer in checkpoints (resume without refilling).")
     experiment: str = field_doc("raycraft-rl", "MLflow experiment name.")
     storage_path: str = field_doc("ray_results", "Folder of checkpoints (one subfolder per run).")
 

@@ -9,7 +9,6 @@ checkpoint under `policy/`, and the tag `raycraft.checkpoint` (the last full alg
 
 from __future__ import annotations
 
-import pickle
 import shutil
 import tempfile
 import time
@@ -25,7 +24,6 @@ from raycraft.errors import UserError
 from raycraft.rl.config import RLConfig
 
 CHECKPOINT_TAG = "raycraft.checkpoint"
-BUFFER_FILE = "replay_buffer.pkl"
 
 
 @dataclass
@@ -149,14 +147,12 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def save_checkpoint(algo, path: Path, store_buffer: bool) -> None:
-    """Write the whole algorithm (modules, optimizers, step counters) to `path`, replacing it atomically."""
+def save_checkpoint(algo, path: Path) -> None:
+    """Write the whole algorithm (modules, optimizers, step counters) to `path`, replacing it atomically.
+    The replay buffer is not saved: a resumed run refills it."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     algo.save_to_path(str(tmp))
-    if store_buffer:
-        with open(tmp / BUFFER_FILE, "wb") as f:
-            pickle.dump(algo.local_replay_buffer.get_state(), f)
     old = path.with_name(path.name + ".old")
     if path.exists():
         path.rename(old)
@@ -166,10 +162,6 @@ def save_checkpoint(algo, path: Path, store_buffer: bool) -> None:
 
 def restore_checkpoint(algo, path: Path) -> None:
     algo.restore_from_path(str(path))
-    buffer = path / BUFFER_FILE
-    if buffer.exists():
-        with open(buffer, "rb") as f:
-            algo.local_replay_buffer.set_state(pickle.load(f))
 
 
 def returns_png(history: list[dict[str, float]], path: Path) -> None:
@@ -249,7 +241,7 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
             done = m["env_steps"] >= cfg.timesteps or (
                 cfg.stop_reward is not None and m.get("eval_return_mean", float("-inf")) >= cfg.stop_reward)
             if done or int(m["iteration"]) % cfg.checkpoint_every == 0:
-                save_checkpoint(algo, checkpoint_dir, cfg.store_buffer)
+                save_checkpoint(algo, checkpoint_dir)
             if done:
                 break
         with tempfile.TemporaryDirectory() as tmp:
