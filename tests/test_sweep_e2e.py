@@ -16,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from raycraft.sweep.config import load_sweep
 from raycraft.sweep.engine import EARLY_TAG, PARENT_TAG, TRIAL_TAG, run_sweep
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # about 15-25 min each on a shared 2-core machine
 
 
 def _sweep_data(tmp_path: Path, name: str, epochs: int, scheduler: str) -> dict:
