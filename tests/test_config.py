@@ -29,6 +29,8 @@ def test_recipe_is_overridden_by_user():
     assert cfg.epochs == 40 and cfg.optim.lr == pytest.approx(3e-3)
     cfg, _ = build_config({"model": "lenet5", "dataset": "digits", "epochs": 2}, ["optim.lr=0.1"])
     assert cfg.epochs == 2 and cfg.optim.lr == pytest.approx(0.1) and cfg.optim.weight_decay == 0.05
+    again, _ = build_config({"model": "lenet5", "dataset": "digits"})  # the override left the recipe as it was
+    assert again.optim.lr == pytest.approx(3e-3)
 
 
 @pytest.mark.parametrize("override, words", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -80,9 +81,9 @@ def build_config(base: dict[str, Any] | None = None, overrides: list[str] = ()) 
     """
     from raycraft.registry import model_spec
 
-    data = dict(base or {})
+    data = copy.deepcopy(dict(base or {}))  # overrides below write into nested mappings
     if "model" in data:  # the model's recipe sits under everything the user wrote
-        data = deep_merge(model_spec(str(data["model"])).recipe, data)
+        data = deep_merge(copy.deepcopy(model_spec(str(data["model"])).recipe), data)
     data.setdefault("model_args", {})
     for text in overrides:
         key, value = parse_override(text)
