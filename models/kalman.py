@@ -18,6 +18,9 @@ RTS smoother, backwards from x̂_{T|T}:
     P_{t|T} = P_{t|t} + J_t (P_{t+1|T} - P_{t+1|t}) J_t^T
 
 Every function is batched over N series: y is (N, T, p), states (N, T, m), covariances (N, T, m, m).
+P, F and K do not depend on the values of y, only on which y_t are missing: when every series has the
+same missing pattern (and they share A, C, Q, R, P_{1|0}), the covariance recursion runs once and is
+broadcast over the batch, and only the means are computed per series.
 `KalmanModel` fits A, C, Q, R by maximum likelihood (Q = L L^T with a log-diagonal Cholesky factor L,
 so it stays positive definite), or keeps any of them fixed.
 """
@@ -110,16 +113,24 @@ def mv(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (a * x.unsqueeze(-2)).sum(-1)
 
 
-def _solve_innovation(F: torch.Tensor, CP: torch.Tensor,
-                      v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """K = P C^T F^{-1} (N, m, p), F^{-1} v (N, p) and log|F| (N,); a scalar F (one observed series, the
-    common case) is divided elementwise, which is much faster than batched Cholesky solves."""
+def _gain(F: torch.Tensor, CP: torch.Tensor) -> torch.Tensor:
+    """K = P C^T F^{-1} (..., m, p); a scalar F (one observed series, the common case) is divided
+    elementwise, which is much faster than batched Cholesky solves."""
     if F.shape[-1] == 1:
-        return CP.transpose(-1, -2) / F, v / F[..., 0], torch.log(F[..., 0, 0])
-    L_F = torch.linalg.cholesky(F)
-    kalman_gain = torch.cholesky_solve(CP, L_F).transpose(-1, -2)
-    F_inv_v = torch.cholesky_solve(v.unsqueeze(-1), L_F).squeeze(-1)
-    return kalman_gain, F_inv_v, 2 * torch.log(torch.diagonal(L_F, dim1=-2, dim2=-1)).sum(-1)
+        return CP.transpose(-1, -2) / F
+    return torch.cholesky_solve(CP, torch.linalg.cholesky(F)).transpose(-1, -2)
+
+
+def _gaussian_loglik(v: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
+    """-1/2 (p log 2π + log|F| + v^T F^{-1} v) for innovations v (..., p) and covariances F (..., p, p)."""
+    p = v.shape[-1]
+    if p == 1:
+        logdet_F, mahalanobis = torch.log(F[..., 0, 0]), v[..., 0] ** 2 / F[..., 0, 0]
+    else:
+        L_F = torch.linalg.cholesky(F)
+        logdet_F = 2 * torch.log(torch.diagonal(L_F, dim1=-2, dim2=-1)).sum(-1)
+        mahalanobis = torch.linalg.solve_triangular(L_F, v.unsqueeze(-1), upper=False).squeeze(-1).pow(2).sum(-1)
+    return -0.5 * (p * math.log(2 * math.pi) + logdet_F + mahalanobis)
 
 
 def kalman_filter(y: torch.Tensor, A: torch.Tensor, C: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, *,
@@ -129,48 +140,62 @@ def kalman_filter(y: torch.Tensor, A: torch.Tensor, C: torch.Tensor, Q: torch.Te
     """Filter N series y (N, T, p), NaN where missing, with inputs u (N, T, k) if B or D is given.
 
     x0 (m,) and P0 (m, m) are the prior x̂_{1|0}, P_{1|0}; by default the approximate diffuse 0 and κ I.
-    `burn` log-likelihood terms are left out (default m, statsmodels' rule for the diffuse prior)."""
+    `burn` log-likelihood terms are left out (default m, statsmodels' rule for the diffuse prior).
+    Three passes: the covariances (P, F, K), then the means, then every log-likelihood term at once."""
     N, T, p = y.shape
     m = A.shape[-1]
     dtype = y.dtype
-    x = (torch.zeros(m, dtype=dtype) if x0 is None else x0).expand(N, m)
-    P = (kappa * torch.eye(m, dtype=dtype) if P0 is None else P0).expand(N, m, m)
     burn = m if burn is None else burn
     observed = ~torch.isnan(y).any(-1)  # (N, T)
     y0 = torch.nan_to_num(y)
-    out: dict[str, list[torch.Tensor]] = {k: [] for k in ("x_pred", "P_pred", "x_filt", "P_filt", "y_pred", "F",
-                                                         "ll")}
+
+    # 1. covariances: one (m, m) recursion shared by the batch, or one per series (N, m, m)
+    shared = bool((observed == observed[:1]).all())  # one missing pattern: P, F and K are the same for all
+    matmul = torch.matmul if shared else mm
+    A_T, C_T, I = A.T, C.T, torch.eye(m, dtype=dtype)
+    P = kappa * torch.eye(m, dtype=dtype) if P0 is None else P0
+    P = P if shared else P.expand(N, m, m)
+    seen = observed[0] if shared else observed.T[..., None, None]                      # 1 seen, 0 missing
+    update = seen.to(dtype).unbind(0)                                                 # T x () or T x (N, 1, 1)
+    P_pred, P_filt, F, K, I_KC = [], [], [], [], []
     for t in range(T):
-        if t > 0:  # predict
-            x = mv(A, x)
-            P = mm(mm(A, P), A.T) + Q
-            if B is not None:
-                x = x + mv(B, u[:, t])
-        y_hat = mv(C, x)
-        if D is not None:
-            y_hat = y_hat + mv(D, u[:, t])
-        CP = mm(C, P)                                            # (N, p, m)
-        F = mm(CP, C.T) + R                                      # (N, p, p)
-        v = y0[:, t] - y_hat                                     # innovation (N, p)
-        kalman_gain, F_inv_v, logdet_F = _solve_innovation(F, CP, v)
-        ll = -0.5 * (p * math.log(2 * math.pi) + logdet_F + (v * F_inv_v).sum(-1))
-        x_upd = x + mv(kalman_gain, v)
-        P_upd = P - mm(kalman_gain, CP)                          # = P - K F K^T
-        P_upd = 0.5 * (P_upd + P_upd.transpose(-1, -2))
-        obs = observed[:, t]
-        out["x_pred"].append(x)
-        out["P_pred"].append(P)
-        out["y_pred"].append(y_hat)
-        out["F"].append(F)
-        out["ll"].append(torch.where(obs, ll, torch.zeros_like(ll)))
-        x = torch.where(obs[:, None], x_upd, x)
-        P = torch.where(obs[:, None, None], P_upd, P)
-        out["x_filt"].append(x)
-        out["P_filt"].append(P)
-    stacked = {k: torch.stack(v, 1) for k, v in out.items()}
+        if t > 0:
+            P = matmul(matmul(A, P), A_T) + Q                    # P_{t|t-1} ([N,] m, m)
+        CP = matmul(C, P)                                        # ([N,] p, m)
+        F_t = matmul(CP, C_T) + R                                # ([N,] p, p)
+        kalman_gain = _gain(F_t, CP) * update[t]                 # ([N,] m, p); 0: no update
+        P_upd = P - matmul(kalman_gain, CP)                      # P - K C P (= P where missing)
+        P_pred.append(P)
+        F.append(F_t)
+        K.append(kalman_gain)
+        I_KC.append(I - matmul(kalman_gain, C))
+        P = 0.5 * (P_upd + P_upd.transpose(-1, -2))
+        P_filt.append(P)
+
+    # 2. means: x̂_{t|t} = x̂_{t|t-1} + K_t (y_t - C x̂_{t|t-1} - D u_t) = (I - K_t C) x̂_{t|t-1} + K_t (y_t - D u_t)
+    y_free = y0 if D is None else y0 - mv(D, u)                  # y_t - D u_t (N, T, p)
+    K_y = mv(torch.stack(K).reshape(T, -1, m, p), y_free.transpose(0, 1)).unbind(0)  # T x K_t (y_t - D u_t) (N, m)
+    Bu = None if B is None else mv(B, u.transpose(0, 1)).unbind(0)                  # T x B u_t (N, m)
+    if shared:  # x (I - K_t C)^T: one matrix product over the batch
+        I_KC_T = torch.stack(I_KC).transpose(-1, -2).unbind(0)
+    x = (torch.zeros(m, dtype=dtype) if x0 is None else x0).expand(N, m)
+    x_pred, x_filt = [], []
+    for t in range(T):
+        if t > 0:
+            x = x @ A_T if Bu is None else torch.addmm(Bu[t], x, A_T)             # x̂_{t|t-1} (N, m)
+        x_pred.append(x)
+        x = torch.addmm(K_y[t], x, I_KC_T[t]) if shared else mv(I_KC[t], x) + K_y[t]  # x̂_{t|t}
+        x_filt.append(x)
+
+    def per_series(seq: list[torch.Tensor]) -> torch.Tensor:  # T x ([N,] ...) -> (N, T, ...)
+        return torch.stack(seq).expand(N, T, *seq[0].shape) if shared else torch.stack(seq, 1)
+
+    x_pred_all, F_all = torch.stack(x_pred, 1), per_series(F)
+    y_pred = mv(C, x_pred_all) if D is None else mv(C, x_pred_all) + mv(D, u)   # ŷ_{t|t-1} (N, T, p)
+    ll = _gaussian_loglik(y0 - y_pred, F_all)                 # 3. all log-likelihood terms (N, T)
     counted = observed & (torch.arange(T) >= burn)
-    return KalmanResult(stacked["x_pred"], stacked["P_pred"], stacked["x_filt"], stacked["P_filt"],
-                        stacked["y_pred"], stacked["F"], stacked["ll"], counted)
+    return KalmanResult(x_pred_all, per_series(P_pred), torch.stack(x_filt, 1), per_series(P_filt), y_pred, F_all,
+                        torch.where(observed, ll, torch.zeros_like(ll)), counted)
 
 
 def rts_smoother(result: KalmanResult, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

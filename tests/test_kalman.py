@@ -153,3 +153,22 @@ def test_csv_series_reads_your_column(tmp_path):
     (tmp_path / "sales.csv").write_text("day,units\n1,10\n2,ten\n3,12\n")
     with pytest.raises(UserError, match="'ten' is not a number"):
         load_dataset("csv_series", DataConfig(data_dir=str(tmp_path)))
+
+
+def test_shared_covariance_path_equals_per_series_path():
+    """Series with one missing pattern share P, F, K (computed once); a batch whose patterns differ
+    computes them per series. Both give each series exactly its own filter."""
+    torch.manual_seed(1)
+    A, C, Q, R = _m([[0.9, 0.2], [0.0, 1.0]]), _m([[1.0, 0.5]]), _m([[0.3, 0.0], [0.0, 0.1]]), _m([[2.0]])
+    y = torch.randn(4, 12, 1, dtype=torch.float64)
+    shared = kalman_filter(y, A, C, Q, R)
+    y_gap = y.clone()
+    y_gap[2, 5] = float("nan")
+    mixed = kalman_filter(y_gap, A, C, Q, R)
+    for n in range(4):
+        alone = kalman_filter(y_gap[n:n + 1], A, C, Q, R)
+        for field in ("x_filt", "P_filt", "F", "loglik_terms"):
+            assert torch.allclose(getattr(mixed, field)[n], getattr(alone, field)[0], rtol=1e-12, atol=0)
+        if n != 2:
+            assert torch.allclose(shared.x_filt[n], alone.x_filt[0], rtol=1e-12, atol=0)
+    assert shared.P_filt.shape == (4, 12, 2, 2) and not torch.equal(mixed.P_filt[2], mixed.P_filt[0])
