@@ -216,3 +216,33 @@ def test_dockerignore_keeps_local_state_out():
     ignored = (REPO / ".dockerignore").read_text().split()
     assert {".venv", "mlflow.db", "mlruns", "ray_results"} <= set(ignored)
     assert Path(K8S / "Dockerfile").read_text().count("COPY . /app") == 1
+
+
+def test_rayjob_commands_parse_with_the_real_cli():
+    """Each RayJob's `python -m raycraft ...` is parsed by raycraft's own CLI (options and arguments,
+    without running it), and what it names exists: a sweep file copied into the image at /app is read
+    and validated, a train job's model and dataset are registered."""
+    import shlex
+
+    import typer.main
+
+    from raycraft.cli import _load_commands, app
+    from raycraft.sweep.config import load_sweep
+    from raycraft.train.config import build_config
+
+    _load_commands()
+    group = typer.main.get_command(app)
+    for _, doc in manifests():
+        if doc["kind"] != "RayJob":
+            continue
+        words = shlex.split(doc["spec"]["entrypoint"])
+        assert words[:3] == ["python", "-m", "raycraft"], words
+        name, args = words[3], words[4:]
+        ctx = group.get_command(group.make_context("raycraft", [name]), name).make_context(name, list(args))
+        params = ctx.params
+        if name == "tune":
+            sweep_file = REPO / Path(params["file"]).relative_to("/app")
+            load_sweep(sweep_file, params["set_"] or [])
+        else:
+            flags = {k: params[k] for k in ("model", "dataset", "workers", "epochs", "experiment") if params[k]}
+            build_config(flags, params["set_"] or [])
