@@ -177,11 +177,13 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
                  resume_run_id: str | None = None, run_name: str | None = None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
                  on_start: Callable[[str], None] | None = None, started_at: float | None = None,
-                 tags: dict[str, str] | None = None, callbacks: list | None = None) -> Outcome:
+                 tags: dict[str, str] | None = None, callbacks: list | None = None,
+                 paced_by_tune: bool = False) -> Outcome:
     """Run `cfg` on Ray Train. `started_at` (Unix time, default now) is when the user's command began: the
     run logs `startup_s`, from then to the first training batch, and `ray_init_s`, the part spent starting Ray.
     `tags` are added to a new MLflow run (a sweep's `mlflow.parentRunId`); `callbacks` are Ray Train
-    callbacks (Tune's `TuneReportCallback` when this runs as a sweep trial)."""
+    callbacks (Tune's `TuneReportCallback` when this runs as a sweep trial); `paced_by_tune` makes a sweep
+    trial wait for its scheduler after each epoch, and leaves the run as the sweep ended it when it stops."""
     from raycraft import tracking
 
     started_at = started_at or time.time()
@@ -218,7 +220,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
-                           "started_at": started_at, "ray_init_s": ray_init_s},
+                           "started_at": started_at, "ray_init_s": ray_init_s, "paced_by_tune": paced_by_tune},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -233,8 +235,13 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
         with progress:
             result = trainer.fit()
     except BaseException as exc:
-        tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
-        raise TrainingError(f"training failed: {exc}") from exc
+        run = tracking.get_run(uri, run_id)
+        if not (paced_by_tune and tracking.COMPLETED_TAG in run.data.tags):
+            tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+            raise TrainingError(f"training failed: {exc}") from exc
+        # Tune stopped the trial on its final report, tearing Ray Train down after the run was complete
+        tracking.end_run(uri, run_id, "FINISHED")
+        return Outcome(run_id, dict(run.data.metrics), uri, None)
     run = tracking.get_run(uri, run_id)
     if "raycraft.nonfinite" in run.data.tags:
         msg = (f"{run.data.tags['raycraft.nonfinite']}: training stopped. The last good checkpoint is kept; "
@@ -242,5 +249,6 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
         tracking.end_run(uri, run_id, "FAILED", msg)
         raise TrainingError(msg)
     checkpoint_path = result.checkpoint.path if result.checkpoint else None
-    tracking.end_run(uri, run_id, "FINISHED")
+    if not paced_by_tune or run.info.status == "RUNNING":  # a sweep ends the runs its scheduler stopped
+        tracking.end_run(uri, run_id, "FINISHED")
     return Outcome(run_id, dict(run.data.metrics), uri, checkpoint_path)

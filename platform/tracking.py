@@ -17,6 +17,8 @@ DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 EPOCH_KEY = "epoch"  # logged at step = epoch; its history says which epochs MLflow already holds
 RESTORES_TAG = "raycraft.restored_at_epochs"  # comma-separated: the first epoch of each restart from a checkpoint
+TUNE_ALLOWED_TAG = "raycraft.tune_allowed_epoch"  # a sweep trial: the last epoch its scheduler let it go past
+COMPLETED_TAG = "raycraft.completed"  # rank 0 logged everything (test metrics, plots, model) before its last report
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -155,6 +157,21 @@ class RunLogger:
 
     def set_tag(self, key: str, value: str) -> None:
         self.client.set_tag(self.run_id, key, value)
+
+    def tune_allows(self, epoch: int, timeout_s: float = 600.0) -> bool:
+        """A sweep trial after `epoch`: wait for Tune's scheduler. True once the sweep tags the run as allowed
+        past `epoch`; False once the sweep has ended the run (the scheduler stopped the trial). Tune's
+        reports do not block training, so without this wait a stopped trial would train on unseen (and
+        even log test metrics) until its actors are killed. After `timeout_s` without word it goes on."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            run = self.client.get_run(self.run_id)
+            if int(run.data.tags.get(TUNE_ALLOWED_TAG, "-1")) >= epoch:
+                return True
+            if run.info.status != "RUNNING":
+                return False
+            time.sleep(0.2)
+        return True
 
     def note_restore(self, epoch: int) -> None:
         """Append `epoch` (where a restarted worker group picked up) to the run's RESTORES_TAG."""

@@ -52,8 +52,10 @@ def test_asha_sweep_nested_runs_early_stops_and_best(ray_session, mlflow_uri, tm
     full = [k for k in kids if k.data.tags[EARLY_TAG] == "false"]
     assert {k.data.params["optim.lr"] for k in early} == {"1e-07"} and len(early) == 2
     assert {k.data.params["optim.lr"] for k in full} == {"0.003"} and len(full) == 2
-    assert all(k.info.status == "FINISHED" and _history(client, k.info.run_id) == [0, 1, 2] for k in full)
-    assert all(k.info.status == "KILLED" and "test_accuracy" not in k.data.metrics for k in early)
+    assert all(k.info.status == "FINISHED" and _history(client, k.info.run_id) == [0, 1, 2] for k in full), [
+        (k.info.status, _history(client, k.info.run_id), k.data.tags.get("raycraft.error")) for k in full]
+    assert all(k.info.status == "KILLED" and "test_accuracy" not in k.data.metrics for k in early), [
+        (k.info.status, _history(client, k.info.run_id), sorted(k.data.metrics)) for k in early]
 
     top = max(k.data.metrics["val_accuracy"] for k in full)  # the two lr=0.003 trials may tie
     best = next(k for k in full if k.info.run_id == out.best_run_id)

@@ -110,7 +110,7 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, parent_run_id: str, uri: 
                  run_name=f"{sweep.config.name}-{trial_id}",
                  tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "raycraft.sweep": sweep.config.name,
                        **{f"raycraft.param.{k}": str(v) for k, v in params.items()}},
-                 callbacks=[report_callback(cfg.epochs)])
+                 callbacks=[report_callback(cfg.epochs)], paced_by_tune=True)
 
 
 def make_callback(uri: str, experiment: str, parent_run_id: str, verbose: bool):
@@ -166,16 +166,17 @@ def build_search(sweep: Sweep):
     return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.concurrency)
 
 
-def build_scheduler(sweep: Sweep):
-    from ray.tune import schedulers
+def build_scheduler(sweep: Sweep, uri: str, parent_run_id: str):
+    from raycraft.sweep import pacing
 
     s = sweep.config.scheduler
+    where = {"uri": uri, "experiment": sweep.config.experiment, "parent_run_id": parent_run_id}
     if s.name == "asha":
-        return schedulers.ASHAScheduler(max_t=sweep.epochs, grace_period=min(s.grace_period, sweep.epochs),
-                                        reduction_factor=s.reduction_factor)
+        return pacing.ASHA(max_t=sweep.epochs, grace_period=min(s.grace_period, sweep.epochs),
+                           reduction_factor=s.reduction_factor, **where)
     if s.name == "hyperband":
-        return schedulers.HyperBandScheduler(max_t=sweep.epochs, reduction_factor=s.reduction_factor)
-    return schedulers.FIFOScheduler()
+        return pacing.HyperBand(max_t=sweep.epochs, reduction_factor=s.reduction_factor, **where)
+    return pacing.FIFO(**where)
 
 
 def trainable(sweep: Sweep, parent_run_id: str, uri: str):
@@ -244,12 +245,15 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
         parent = start_parent(sweep, uri)
         folder.mkdir(parents=True)
         (folder / STATE_FILE).write_text(yaml.safe_dump(sweep_state(sweep, parent), sort_keys=False))
+        # the basic generator limits itself (build_search); Tune wraps the others in a limiter
+        limit_by_tune = cfg.concurrency if cfg.search in ("optuna", "hyperopt") else None
         tuner = tune.Tuner(
             trainable(sweep, parent, uri),
             param_space=sweep.param_space(),
             tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.samples,
-                                        max_concurrent_trials=cfg.concurrency, search_alg=build_search(sweep),
-                                        scheduler=build_scheduler(sweep)),
+                                        max_concurrent_trials=limit_by_tune,
+                                        search_alg=build_search(sweep),
+                                        scheduler=build_scheduler(sweep, uri, parent)),
             run_config=tune.RunConfig(name=cfg.name, storage_path=str(folder.parent), verbose=0,
                                       callbacks=[make_callback(uri, cfg.experiment, parent, echo is not None)]))
     if echo:

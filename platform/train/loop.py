@@ -203,14 +203,23 @@ def quiet_ray_train_worker_logs() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def tune_allows(logger, epoch: int, world: int, device: torch.device) -> bool:
+    """Rank 0 asks the sweep whether to go past `epoch` (see RunLogger.tune_allows); every rank follows it."""
+    go = torch.tensor([float(logger.tune_allows(epoch)) if logger else 0.0], device=device)
+    if world > 1:
+        torch.distributed.broadcast(go, 0)
+    return bool(go.item())
+
+
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's entry point. `payload`: {'config': TrainConfig as a dict, 'run_id', 'tracking_uri',
-    'started_at': when the user's command began, 'ray_init_s': seconds it spent starting Ray}."""
+    'started_at': when the user's command began, 'ray_init_s': seconds it spent starting Ray, 'paced_by_tune':
+    a sweep trial, which waits for its scheduler's verdict after each epoch}."""
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
 
-    from raycraft.tracking import RunLogger
+    from raycraft.tracking import COMPLETED_TAG, RunLogger
 
     quiet_ray_train_worker_logs()
     cfg = from_dict(TrainConfig, payload["config"])
@@ -293,6 +302,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 step.epoch_artifacts(unwrap(model), epoch, splits.info, Path(tmp))
                 if any(Path(tmp).iterdir()):
                     logger.log_artifacts(tmp, f"epochs/epoch_{epoch:04d}")
+        if payload.get("paced_by_tune") and epoch < cfg.epochs - 1 and not tune_allows(logger, epoch, world, device):
+            return  # the sweep's scheduler stopped this trial
 
     final = {**history[-1], **prefixed(evaluate(step, ddp_model, test, autocast), "test_")}
     if logger:
@@ -314,4 +325,5 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         example = step.example_input(next(iter(full_test)))
         if example is not None:
             logger.log_model(unwrap(model), example)
+        logger.set_tag(COMPLETED_TAG, "true")
     ray.train.report({**final, "done": 1.0})
