@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from raycraft.rl.config import build_rl_config
+from raycraft.rl.replay_state import ARRAYS_FILE
 from raycraft.rl.run import evaluate_rl, train_rl
 
 pytestmark = pytest.mark.slow
@@ -23,9 +26,10 @@ def test_dqn_train_resume_reload_gif(ray_session, mlflow_uri, storage, tmp_path)
     from ray.rllib.core.columns import Columns
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    cfg, model_cfg = tiny("dqn", "CartPole-v1", storage, timesteps=200)
+    cfg, model_cfg = tiny("dqn", "CartPole-v1", storage, timesteps=200, replay={"save_in_checkpoint": True})
     first = train_rl(cfg, model_cfg, tracking_uri=mlflow_uri)
     assert first.env_steps >= 200 and first.iterations == 2
+    assert (Path(first.checkpoint) / ARRAYS_FILE).is_file()
     client = MlflowClient(mlflow_uri)
     run = client.get_run(first.run_id)
     assert {"return_mean", "eval_return_mean", "steps_per_s", "env_steps"} <= set(run.data.metrics)
@@ -41,6 +45,8 @@ def test_dqn_train_resume_reload_gif(ray_session, mlflow_uri, storage, tmp_path)
     second = train_rl(cfg, model_cfg, tracking_uri=mlflow_uri, resume_run_id=first.run_id)
     assert second.run_id == first.run_id
     assert second.history[0]["env_steps"] > first.env_steps  # step counters continue
+    sampled_since = second.history[0]["env_steps"] - first.env_steps
+    assert second.history[0]["replay_size"] > sampled_since  # the buffer came back with the checkpoint
     assert second.history[0]["iteration"] == first.iterations + 1
     assert second.env_steps >= 400
     steps = [m.value for m in client.get_metric_history(first.run_id, "env_steps")]

@@ -26,6 +26,10 @@ class ReplayConfig:
     prioritized: bool = field_doc(True, "Prioritised replay (Schaul et al., 2016): sample ∝ |TD error|^alpha.")
     alpha: float = field_doc(0.6, "Priority exponent; 0 = uniform.")
     beta: float = field_doc(0.4, "Importance-sampling exponent that corrects the prioritised sampling bias.")
+    save_in_checkpoint: bool = field_doc(
+        False, "Save the buffer's contents with each checkpoint (arrays in .npz, the rest in JSON: no pickle) "
+               "so that `--resume` continues with a full buffer instead of refilling it. Costs up to `capacity` "
+               "transitions of disk per checkpoint (Atari: about 28 KB each).")
 
 
 @dataclass

@@ -147,12 +147,16 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def save_checkpoint(algo, path: Path) -> None:
-    """Write the whole algorithm (modules, optimizers, step counters) to `path`, replacing it atomically.
-    The replay buffer is not saved: a resumed run refills it."""
+def save_checkpoint(algo, path: Path, with_buffer: bool = False) -> None:
+    """Write the whole algorithm (modules, optimizers, step counters) to `path`, replacing it atomically;
+    with `with_buffer`, also the replay buffer's contents (`replay_state`: no pickle)."""
+    from raycraft.rl.replay_state import save_buffer
+
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     algo.save_to_path(str(tmp))
+    if with_buffer:
+        save_buffer(algo.local_replay_buffer, tmp)
     old = path.with_name(path.name + ".old")
     if path.exists():
         path.rename(old)
@@ -161,7 +165,11 @@ def save_checkpoint(algo, path: Path) -> None:
 
 
 def restore_checkpoint(algo, path: Path) -> None:
+    """The algorithm's state, and the replay buffer where the checkpoint holds one."""
+    from raycraft.rl.replay_state import load_buffer
+
     algo.restore_from_path(str(path))
+    load_buffer(algo.local_replay_buffer, path)
 
 
 def returns_png(history: list[dict[str, float]], path: Path) -> None:
@@ -232,6 +240,7 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
             now = time.perf_counter()
             m["steps_per_s"] = (m["env_steps"] - steps) / max(now - last_t, 1e-9)
             m["wall_s"] = now - start
+            m["replay_size"] = float(len(algo.local_replay_buffer))
             steps, last_t = m["env_steps"], now
             history.append(m)
             stamp = int(time.time() * 1000)
@@ -241,7 +250,7 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
             done = m["env_steps"] >= cfg.timesteps or (
                 cfg.stop_reward is not None and m.get("eval_return_mean", float("-inf")) >= cfg.stop_reward)
             if done or int(m["iteration"]) % cfg.checkpoint_every == 0:
-                save_checkpoint(algo, checkpoint_dir)
+                save_checkpoint(algo, checkpoint_dir, cfg.replay.save_in_checkpoint)
             if done:
                 break
         with tempfile.TemporaryDirectory() as tmp:
