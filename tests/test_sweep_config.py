@@ -26,7 +26,7 @@ def _sweep(**changes):
 def test_every_shipped_sweep_file_validates(path):
     sweep = load_sweep(path)
     assert sweep.config.name == path.stem
-    assert sweep.space and sweep.epochs >= 1
+    assert sweep.space and sweep.length >= 1
 
 
 @pytest.mark.parametrize("path", SCALING_FILES, ids=[p.stem for p in SCALING_FILES])
@@ -43,7 +43,7 @@ def test_nested_keys_model_shorthand_and_overrides():
                                            "hidden": {"grid": [[16], [64, 32]]}}),
                        overrides=["scheduler.name=asha", "epochs=3", "dropout=0.0"], samples=5)
     assert sorted(sweep.space) == ["hidden", "optim.lr", "optim.name"]
-    assert sweep.config.scheduler.name == "asha" and sweep.config.samples == 5 and sweep.epochs == 3
+    assert sweep.config.scheduler.name == "asha" and sweep.config.samples == 5 and sweep.length == 3
     job = sweep.trial_job({"hidden": [64, 32], "optim.name": "sgd"})
     assert job["model_args"] == {"hidden": [64, 32], "dropout": 0.0} and job["optim"]["name"] == "sgd"
 
@@ -100,3 +100,32 @@ def test_train_fraction_keeps_the_first_part_of_the_training_split():
     assert len(part.train) == round(0.25 * len(full.train)) and len(part.val) == len(full.val)
     idx = torch.tensor([0, 3])
     assert all((a == b).all() for a, b in zip(part.train[idx], full.train[idx], strict=True))
+
+
+def _rl_sweep(**changes):
+    data = {"name": "r", "job": {"algo": "dqn", "env": "CartPole-v1", "timesteps": 3000},
+            "space": {"lr": {"loguniform": [1e-4, 1e-2]}}, "metric": "eval_return_mean", "mode": "max"}
+    data.update(changes)
+    return data
+
+
+def test_rl_job_sweeps_rl_keys_and_counts_iterations():
+    sweep = load_sweep(data=_rl_sweep(space={"lr": {"loguniform": [1e-4, 1e-2]}, "hiddens": {"choice": [[32], [64]]},
+                                             "dqn": {"target_update_freq": {"choice": [100, 500]}}}),
+                       overrides=["steps_per_iter=500"])
+    assert sweep.kind.name == "rl" and sweep.length == 6  # 3000 env steps / 500 per iteration
+    job = sweep.trial_job({"hiddens": [64], "dqn.target_update_freq": 100, "lr": 1e-3})
+    assert job["model_args"] == {"hiddens": [64]} and job["dqn"] == {"target_update_freq": 100}
+    assert job["steps_per_iter"] == 500
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"space": {"dqn.epsilon": {"uniform": [0, 1]}}}, r"key: 'dqn.epsilon' is not valid"),
+    ({"metric": "val_loss"}, r"metric: 'val_loss' is not valid.*eval_return_mean"),
+    ({"resources": {"gpu": True}}, r"resources.gpu: rl jobs have no such resource \(they take workers\)"),
+    ({"job": {"algo": "ddpg", "env": "CartPole-v1"}}, r"DDPG needs a continuous"),
+    ({"job": {"algo": "dqn"}}, r"or an algo and an env"),
+])
+def test_bad_rl_sweep_files_are_clear_user_errors(changes, message):
+    with pytest.raises(UserError, match=message):
+        load_sweep(data=_rl_sweep(**changes))

@@ -126,3 +126,27 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(mlflow_uri, tmp
         trial = k.data.tags[TRIAL_TAG]
         if trial in finished_before:  # not run again: its run ended when it did, with the same history
             assert (k.info.end_time, len(_history(client, k.info.run_id))) == finished_before[trial]
+
+
+def test_rl_sweep_reports_iterations_and_asha_stops_the_slower_trial(ray_session, mlflow_uri, tmp_path):
+    """Two DQN trials ranked by env_steps after each iteration (deterministic): 200 steps per iteration
+    beats 100, so ASHA stops the slower trial at its first rung; the other runs to its end."""
+    sweep = load_sweep(data={
+        "name": "rl2", "job": {"algo": "dqn", "env": "CartPole-v1", "timesteps": 400, "steps_per_iter": 100,
+                               "learning_starts": 50, "eval_episodes": 1, "storage_path": str(tmp_path / "rl")},
+        "space": {"steps_per_iter": {"grid": [200, 100]}}, "search": "random",
+        "scheduler": {"name": "asha", "grace_period": 1, "reduction_factor": 2},
+        "metric": "env_steps", "mode": "max", "samples": 1, "experiment": "sweep-rl2",
+        "storage_path": str(tmp_path / "tune")})
+    out = run_sweep(sweep, tracking_uri=mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    kids = {k.data.params["steps_per_iter"]: k for k in out.children}
+    assert set(kids) == {"200", "100"}
+    fast, slow = kids["200"], kids["100"]
+    assert fast.data.tags[EARLY_TAG] == "false" and client.get_run(fast.info.run_id).info.status == "FINISHED"
+    assert _history(client, fast.info.run_id, "env_steps") == [200, 400]
+    assert {a.path for a in client.list_artifacts(fast.info.run_id)} >= {"policy", "returns.png"}
+    assert slow.data.tags[EARLY_TAG] == "true" and client.get_run(slow.info.run_id).info.status == "KILLED"
+    assert len(_history(client, slow.info.run_id, "env_steps")) < 4
+    parent = client.get_run(out.parent_run_id)
+    assert parent.data.tags["best.steps_per_iter"] == "200" and parent.data.metrics["trials_early_stopped"] == 1

@@ -144,6 +144,11 @@ class GenerativeStep(Step):
             save_grid(images, out_dir / f"{stem}.png")
         model.train(was_training)
 
+    def artifact_metrics(self, model: nn.Module, info: dict[str, Any]) -> set[str]:
+        from raycraft.generative.metrics import QUALITY_METRICS, fid_key
+
+        return {fid_key(info["dataset"]), *QUALITY_METRICS} if model.cfg.quality_samples else set()
+
     @torch.no_grad()
     def artifacts(self, model: nn.Module, test_batches: Iterable[Any], info: dict[str, Any],
                   out_dir: Path) -> dict[str, float] | None:

@@ -137,6 +137,9 @@ def _train(model: nn.Module, splits: Any, dataset: str) -> FeatureClassifier:
     return clf
 
 
+QUALITY_METRICS = ("classes_covered", "mode_kl", "fid_classifier_test_accuracy")  # with fid_key(dataset)
+
+
 def sample_quality(images: torch.Tensor, info: dict[str, Any]) -> dict[str, float]:
     """FID (raycraft classifier) and mode coverage of generated images in [0, 1]."""
     clf = classifier_for(info["dataset"], info.get("data_dir"))

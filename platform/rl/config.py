@@ -95,6 +95,11 @@ class RLConfig:
         if not 0.0 < self.ddpg.tau <= 1.0:
             raise UserError(f"ddpg.tau: must be in (0, 1], got {self.ddpg.tau}.")
 
+    def reached(self, m: dict[str, float]) -> bool:
+        """Whether an iteration's metrics end the run: `timesteps` sampled or `stop_reward` reached."""
+        return m["env_steps"] >= self.timesteps or (
+            self.stop_reward is not None and m.get("eval_return_mean", float("-inf")) >= self.stop_reward)
+
 
 # Settings that suit a known (algo, env) pair. RLlib's tuned CartPole DQN (rllib/tuned_examples/dqn/
 # cartpole_dqn.py) is the baseline of benchmarks/rl_cartpole.py; these are raycraft's own.

@@ -24,6 +24,10 @@ from raycraft.errors import UserError
 from raycraft.rl.config import RLConfig
 
 CHECKPOINT_TAG = "raycraft.checkpoint"
+# What each training iteration logs (eval_return_mean on evaluation iterations, return_mean once an
+# episode has ended).
+ITERATION_METRICS = ("iteration", "env_steps", "return_mean", "episode_len_mean", "eval_return_mean",
+                     "steps_per_s", "wall_s", "replay_size")
 
 
 @dataclass
@@ -195,7 +199,9 @@ def returns_png(history: list[dict[str, float]], path: Path) -> None:
 
 def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, address: str | None = None,
              resume_run_id: str | None = None, on_start: Callable[[str], None] | None = None,
-             on_iteration: Callable[[dict[str, float]], None] | None = None) -> RLOutcome:
+             on_iteration: Callable[[dict[str, float]], None] | None = None, run_name: str | None = None,
+             tags: dict[str, str] | None = None) -> RLOutcome:
+    """Train until `cfg.reached`, logging each iteration to MLflow; `run_name` and `tags` name a new run."""
     from mlflow.entities import Metric
 
     from raycraft import tracking
@@ -212,10 +218,10 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
         checkpoint_dir = Path(checkpoint)
         tracking.reopen_run(uri, run_id)
     else:
-        name = f"{cfg.algo}-{cfg.env.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+        name = run_name or f"{cfg.algo}-{cfg.env.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
                                     {"raycraft.model": cfg.model, "raycraft.env": cfg.env,
-                                     "raycraft.algo": cfg.algo, "raycraft.task": "rl"},
+                                     "raycraft.algo": cfg.algo, "raycraft.task": "rl", **(tags or {})},
                                     yaml.safe_dump({**to_dict(cfg), "model_args": to_dict(model_cfg)},
                                                    sort_keys=False))
         checkpoint_dir = (Path(cfg.storage_path) / f"raycraft-rl-{run_id}" / "checkpoint").resolve()
@@ -247,8 +253,7 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
             client.log_batch(run_id, metrics=[Metric(k, v, stamp, int(m["env_steps"])) for k, v in m.items()])
             if on_iteration:
                 on_iteration(m)
-            done = m["env_steps"] >= cfg.timesteps or (
-                cfg.stop_reward is not None and m.get("eval_return_mean", float("-inf")) >= cfg.stop_reward)
+            done = cfg.reached(m)
             if done or int(m["iteration"]) % cfg.checkpoint_every == 0:
                 save_checkpoint(algo, checkpoint_dir, cfg.replay.save_in_checkpoint)
             if done:

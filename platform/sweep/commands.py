@@ -21,10 +21,10 @@ def tune(
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ):
-    """Search hyperparameters of a train job with Ray Tune; one MLflow parent run, a child run per trial.
+    """Search hyperparameters of a train or rl job with Ray Tune; one MLflow parent run, a child run per trial.
 
     `--set key=value` changes the sweep (name, metric, scheduler.name, ...) or, for any other key, the job
-    (optim.lr, epochs, dropout, ...)."""
+    (optim.lr, epochs, dropout, lr, dqn.target_update_freq, ...)."""
     from raycraft.sweep.config import load_sweep
     from raycraft.sweep.engine import resume_sweep, run_sweep
     from raycraft.tracking import ui_command

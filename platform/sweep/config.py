@@ -1,13 +1,15 @@
-"""A sweep file: the base `train` job, a search space over its keys, how to search and when to stop trials.
+"""A sweep file: the base job, a search space over its keys, how to search and when to stop trials.
 
     name: lenet_digits                 # Tune experiment name: `--resume NAME` continues it
     job: {model: lenet5, dataset: digits, epochs: 2}   # exactly a `raycraft train --config` file
+                                       # (or a `raycraft rl --config` file: {algo: dqn, env: CartPole-v1})
     space:                             # dotted or nested keys of the job; model keys need no prefix
       optim.lr: {loguniform: [1.0e-4, 1.0e-2]}
       dropout: {uniform: [0.0, 0.5]}
       optim: {name: {choice: [adam, adamw]}}
     search: random                     # random | grid | optuna (TPE) | hyperopt
     scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # fifo | asha | hyperband
+                                       # (times count epochs, or RLlib iterations for an rl job)
     metric: val_accuracy
     mode: max
     samples: 4
@@ -29,7 +31,8 @@ from typing import Any, Literal
 
 from raycraft.config import field_doc, from_dict, load_yaml, parse_override, set_path
 from raycraft.errors import UserError, invalid_choice
-from raycraft.train.config import TrainConfig, build_config, check_override_keys
+from raycraft.sweep.jobs import JobKind, kind_of
+from raycraft.train.config import TrainConfig, check_override_keys
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCHES = ("random", "grid", "optuna", "hyperopt")
@@ -39,7 +42,7 @@ LOOP_METRICS = ("epoch", "lr", "epoch_time", "samples_per_s")
 
 @dataclass
 class SchedulerConfig:
-    """When to stop trials early (ASHA, HyperBand). Times count epochs."""
+    """When to stop trials early (ASHA, HyperBand). Times count epochs (RL jobs: training iterations)."""
 
     name: str = field_doc("fifo", "fifo (run every trial to the end), asha or hyperband.")
     grace_period: int = field_doc(1, "ASHA: epochs every trial runs before it can be stopped.")
@@ -61,16 +64,16 @@ class SchedulerConfig:
 class ResourcesConfig:
     """Per trial; each value left null keeps the job's own."""
 
-    workers: int | None = field_doc(None, "Ray Train workers of each trial.")
-    cpus_per_worker: int | None = field_doc(None, "CPUs per worker.")
-    gpu: bool | None = field_doc(None, "One GPU per worker.")
+    workers: int | None = field_doc(None, "Ray Train workers of each trial (RL jobs: EnvRunner actors).")
+    cpus_per_worker: int | None = field_doc(None, "CPUs per worker (train jobs).")
+    gpu: bool | None = field_doc(None, "One GPU per worker (train jobs).")
 
 
 @dataclass
 class SweepConfig:
     name: str = field_doc("", "Tune experiment name (default: the file's stem); `--resume NAME` continues it.")
-    job: dict[str, Any] = field_doc(doc="The base `raycraft train` config (model, dataset, epochs, ...).",
-                                    factory=dict)
+    job: dict[str, Any] = field_doc(doc="The base job: a `raycraft train` config (model, dataset, epochs, ...) "
+                                        "or a `raycraft rl` config (algo, env, timesteps, ...).", factory=dict)
     space: dict[str, Any] = field_doc(doc="Search space: key -> {choice|grid|uniform|loguniform|randint: ...}.",
                                       factory=dict)
     search: str = field_doc("random", "random, grid, optuna (Bayesian, TPE) or hyperopt (TPE).")
@@ -117,12 +120,6 @@ class Domain:
         if self.kind == "randint":
             return [self.values[0], self.values[1] - 1]
         return list(self.values)
-
-
-def job_key(key: str) -> str:
-    """A space key as a path in the job: model keys take the `model_args.` prefix, as with `--set`."""
-    head = key.split(".")[0]
-    return key if head in {f.name for f in dataclasses.fields(TrainConfig)} else f"model_args.{key}"
 
 
 def flatten_space(space: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -177,13 +174,24 @@ class Sweep:
     config: SweepConfig
     job: dict[str, Any]
     space: dict[str, Domain]
-    epochs: int
+
+    @property
+    def kind(self) -> JobKind:
+        return kind_of(self.job)
+
+    @property
+    def length(self) -> int:
+        """Tune iterations of a trial that runs to its end: epochs, or RLlib iterations."""
+        return self.kind.length(self.kind.build(self.job)[0])
+
+    def key(self, key: str) -> str:
+        return self.kind.key(key)
 
     def trial_job(self, params: dict[str, Any]) -> dict[str, Any]:
         """The base job with one trial's sampled values set."""
         data = copy.deepcopy(self.job)
         for key, value in params.items():
-            set_path(data, job_key(key), value)
+            set_path(data, self.key(key), value)
         return data
 
     def param_space(self) -> dict[str, Any]:
@@ -217,27 +225,34 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] = (), sample
     cfg = from_dict(SweepConfig, raw)
     if not cfg.name:
         raise UserError("name: the sweep needs a name (it names the Tune experiment to resume).")
-    if "model" not in cfg.job or "dataset" not in cfg.job:
-        raise UserError("job: name a model and a dataset (the same keys as `raycraft train --config`).")
+    kind = kind_of(cfg.job)
+    if any(k not in cfg.job for k in kind.required):
+        raise UserError("job: name a model and a dataset (a `raycraft train --config` job) or an algo and an env "
+                        "(a `raycraft rl --config` job).")
     job = copy.deepcopy(cfg.job)
     for text in job_sets:
         key, value = parse_override(text)
-        set_path(job, job_key(key), value)
+        set_path(job, kind.key(key), value)
     for name in ("workers", "cpus_per_worker", "gpu"):
-        if getattr(cfg.resources, name) is not None:
-            job[name] = getattr(cfg.resources, name)
-    base, model_cfg = build_config(job)
+        value = getattr(cfg.resources, name)
+        if value is not None and name not in kind.resource_keys:
+            raise UserError(f"resources.{name}: {kind.name} jobs have no such resource (they take "
+                            f"{', '.join(kind.resource_keys)}).")
+        if value is not None:
+            job[name] = value
+    base, model_cfg = kind.build(job)
+    kind.check(base, model_cfg)
     space = {k: parse_domain(k, v) for k, v in flatten_space(cfg.space).items()}
-    check_override_keys(TrainConfig, type(model_cfg), [job_key(k) for k in space])
-    sweep = Sweep(cfg, job, space, base.epochs)
+    check_override_keys(kind.config_cls, type(model_cfg), [kind.key(k) for k in space])
+    sweep = Sweep(cfg, job, space)
     for key, domain in space.items():
         for value in domain.examples():
             try:
-                build_config(sweep.trial_job({key: value}))
+                kind.build(sweep.trial_job({key: value}))
             except UserError as exc:
                 raise UserError(f"space.{key}: value {value!r} is not valid for the job: {exc}") from None
     check_search(cfg, space)
-    check_metric(cfg, base)
+    check_metric(cfg, *kind.metrics(base))
     return sweep
 
 
@@ -253,32 +268,42 @@ def check_search(cfg: SweepConfig, space: dict[str, Domain]) -> None:
                         "instead of grid (or search: grid / random).")
 
 
-def reported_metrics(cfg: TrainConfig) -> set[str]:
-    """The per-epoch metric names a train job reports, found by evaluating its model on two validation
-    examples. `test_*` metrics come only after the last epoch, too late to rank or stop trials."""
+def reported_metrics(cfg: TrainConfig) -> tuple[set[str], set[str]]:
+    """(per-epoch, end-of-run) metric names of a train job, found by evaluating its model on the first two
+    validation examples. `test_*` and sample-quality metrics come only after the last epoch, too late to
+    rank or stop trials, but a sweep may plot them."""
     import contextlib
 
-    import torch
-    from torch.utils.data import TensorDataset
+    from torch.utils.data import Dataset
 
     from raycraft.config import from_dict
     from raycraft.registry import create_model, load_dataset, model_spec
     from raycraft.train.loop import Batches, evaluate
     from raycraft.train.step import step_for
 
+    class First(Dataset):  # a view of the first examples of any of the loop's datasets
+        def __init__(self, data: Dataset) -> None:
+            self.data = data
+
+        def __len__(self) -> int:
+            return min(2, len(self.data))
+
+        def __getitem__(self, idx):
+            return self.data[idx]
+
     spec = model_spec(cfg.model)
     splits = load_dataset(cfg.dataset, cfg.data)
     model = create_model(cfg.model, from_dict(spec.config_cls, cfg.model_args), splits.info)
-    few = TensorDataset(*splits.val[torch.arange(min(2, len(splits.val)))])
-    names = evaluate(step_for(spec.task), model, Batches(few, 2, shuffle=False), contextlib.nullcontext)
-    return {f"{split}_{k}" for k in names for split in ("train", "val")} | set(LOOP_METRICS)
+    step = step_for(spec.task)
+    names = evaluate(step, model, Batches(First(splits.val), 2, shuffle=False), contextlib.nullcontext)
+    epoch = {f"{split}_{k}" for k in names for split in ("train", "val")} | set(LOOP_METRICS)
+    return epoch, epoch | {f"test_{k}" for k in names} | step.artifact_metrics(model, splits.info)
 
 
-def check_metric(sweep: SweepConfig, cfg: TrainConfig) -> None:
-    names = reported_metrics(cfg)
+def check_metric(sweep: SweepConfig, names: set[str], final: set[str]) -> None:
+    """The metric ranks and stops trials, so every iteration must report it; plots may use final ones."""
     if sweep.metric not in names:
         raise invalid_choice("metric", sweep.metric, names)
-    final = names | {f"test_{k.removeprefix('val_')}" for k in names if k.startswith("val_")}
     for name in sweep.plot_metrics:
         if name not in final:
             raise invalid_choice("plot_metrics", name, final)

@@ -1,9 +1,11 @@
 """Run a sweep with Ray Tune: one MLflow parent run, one nested child run per trial.
 
-Each trial is a Tune function trainable that calls `raycraft.runner.run_training`, the same Train V2
-`TorchTrainer` as `raycraft train`; its epochs reach Tune through `TuneReportCallback`, so schedulers
-(ASHA, HyperBand) see them. The child run carries `mlflow.parentRunId` and the trial id. The driver
-marks what Tune decides: a trial stopped early is tagged `raycraft.early_stopped=true` and ends KILLED.
+Each trial is a Tune function trainable that runs its job as the plain command does (`sweep.jobs`): a
+train job calls `raycraft.runner.run_training`, the same Train V2 `TorchTrainer` as `raycraft train`,
+whose epochs reach Tune through `TuneReportCallback`; an RL job calls `train_rl` and reports each RLlib
+iteration. Schedulers (ASHA, HyperBand) see every report. The child run carries `mlflow.parentRunId`
+and the trial id. The driver marks what Tune decides: a trial stopped early is tagged
+`raycraft.early_stopped=true` and ends KILLED.
 
 Resume: Tune's experiment state lives in `<storage_path>/<name>`, beside `raycraft_sweep.yaml` (the
 validated sweep and its parent run id). `--resume NAME` restores Tune (finished trials are not run
@@ -27,8 +29,8 @@ import yaml
 from raycraft import tracking
 from raycraft.config import flatten
 from raycraft.errors import UserError
-from raycraft.sweep.config import Sweep, job_key, load_sweep
-from raycraft.train.config import build_config
+from raycraft.sweep.config import Sweep, load_sweep
+from raycraft.sweep.jobs import FINISHED_METRIC
 
 STATE_FILE = "raycraft_sweep.yaml"
 TRIAL_TAG = "raycraft.trial_id"
@@ -53,11 +55,11 @@ def sweep_dir(sweep_storage: str, name: str) -> Path:
 def resolved_job(sweep: Sweep) -> dict[str, Any]:
     """The base job with every path absolute (trials run in their own folders) and the sweep's experiment."""
     job = copy.deepcopy(sweep.job)
-    base, _ = build_config(job)
+    base, _ = sweep.kind.build(job)
     job["experiment"] = sweep.config.experiment
     storage = base.storage_path
     job["storage_path"] = storage if "://" in storage else str(Path(storage).resolve())
-    if base.data.data_dir:
+    if getattr(base, "data", None) and base.data.data_dir:
         job.setdefault("data", {})["data_dir"] = str(Path(base.data.data_dir).resolve())
     return job
 
@@ -76,46 +78,31 @@ def is_done(run: Any) -> bool:
     return run.info.status == "FINISHED" or run.data.tags.get(EARLY_TAG) == "true"
 
 
-def report_callback(epochs: int):
-    """Tune's `TuneReportCallback`, minus the loop's report of the last epoch: the run's final report
-    repeats that epoch's metrics with the test metrics, so Tune's iteration i is epoch i and a scheduler
-    with max_t = epochs never stops a trial between its last epoch and its test evaluation."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class EpochReportCallback(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            last = metrics[0]
-            if last.get("epoch") == epochs - 1 and not any(k.startswith("test_") for k in last):
-                return
-            super().after_report(run_context, metrics, checkpoint)
-
-    return EpochReportCallback()
-
-
 def run_trial(params: dict[str, Any], *, sweep: Sweep, parent_run_id: str, uri: str) -> None:
-    """Tune's function trainable: one trial = one `run_training` call, reported epoch by epoch."""
+    """Tune's function trainable: one trial = one run of the job, reported as it goes."""
     import ray.tune
     import torch
 
-    from raycraft.runner import run_training
-
     torch.set_num_threads(1)
     trial_id = ray.tune.get_context().get_trial_id()
-    cfg, _ = build_config(sweep.trial_job(params))
+    kind = sweep.kind
+    cfg, model_cfg = kind.build(sweep.trial_job(params))
     previous = children(uri, cfg.experiment, parent_run_id, trial_id)
-    if previous and is_done(previous[-1]):  # ended before the driver recorded it: report, do not retrain
-        ray.tune.report(dict(previous[-1].data.metrics))
+    if previous and is_done(previous[-1]):  # ended before the driver recorded it: report, do not rerun
+        run = previous[-1]
+        ray.tune.report({**run.data.metrics, **({FINISHED_METRIC: 1.0} if run.info.status == "FINISHED" else {})})
         return
-    run_training(cfg, tracking_uri=uri, resume_run_id=previous[-1].info.run_id if previous else None,
-                 run_name=f"{sweep.config.name}-{trial_id}",
-                 tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "raycraft.sweep": sweep.config.name,
-                       **{f"raycraft.param.{k}": str(v) for k, v in params.items()}},
-                 callbacks=[report_callback(cfg.epochs)], paced_by_tune=True)
+    kind.run(cfg, model_cfg, uri=uri, resume_run_id=previous[-1].info.run_id if previous else None,
+             run_name=f"{sweep.config.name}-{trial_id}",
+             tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "raycraft.sweep": sweep.config.name,
+                   **{f"raycraft.param.{k}": str(v) for k, v in params.items()}})
 
 
-def make_callback(uri: str, experiment: str, parent_run_id: str, verbose: bool):
+def make_callback(uri: str, experiment: str, parent_run_id: str, kind: str, verbose: bool):
     """Tune pickles its callbacks with the experiment state: this one holds only plain values."""
     from ray.tune import Callback
+
+    from raycraft.sweep.jobs import KINDS
 
     echo = print if verbose else None
 
@@ -127,10 +114,13 @@ def make_callback(uri: str, experiment: str, parent_run_id: str, verbose: bool):
                 shown = {k: v for k, v in result.items() if k.startswith(("val_", "train_"))}
                 echo(f"trial {trial.trial_id} epoch {int(result['epoch']) + 1}  "
                      + "  ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+            elif echo and "env_steps" in result:
+                shown = {k: result[k] for k in ("env_steps", "return_mean", "eval_return_mean") if k in result}
+                echo(f"trial {trial.trial_id} iteration {int(result['iteration'])}  "
+                     + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
         def on_trial_complete(self, iteration, trials, trial, **info):
-            result = trial.last_result or {}
-            early = not any(k.startswith("test_") for k in result)
+            early = not KINDS[kind].finished(trial.last_result or {})
             for run in children(uri, experiment, parent_run_id, trial.trial_id):
                 tracking.set_tags(uri, run.info.run_id, {EARLY_TAG: str(early).lower()})
                 if run.info.status == "RUNNING":  # Tune stopped the actor before run_training ended it
@@ -172,10 +162,10 @@ def build_scheduler(sweep: Sweep, uri: str, parent_run_id: str):
     s = sweep.config.scheduler
     where = {"uri": uri, "experiment": sweep.config.experiment, "parent_run_id": parent_run_id}
     if s.name == "asha":
-        return pacing.ASHA(max_t=sweep.epochs, grace_period=min(s.grace_period, sweep.epochs),
+        return pacing.ASHA(max_t=sweep.length, grace_period=min(s.grace_period, sweep.length),
                            reduction_factor=s.reduction_factor, **where)
     if s.name == "hyperband":
-        return pacing.HyperBand(max_t=sweep.epochs, reduction_factor=s.reduction_factor, **where)
+        return pacing.HyperBand(max_t=sweep.length, reduction_factor=s.reduction_factor, **where)
     return pacing.FIFO(**where)
 
 
@@ -183,17 +173,16 @@ def trainable(sweep: Sweep, parent_run_id: str, uri: str):
     from ray import tune
 
     job = resolved_job(sweep)
-    fixed = Sweep(sweep.config, job, sweep.space, sweep.epochs)
-    # The trial's own process only waits on its Ray Train workers, which reserve the CPUs (Tune needs
-    # a nonzero request).
+    fixed = Sweep(sweep.config, job, sweep.space)
     return tune.with_resources(tune.with_parameters(run_trial, sweep=fixed, parent_run_id=parent_run_id, uri=uri),
-                               {"CPU": 0.01})
+                               {"CPU": sweep.kind.trial_cpus})
 
 
 def check_fits(sweep: Sweep) -> None:
     from raycraft.runner import check_cluster_resources
 
-    check_cluster_resources(build_config(sweep.job)[0])
+    if sweep.kind.name == "train":
+        check_cluster_resources(sweep.kind.build(sweep.job)[0])
 
 
 def start_parent(sweep: Sweep, uri: str) -> str:
@@ -203,7 +192,7 @@ def start_parent(sweep: Sweep, uri: str) -> str:
     params = {"search": cfg.search, "scheduler": cfg.scheduler.name, "metric": cfg.metric, "mode": cfg.mode,
               "samples": cfg.samples, "concurrency": cfg.concurrency,
               **{f"space.{k}": f"{d.kind}{list(d.values)}" for k, d in sweep.space.items()},
-              **{f"job.{k}": v for k, v in flatten(to_dict(build_config(sweep.job)[0])).items()}}
+              **{f"job.{k}": v for k, v in flatten(to_dict(sweep.kind.build(sweep.job)[0])).items()}}
     return tracking.start_run(uri, cfg.experiment, f"sweep-{cfg.name}", params,
                               {"raycraft.sweep": cfg.name, "raycraft.kind": "sweep"},
                               yaml.safe_dump(sweep_state(sweep, ""), sort_keys=False))
@@ -255,7 +244,8 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
                                         search_alg=build_search(sweep),
                                         scheduler=build_scheduler(sweep, uri, parent)),
             run_config=tune.RunConfig(name=cfg.name, storage_path=str(folder.parent), verbose=0,
-                                      callbacks=[make_callback(uri, cfg.experiment, parent, echo is not None)]))
+                                      callbacks=[make_callback(uri, cfg.experiment, parent, sweep.kind.name,
+                                                      echo is not None)]))
     if echo:
         echo(f"sweep {cfg.name}: MLflow parent run {parent}")
     try:
@@ -289,7 +279,7 @@ def summarize(sweep: Sweep, uri: str, parent: str) -> SweepOutcome:
     best_params: dict[str, Any] = {}
     metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
     if best is not None:
-        best_params = {k: best.data.params.get(job_key(k)) for k in sweep.space}
+        best_params = {k: best.data.params.get(sweep.key(k)) for k in sweep.space}
         metrics.append(Metric(f"best_{cfg.metric}", best.data.metrics[cfg.metric], now, 0))
         tracking.set_tags(uri, parent, {"raycraft.best_run_id": best.info.run_id,
                                         "raycraft.best_trial": best.data.tags.get(TRIAL_TAG, ""),
@@ -299,7 +289,7 @@ def summarize(sweep: Sweep, uri: str, parent: str) -> SweepOutcome:
     histories = {r.info.run_id: client.get_metric_history(r.info.run_id, cfg.metric) for r in runs}
     with tempfile.TemporaryDirectory() as tmp:
         metric_vs_params_png(sweep, runs, Path(tmp) / "metric_vs_params.png")
-        curves_png(cfg.metric, runs, histories, Path(tmp) / "learning_curves.png")
+        curves_png(cfg.metric, runs, histories, Path(tmp) / "learning_curves.png", sweep.kind.curve_x)
         tracking.log_dir(uri, parent, tmp, "plots")
     tracking.end_run(uri, parent, "FINISHED")
     return SweepOutcome(cfg.name, parent, best.info.run_id if best else None,

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from raycraft.plots import plt
-from raycraft.sweep.config import Sweep, job_key
+from raycraft.sweep.config import Sweep
 
 
 def _early(run: Any) -> bool:
@@ -21,7 +21,7 @@ def metric_vs_params_png(sweep: Sweep, runs: list[Any], path: Path) -> None:
     fig, axes = plt.subplots(len(metrics), len(keys), figsize=(4.5 * len(keys), 3.2 * len(metrics)), squeeze=False)
     for col, key in enumerate(keys):
         domain = sweep.space[key]
-        raw = [r.data.params.get(job_key(key)) for r in runs]
+        raw = [r.data.params.get(sweep.key(key)) for r in runs]
         categorical = domain.kind in ("choice", "grid")
         labels = [str(list(v)) if isinstance(v, (list, tuple)) else str(v) for v in domain.values]
         for row, metric in enumerate(metrics):
@@ -45,15 +45,17 @@ def metric_vs_params_png(sweep: Sweep, runs: list[Any], path: Path) -> None:
     plt.close(fig)
 
 
-def curves_png(metric: str, runs: list[Any], histories: dict[str, list[Any]], path: Path) -> None:
-    """Every trial's metric against epoch on one axis; dashed lines were stopped early."""
+def curves_png(metric: str, runs: list[Any], histories: dict[str, list[Any]], path: Path,
+               x: tuple[str, int] = ("epoch", 1)) -> None:
+    """Every trial's metric against its progress (x: label, offset added to each metric's step) on one
+    axis; dashed lines were stopped early."""
     fig, ax = plt.subplots(figsize=(6, 4))
     for run in runs:
         points = sorted((int(m.step), m.value) for m in histories.get(run.info.run_id, []))
         if points:
-            ax.plot([p[0] + 1 for p in points], [p[1] for p in points], marker="o", ms=3,
+            ax.plot([p[0] + x[1] for p in points], [p[1] for p in points], marker="o", ms=3,
                     linestyle="--" if _early(run) else "-", label=run.data.tags.get("raycraft.trial_id", ""))
-    ax.set_xlabel("epoch")
+    ax.set_xlabel(x[0])
     ax.set_ylabel(metric)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)

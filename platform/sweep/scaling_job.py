@@ -29,7 +29,8 @@ import yaml
 from raycraft import tracking
 from raycraft.config import field_doc, from_dict, load_yaml, set_path, to_dict
 from raycraft.errors import UserError
-from raycraft.sweep.config import job_key, reported_metrics
+from raycraft.sweep.config import reported_metrics
+from raycraft.sweep.jobs import KINDS
 from raycraft.sweep.scaling import Fit, compute_optimal, fit_chinchilla, fit_power_law, held_out_error
 from raycraft.train.config import TrainConfig, build_config
 
@@ -75,7 +76,7 @@ class Point:
 def _apply(job: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(job)
     for k, v in overrides.items():
-        set_path(out, job_key(k), v)
+        set_path(out, KINDS["train"].key(k), v)
     return out
 
 
@@ -108,7 +109,7 @@ def load_scaling(path: str | Path) -> tuple[ScalingConfig, list[Point]]:
             except UserError as exc:
                 raise UserError(f"sizes[{i}] with data {data}: {exc}") from None
             points.append(Point(i, train_cfg, *measure(train_cfg)))
-    names = reported_metrics(points[0].cfg)
+    names = reported_metrics(points[0].cfg)[1]  # a fit reads each run's end-of-run value
     if cfg.metric not in names:
         from raycraft.errors import invalid_choice
 

@@ -70,6 +70,10 @@ class Step:
         """Write end-of-run files (plots, samples) for MLflow into `out_dir`. Runs on rank 0 only.
         May return end-of-run metrics that need the whole model (sample quality); they are logged too."""
 
+    def artifact_metrics(self, model: nn.Module, info: dict[str, Any]) -> set[str]:
+        """Names of the metrics `artifacts` returns for this model (sweeps check plot_metrics against them)."""
+        return set()
+
 
 class ClassificationStep(Step):
     """Cross-entropy classification: loss = -log softmax(f(x))_y, metrics loss and accuracy.
