@@ -51,6 +51,8 @@ class DDPMConfig(GenerativeConfig):
     sampler: Literal["ancestral", "ddim"] = field_doc(
         "ddim", "Sampler for epoch grids and end-of-run metrics (`raycraft sample --sampler` overrides).")
     sample_steps: int = field_doc(50, "DDIM steps for epoch grids and end-of-run metrics.")
+    ddim_eta: float = field_doc(0.0, "DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM's posterior noise on the "
+                                      "shortened chain (better FID from a small, briefly trained model).")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -59,6 +61,8 @@ class DDPMConfig(GenerativeConfig):
                             f"channel_mults ({self.channel_mults}) a non-empty list of positive ints.")
         if not 1 <= self.sample_steps <= self.timesteps:
             raise UserError(f"ddpm.sample_steps: {self.sample_steps} must be in [1, timesteps={self.timesteps}].")
+        if self.ddim_eta < 0:
+            raise UserError(f"ddpm.ddim_eta: {self.ddim_eta} must be >= 0.")
 
 
 def beta_schedule(kind: str, T: int) -> torch.Tensor:
@@ -178,19 +182,19 @@ class DDPM(GenerativeModel):
         return torch.randn(n, *self.shape, generator=generator, device=self.abar.device)
 
     def forward(self, x_T: torch.Tensor) -> torch.Tensor:  # (N, C, H, W) noise -> images in [0, 1]
-        return self.denoise(x_T, self.cfg.sampler, self.cfg.sample_steps)
+        return self.denoise(x_T, self.cfg.sampler, self.cfg.sample_steps, self.cfg.ddim_eta)
 
     def sample(self, n: int, generator: torch.Generator | None = None, sampler: str | None = None,
-               steps: int | None = None) -> torch.Tensor:
+               steps: int | None = None, eta: float | None = None) -> torch.Tensor:
         return self.denoise(self.noise(n, generator), sampler or self.cfg.sampler, steps or self.cfg.sample_steps,
-                            generator)
+                            self.cfg.ddim_eta if eta is None else eta, generator)
 
     @torch.no_grad()
-    def denoise(self, x: torch.Tensor, sampler: str, steps: int, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sampler: str, steps: int, eta: float = 0.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
         if sampler not in SAMPLERS:
             raise invalid_choice("sampler", sampler, SAMPLERS)
-        x = self.ancestral(x, generator) if sampler == "ancestral" else self.ddim(x, steps)
+        x = self.ancestral(x, generator) if sampler == "ancestral" else self.ddim(x, steps, eta, generator)
         return ((x.clamp(-1, 1) + 1) / 2)
 
     def ancestral(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -203,7 +207,16 @@ class DDPM(GenerativeModel):
                 x = x + var.sqrt() * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
-    def ddim(self, x: torch.Tensor, steps: int) -> torch.Tensor:
+    def ddim(self, x: torch.Tensor, steps: int, eta: float = 0.0,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+        """DDIM (Song et al. 2021) on a sub-sequence tau of `steps` of the T timesteps:
+
+            x0_hat    = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t), clipped to [-1, 1]
+            eps_hat   = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)     (the noise the clipped x0_hat implies)
+            sigma     = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)
+            x_prev    = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z
+
+        eta = 0 is deterministic; eta = 1 is DDPM's posterior variance on the shortened chain."""
         if not 1 <= steps <= self.cfg.timesteps:
             raise UserError(f"--steps: {steps} must be in [1, T={self.cfg.timesteps}].")
         taus = torch.linspace(self.cfg.timesteps - 1, 0, steps).round().long().tolist()
@@ -212,7 +225,11 @@ class DDPM(GenerativeModel):
             abar_prev = self.abar[taus[i + 1]] if i + 1 < len(taus) else x.new_tensor(1.0)
             eps = self.unet(x, torch.full((len(x),), t, device=x.device, dtype=torch.long))
             x0 = ((x - (1 - abar).sqrt() * eps) / abar.sqrt()).clamp(-1, 1)
-            x = abar_prev.sqrt() * x0 + (1 - abar_prev).sqrt() * eps
+            eps = (x - abar.sqrt() * x0) / (1 - abar).sqrt()
+            sigma = eta * ((1 - abar_prev) / (1 - abar) * (1 - abar / abar_prev)).sqrt()
+            x = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).clamp(min=0).sqrt() * eps
+            if eta > 0 and i + 1 < len(taus):
+                x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device)
         return x
 
 

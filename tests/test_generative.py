@@ -168,6 +168,18 @@ def test_ddim_with_all_steps_and_ancestral_return_images_in_range():
         assert x.shape == (3, 1, 8, 8) and 0 <= x.min() and x.max() <= 1
 
 
+def test_ddim_eta_zero_is_deterministic_and_eta_one_is_not():
+    torch.manual_seed(0)
+    model = DDPM(DDPMConfig(timesteps=20, channel_mults=[1, 2], width=8, sample_steps=5), (1, 8, 8)).eval()
+    x_T = model.noise(4, torch.Generator().manual_seed(0))
+    a, b = (model.denoise(x_T, "ddim", 5, 0.0, torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert torch.equal(a, b)  # eta = 0: the sample is a function of x_T alone
+    c, d = (model.denoise(x_T, "ddim", 5, 1.0, torch.Generator().manual_seed(s)) for s in (1, 2))
+    assert not torch.allclose(c, d)
+    with pytest.raises(UserError, match="ddim_eta"):
+        DDPMConfig(ddim_eta=-1.0)
+
+
 def test_epoch_grids_and_vae_extras(tmp_path):
     step = GenerativeStep()
     vae = VAE(VAEConfig(width=4, latent_dim=4, grid_samples=9), (1, 8, 8))

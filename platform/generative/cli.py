@@ -28,12 +28,13 @@ def load_generative_run(run_id: str, tracking_uri: str | None):
     return rebuild_model(uri, run_id, cfg, spec, info), cfg, info
 
 
-def generate(model, n: int, seed: int, sampler: str | None, steps: int | None, batch: int = 500):
+def generate(model, n: int, seed: int, sampler: str | None, steps: int | None, batch: int = 500,
+             eta: float | None = None):
     """n samples in batches, and the seconds they took."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
-    kwargs = {k: v for k, v in {"sampler": sampler, "steps": steps}.items() if v is not None}
+    kwargs = {k: v for k, v in {"sampler": sampler, "steps": steps, "eta": eta}.items() if v is not None}
     start = time.perf_counter()
     with torch.no_grad():
         images = torch.cat([model.sample(min(batch, n - i), g, **kwargs) for i in range(0, n, batch)])
@@ -47,6 +48,8 @@ def sample(
     out: Annotated[Path, typer.Option("--out", help="PNG file for the sample grid.")] = Path("samples.png"),
     sampler: Annotated[Optional[str], typer.Option(help="ddpm only: ancestral (all T steps) or ddim.")] = None,
     steps: Annotated[Optional[int], typer.Option(help="ddpm with --sampler ddim: number of DDIM steps.")] = None,
+    eta: Annotated[Optional[float], typer.Option(
+        help="ddpm with --sampler ddim: 0 deterministic, 1 DDPM's noise on the shortened chain.")] = None,
     metrics: Annotated[bool, typer.Option("--metrics", help="Also print FID (raycraft classifier) and mode "
                                                              "coverage of the n samples (use --n 1000).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the noise.")] = 0,
@@ -68,12 +71,14 @@ def sample(
     if steps is not None and steps < 1:
         raise UserError(f"--steps: {steps} must be at least 1.")
     model, cfg, info = load_generative_run(run_id, tracking_uri)
-    if (sampler or steps) and cfg.model != "ddpm":
-        raise UserError(f"--sampler/--steps: only ddpm has samplers; run {run_id} trained {cfg.model!r}.")
-    if steps is not None and (sampler or model.cfg.sampler) != "ddim":
-        raise UserError("--steps: sets DDIM's step count; ancestral sampling always takes all T steps. "
-                        "Add --sampler ddim.")
-    images, seconds = generate(model, n, seed, sampler, steps)
+    if (sampler or steps or eta is not None) and cfg.model != "ddpm":
+        raise UserError(f"--sampler/--steps/--eta: only ddpm has samplers; run {run_id} trained {cfg.model!r}.")
+    if (steps is not None or eta is not None) and (sampler or model.cfg.sampler) != "ddim":
+        raise UserError("--steps/--eta: set DDIM's step count and noise; ancestral sampling always takes all T "
+                        "steps. Add --sampler ddim.")
+    if eta is not None and eta < 0:
+        raise UserError(f"--eta: {eta} must be >= 0.")
+    images, seconds = generate(model, n, seed, sampler, steps, eta=eta)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(images[:256], out)
     console.print(f"wrote {min(n, 256)} of {n} samples to {out} ({seconds:.1f} s sampling)")
