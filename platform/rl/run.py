@@ -264,7 +264,8 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
             client.log_artifacts(run_id, str(Path(tmp) / "policy"), "policy")
             client.log_artifact(run_id, str(Path(tmp) / "returns.png"))
     except BaseException as exc:
-        tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+        if tracking.get_run(uri, run_id).info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
+            tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
         raise
     finally:
         if algo is not None:

@@ -123,7 +123,8 @@ def make_callback(uri: str, experiment: str, parent_run_id: str, kind: str, verb
             early = not KINDS[kind].finished(trial.last_result or {})
             for run in children(uri, experiment, parent_run_id, trial.trial_id):
                 tracking.set_tags(uri, run.info.run_id, {EARLY_TAG: str(early).lower()})
-                if run.info.status == "RUNNING":  # Tune stopped the actor before run_training ended it
+                # Tune stopped the actor before the run ended, or the stop interrupted the run (RL: FAILED)
+                if run.info.status == "RUNNING" or (early and run.info.status == "FAILED"):
                     if early:
                         tracking.set_tags(uri, run.info.run_id, {"raycraft.status": "early_stopped"})
                     tracking.end_run(uri, run.info.run_id, "KILLED" if early else "FINISHED")
