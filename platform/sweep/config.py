@@ -174,15 +174,12 @@ class Sweep:
     config: SweepConfig
     job: dict[str, Any]
     space: dict[str, Domain]
+    length: int
+    """Tune iterations of a trial that runs to its end: epochs, or RLlib iterations."""
 
     @property
     def kind(self) -> JobKind:
         return kind_of(self.job)
-
-    @property
-    def length(self) -> int:
-        """Tune iterations of a trial that runs to its end: epochs, or RLlib iterations."""
-        return self.kind.length(self.kind.build(self.job)[0])
 
     def key(self, key: str) -> str:
         return self.kind.key(key)
@@ -244,7 +241,7 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] = (), sample
     kind.check(base, model_cfg)
     space = {k: parse_domain(k, v) for k, v in flatten_space(cfg.space).items()}
     check_override_keys(kind.config_cls, type(model_cfg), [kind.key(k) for k in space])
-    sweep = Sweep(cfg, job, space)
+    sweep = Sweep(cfg, job, space, kind.length(base))
     for key, domain in space.items():
         for value in domain.examples():
             try:

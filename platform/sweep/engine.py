@@ -174,16 +174,13 @@ def trainable(sweep: Sweep, parent_run_id: str, uri: str):
     from ray import tune
 
     job = resolved_job(sweep)
-    fixed = Sweep(sweep.config, job, sweep.space)
+    fixed = Sweep(sweep.config, job, sweep.space, sweep.length)
     return tune.with_resources(tune.with_parameters(run_trial, sweep=fixed, parent_run_id=parent_run_id, uri=uri),
                                {"CPU": sweep.kind.trial_cpus})
 
 
 def check_fits(sweep: Sweep) -> None:
-    from raycraft.runner import check_cluster_resources
-
-    if sweep.kind.name == "train":
-        check_cluster_resources(sweep.kind.build(sweep.job)[0])
+    sweep.kind.check_fits(sweep.kind.build(sweep.job)[0])
 
 
 def start_parent(sweep: Sweep, uri: str) -> str:

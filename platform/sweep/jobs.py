@@ -42,6 +42,9 @@ class JobKind:
     def check(self, cfg: Any, model_cfg: Any) -> None:
         """What `build` does not check and the plain command checks before Ray starts."""
 
+    def check_fits(self, cfg: Any) -> None:
+        """Once Ray is up: whether the cluster can hold one trial."""
+
     def length(self, cfg: Any) -> int:
         """Tune iterations of a trial that runs to its end (a scheduler's max_t)."""
         raise NotImplementedError
@@ -78,6 +81,11 @@ class TrainJob(JobKind):
         from raycraft.train.config import build_config
 
         return build_config(job)
+
+    def check_fits(self, cfg):
+        from raycraft.runner import check_cluster_resources
+
+        check_cluster_resources(cfg)
 
     def length(self, cfg):
         return cfg.epochs
