@@ -237,7 +237,8 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     except BaseException as exc:
         run = tracking.get_run(uri, run_id)
         if not (paced_by_tune and tracking.COMPLETED_TAG in run.data.tags):
-            tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+            if run.info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
+                tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
             raise TrainingError(f"training failed: {exc}") from exc
         # Tune stopped the trial on its final report, tearing Ray Train down after the run was complete
         tracking.end_run(uri, run_id, "FINISHED")
