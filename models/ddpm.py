@@ -51,8 +51,9 @@ class DDPMConfig(GenerativeConfig):
     sampler: Literal["ancestral", "ddim"] = field_doc(
         "ddim", "Sampler for epoch grids and end-of-run metrics (`raycraft sample --sampler` overrides).")
     sample_steps: int = field_doc(50, "DDIM steps for epoch grids and end-of-run metrics.")
-    ddim_eta: float = field_doc(0.0, "DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM's posterior noise on the "
-                                      "shortened chain (better FID from a small, briefly trained model).")
+    ddim_eta: float = field_doc(1.0, "DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM's posterior noise on the "
+                                      "shortened chain, which a small, briefly trained model samples better with "
+                                      "(mnist5k, T=500: FID 81 and 10 classes against 113 and 9 at eta 0).")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -128,8 +128,9 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
                         f"the cluster has {total.get('CPU', 0):g}. Lower --workers or cpus_per_worker.")
 
 
-RUN_LEVEL_METRICS = {"startup_s", "ray_init_s"}
-"""Logged once per run (`RunLogger.log_once`), not per epoch: kept out of the epoch lines."""
+RUN_LEVEL_METRICS = {"startup_s", "ray_init_s", "sparsity", "imp_rounds"}
+"""Logged once per run (`RunLogger.log_once`), not per epoch: kept out of the epoch lines, as are the
+lottery-ticket rounds' `imp_*` metrics (their steps count pruning rounds, not epochs)."""
 
 
 class Progress:
@@ -149,7 +150,7 @@ class Progress:
         if not new:
             return
         keys = [k for k in self.client.get_run(self.run_id).data.metrics if k not in RUN_LEVEL_METRICS
-                and not k.startswith("test_")]
+                and not k.startswith(("test_", "imp_"))]
         hist = {k: {int(m.step): m.value for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
         for s in new:
             self.on_epoch({k: h[s] for k, h in hist.items() if s in h})

@@ -125,16 +125,6 @@ def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path
         raise UserError(f"RUN_ID: run {run_id!r} has no artifact {path!r} (did it finish?).") from None
 
 
-def epoch_history(uri: str, run_id: str) -> dict[int, dict[str, float]]:
-    """{epoch: {metric: value}} for every metric logged per epoch."""
-    client = _client(uri)
-    out: dict[int, dict[str, float]] = {}
-    for key in client.get_run(run_id).data.metrics:
-        for m in client.get_metric_history(run_id, key):
-            out.setdefault(int(m.step), {})[key] = m.value
-    return dict(sorted(out.items()))
-
-
 class RunLogger:
     """Rank 0's MLflow writer. Logs each epoch at most once: epochs already in MLflow are skipped."""
 
@@ -201,12 +191,12 @@ class RunLogger:
         for metrics in history:
             self.log_epoch(metrics)
 
-    def log_once(self, metrics: dict[str, float]) -> None:
-        """Run-level figures (test metrics, start-up time), at step 0."""
+    def log_once(self, metrics: dict[str, float], step: int = 0) -> None:
+        """Figures outside the epoch history (test metrics, start-up time; a pruning round's at `step`)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, 0) for k, v in metrics.items()])
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         log_dir(self.uri, self.run_id, local_dir, artifact_path)

@@ -23,8 +23,21 @@ def _logged_epochs(uri: str, run_id: str, key: str = "epoch") -> list[int]:
     return sorted(int(m.step) for m in MlflowClient(uri).get_metric_history(run_id, key))
 
 
-def test_train_eval_resume_and_nonfinite(ray_session, mlflow_uri, storage):
-    cfg, _ = build_config({"model": "lenet5", "dataset": "digits", "epochs": 2, "storage_path": storage})
+def _pruned_weights_are_zero(uri: str, run_id: str, tmp: Path) -> float:
+    """The run's final checkpoint: every weight its lottery-ticket masks prune is 0; returns the sparsity."""
+    from raycraft.tracking import download_artifact
+    from raycraft.train.loop import CHECKPOINT_FILE, load_state
+
+    tmp.mkdir()
+    state = load_state(download_artifact(uri, run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp).parent)
+    assert state["masks"] and all((state["model"][n][~m] == 0).all() for n, m in state["masks"].items())
+    return 1 - sum(int(m.sum()) for m in state["masks"].values()) / sum(m.numel() for m in state["masks"].values())
+
+
+def test_train_eval_resume_and_nonfinite(ray_session, mlflow_uri, storage, tmp_path):
+    # a lottery ticket at 50% sparsity (one IMP round), so pruning goes through the same loop, eval and resume
+    cfg, _ = build_config({"model": "lenet5", "dataset": "digits", "epochs": 2, "storage_path": storage,
+                           "prune": {"sparsity": 0.5, "rate": 0.5}})
     seen: list[int] = []
     out = run_training(cfg, tracking_uri=mlflow_uri, on_epoch=lambda m: seen.append(int(m["epoch"])))
     client = MlflowClient(mlflow_uri)
@@ -36,6 +49,8 @@ def test_train_eval_resume_and_nonfinite(ray_session, mlflow_uri, storage):
         a.path for a in client.list_artifacts(out.run_id, "plots")}
     assert {"config.yaml", "plots/curves.png", "plots/confusion_matrix.png", "checkpoint"} <= artifacts
     assert 0.5 < out.metrics["test_accuracy"] <= 1.0
+    assert run.data.metrics["sparsity"] == 0.5 and _logged_epochs(mlflow_uri, out.run_id, "imp_val_accuracy") == [0]
+    assert _pruned_weights_are_zero(mlflow_uri, out.run_id, tmp_path / "first") == 0.5
 
     # eval reloads the logged model and reproduces the run's own test metrics
     again = evaluate_run(out.run_id, tracking_uri=mlflow_uri)
@@ -47,6 +62,7 @@ def test_train_eval_resume_and_nonfinite(ray_session, mlflow_uri, storage):
     run_training(more, tracking_uri=mlflow_uri, resume_run_id=out.run_id)
     assert _logged_epochs(mlflow_uri, out.run_id) == [0, 1, 2]
     assert _logged_epochs(mlflow_uri, out.run_id, "val_loss") == [0, 1, 2]
+    assert _pruned_weights_are_zero(mlflow_uri, out.run_id, tmp_path / "resumed") == 0.5  # masks came back
 
     # an exploding learning rate: the run stops with a clear error, FAILED, last good checkpoint kept
     bad, _ = build_config({**_cfg_dict(cfg), "epochs": 5}, ["optim.name=sgd", "optim.lr=1e30",

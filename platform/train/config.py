@@ -40,6 +40,33 @@ class OptimConfig:
 
 
 @dataclass
+class PruneConfig:
+    """Lottery-ticket search (Frankle & Carbin 2019): iterative magnitude pruning with rewinding."""
+
+    sparsity: float = field_doc(
+        0.0, "Fraction of the prunable weights (linear and conv weights; not biases or norms) that are zero "
+             "in the final training. 0: a dense run.")
+    rate: float = field_doc(
+        0.2, "Fraction of the surviving weights each pruning round removes (the paper's 20%); rounds go on "
+             "until `sparsity` is reached, the last one pruning exactly to it.")
+    rewind_epoch: int = field_doc(
+        0, "After each round the surviving weights go back to their values after this many epochs of the "
+           "first (dense) training: 0 is the original ticket (the initialisation), 1 or 2 is rewinding "
+           "(Frankle et al. 2019), which finds tickets in deeper nets.")
+    reinit: bool = field_doc(
+        False, "The control: train the ticket's mask from a fresh random initialisation instead of the "
+               "rewound weights. A winning ticket is one that beats this.")
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.sparsity < 1:
+            raise UserError(f"prune.sparsity: {self.sparsity} must be in [0, 1).")
+        if not 0 < self.rate < 1:
+            raise UserError(f"prune.rate: {self.rate} must be in (0, 1).")
+        if self.rewind_epoch < 0:
+            raise UserError(f"prune.rewind_epoch: {self.rewind_epoch} must be >= 0.")
+
+
+@dataclass
 class TrainConfig:
     """A training job: which model on which data, for how long, on what resources, tracked where."""
 
@@ -58,6 +85,8 @@ class TrainConfig:
     seed: int = field_doc(0, "Seed of weights, shuffling and dropout.")
     optim: OptimConfig = field_doc(doc="Optimizer and schedule.", factory=OptimConfig)
     data: DataConfig = field_doc(doc="Data location and splits.", factory=DataConfig)
+    prune: PruneConfig = field_doc(doc="Lottery-ticket pruning before the final training (off by default).",
+                                   factory=PruneConfig)
     experiment: str = field_doc("raycraft", "MLflow experiment name.")
     max_failures: int = field_doc(2, "Times a failed worker group is restarted from the last checkpoint.")
     keep_checkpoints: int = field_doc(2, "Newest checkpoints kept in storage (the latest is also in MLflow).")
@@ -71,6 +100,9 @@ class TrainConfig:
                 raise UserError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1.")
         if self.max_failures < 0:
             raise UserError(f"max_failures: {self.max_failures} must be >= 0.")
+        if self.prune.sparsity and self.prune.rewind_epoch >= self.epochs:
+            raise UserError(f"prune.rewind_epoch: {self.prune.rewind_epoch} must be below epochs ({self.epochs}): "
+                            "it names an epoch of the dense training to rewind to.")
 
 
 def build_config(base: dict[str, Any] | None = None, overrides: list[str] = ()) -> tuple[TrainConfig, Any]:

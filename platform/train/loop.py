@@ -29,6 +29,7 @@ from raycraft.config import from_dict
 from raycraft.registry import create_model, load_dataset, model_spec
 from raycraft.train.config import TrainConfig
 from raycraft.train.optim import build_optimizer, build_scheduler, l1_penalty
+from raycraft.train.pruning import Ticket, find_ticket
 from raycraft.train.step import Step, step_for
 
 CHECKPOINT_FILE = "state.pt"
@@ -112,6 +113,17 @@ def evaluate(step: Step, model: torch.nn.Module, batches: Batches, autocast) -> 
     return step.finalize(sums.means())
 
 
+def train_epoch(step: Step, model: torch.nn.Module, ddp_model: torch.nn.Module, batches: Batches,
+                update: Updater, autocast, epoch: int) -> dict[str, float]:
+    batches.epoch = epoch
+    step.start_epoch(model, epoch)
+    sums = Sums()
+    with autocast():
+        for batch in batches:
+            sums.add(step.train_batch(ddp_model, batch, update))
+    return step.finalize(sums.means())
+
+
 def autocast_for(precision: str, device: torch.device):
     """bf16 autocast on CPU and fp16 on GPU when precision is 'mixed'; a no-op context otherwise."""
     if precision != "mixed":
@@ -121,11 +133,12 @@ def autocast_for(precision: str, device: torch.device):
 
 
 class Updater:
-    """`update(name, loss)`: one optimizer step with L1, scaling, clipping and the lr schedule."""
+    """`update(name, loss)`: one optimizer step with L1, scaling, clipping and the lr schedule; with a
+    lottery ticket, its pruned weights are zeroed again after the step."""
 
     def __init__(self, step: Step, model: torch.nn.Module, cfg: TrainConfig, steps_per_epoch: int,
-                 device: torch.device) -> None:
-        self.cfg = cfg.optim
+                 device: torch.device, ticket: Ticket | None = None) -> None:
+        self.cfg, self.ticket = cfg.optim, ticket
         self.params = {name: [p for p in step.parameters(model, name) if p.requires_grad]
                        for name in step.optimizer_names(model)}
         self.optimizers = {n: build_optimizer(ps, cfg.optim) for n, ps in self.params.items()}
@@ -145,6 +158,8 @@ class Updater:
         self.scaler.step(opt)
         self.scaler.update()
         self.schedulers[name].step()
+        if self.ticket:
+            self.ticket.apply()
 
     def lr(self) -> float:
         return next(iter(self.optimizers.values())).param_groups[0]["lr"]
@@ -175,6 +190,12 @@ class Updater:
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
+
+
+def training_state(model: torch.nn.Module, update: Updater, history: list[dict[str, float]]) -> dict[str, Any]:
+    """What a checkpoint holds: weights, optimizer state, the epochs so far and a lottery ticket's masks."""
+    return {"model": unwrap(model).state_dict(), "trainer": update.state_dict(), "history": history,
+            "masks": update.ticket.masks if update.ticket else {}}
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -251,6 +272,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         model.load_state_dict(state["model"])
         update.load_state_dict(state["trainer"])
         history = state["history"]
+        update.ticket = Ticket(model, state["masks"]) if state.get("masks") else None
     elif cfg.init_from:
         init_from_run(model, payload["tracking_uri"], cfg.init_from)
     torch.manual_seed(cfg.seed + 1000 * rank + len(history))  # dropout differs per rank and epoch
@@ -263,18 +285,30 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         if checkpoint:
             logger.note_restore(len(history))
 
-    first_batch_at: float | None = None
+    training_starts_at = time.time()
+    if not checkpoint and (cfg.prune.sparsity or cfg.prune.reinit):
+        def train_round(ticket: Ticket, after_epoch) -> dict[str, float]:
+            round_update = Updater(step, model, cfg, len(train), device, ticket)
+            for epoch in range(cfg.epochs):
+                train_epoch(step, model, ddp_model, train, round_update, autocast, epoch)
+                after_epoch(epoch)
+            return evaluate(step, ddp_model, val, autocast)
+
+        def fresh_state() -> dict[str, torch.Tensor]:
+            torch.manual_seed(cfg.seed + 1)
+            return create_model(cfg.model, model_cfg, splits.info).to(device).state_dict()
+
+        update.ticket, rounds = find_ticket(model, cfg.prune, train_round, fresh_state)
+        if logger:  # each IMP round's trained network, at the sparsity it trained with
+            for r, (sparsity, val_metrics) in enumerate(rounds):
+                logger.log_once({"imp_sparsity": sparsity, **prefixed(val_metrics, "imp_val_")}, step=r)
+            logger.log_once({"sparsity": update.ticket.sparsity(), "imp_rounds": float(len(rounds))})
+
     for epoch in range(len(history), cfg.epochs):
-        train.epoch = epoch
-        step.start_epoch(model, epoch)
-        sums = Sums()
         start = time.perf_counter()
-        with autocast():
-            for batch in train:
-                first_batch_at = first_batch_at or time.time()
-                sums.add(step.train_batch(ddp_model, batch, update))
+        train_metrics = train_epoch(step, model, ddp_model, train, update, autocast, epoch)
         train_time = time.perf_counter() - start
-        metrics = {"epoch": float(epoch), **prefixed(step.finalize(sums.means()), "train_"),
+        metrics = {"epoch": float(epoch), **prefixed(train_metrics, "train_"),
                    **prefixed(evaluate(step, ddp_model, val, autocast), "val_"),
                    "lr": update.lr(), "epoch_time": time.perf_counter() - start,
                    "samples_per_s": len(train.indices()) * world / train_time}
@@ -288,14 +322,13 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
         ckpt = None
         if rank == 0:  # the upload runs in the background and deletes this folder when done
             ckpt_dir = Path(tempfile.mkdtemp(prefix="raycraft-ckpt-"))
-            torch.save({"model": unwrap(model).state_dict(), "trainer": update.state_dict(),
-                        "history": history}, ckpt_dir / CHECKPOINT_FILE)
+            torch.save(training_state(model, update, history), ckpt_dir / CHECKPOINT_FILE)
             ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir))
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
         if logger:
             if epoch == 0:  # only a fresh run's start-up is the user's wait
-                logger.log_once({"startup_s": first_batch_at - payload["started_at"],
+                logger.log_once({"startup_s": training_starts_at - payload["started_at"],
                                  "ray_init_s": payload["ray_init_s"]})
             logger.log_epoch(metrics)
             with tempfile.TemporaryDirectory() as tmp:
@@ -319,8 +352,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 logger.log_once(end_metrics)
             logger.log_artifacts(tmp, "plots")
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save({"model": unwrap(model).state_dict(), "trainer": update.state_dict(), "history": history},
-                       Path(tmp) / CHECKPOINT_FILE)
+            torch.save(training_state(model, update, history), Path(tmp) / CHECKPOINT_FILE)
             logger.log_artifacts(tmp, "checkpoint")
         example = step.example_input(next(iter(full_test)))
         if example is not None:
