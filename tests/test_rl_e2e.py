@@ -60,7 +60,7 @@ def test_dqn_train_resume_reload_gif(ray_session, mlflow_uri, storage, tmp_path)
 
 
 def test_ddpg_pendulum_runs(ray_session, mlflow_uri, storage):
-    cfg, model_cfg = tiny("ddpg", "Pendulum-v1", storage, timesteps=400, batch_size=32,
+    cfg, model_cfg = tiny("ddpg", "Pendulum-v1", storage, timesteps=400, batch_size=32, training_intensity=32,
                           replay={"prioritized": True})  # also exercises importance weights in DDPG's loss
     out = train_rl(cfg, model_cfg, tracking_uri=mlflow_uri)
     assert out.env_steps >= 400
