@@ -179,12 +179,14 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
                  on_start: Callable[[str], None] | None = None, started_at: float | None = None,
                  tags: dict[str, str] | None = None, callbacks: list | None = None,
-                 paced_by_tune: bool = False) -> Outcome:
+                 paced_by_tune: bool = False, clone: tuple[int, str] | None = None) -> Outcome:
     """Run `cfg` on Ray Train. `started_at` (Unix time, default now) is when the user's command began: the
     run logs `startup_s`, from then to the first training batch, and `ray_init_s`, the part spent starting Ray.
     `tags` are added to a new MLflow run (a sweep's `mlflow.parentRunId`); `callbacks` are Ray Train
     callbacks (Tune's `TuneReportCallback` when this runs as a sweep trial); `paced_by_tune` makes a sweep
-    trial wait for its scheduler after each epoch, and leaves the run as the sweep ended it when it stops."""
+    trial wait for its scheduler after each epoch, and leaves the run as the sweep ended it when it stops.
+    `clone` = (n, checkpoint): a PBT trial's n-th exploit, which continues the resumed run from another
+    trial's checkpoint as Ray Train run `<name>-pbt<n>` (whose own checkpoints then take precedence)."""
     from raycraft import tracking
 
     started_at = started_at or time.time()
@@ -215,13 +217,16 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
                                     yaml.safe_dump(to_dict(cfg), sort_keys=False))
         ray_name = f"raycraft-{run_id}"
         tracking.set_tags(uri, run_id, {"raycraft.ray_name": ray_name})
+    if clone:
+        ray_name = f"{ray_name}-pbt{clone[0]}"
     if on_start:
         on_start(run_id)
 
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
-                           "started_at": started_at, "ray_init_s": ray_init_s, "paced_by_tune": paced_by_tune},
+                           "started_at": started_at, "ray_init_s": ray_init_s, "paced_by_tune": paced_by_tune,
+                           "start_from": clone[1] if clone else None},
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(

@@ -66,6 +66,12 @@ def test_nested_keys_model_shorthand_and_overrides():
     ({"search": "grid"}, r"search 'grid' enumerates values"),
     ({"space": {}}, r"no search space"),
     ({"job": {"model": "mlp"}}, r"name a model and a dataset"),
+    ({"scheduler": {"name": "pbt"}, "search": "optuna", "space": {"optim.lr": {"uniform": [0.01, 0.1]}}},
+     r"search: pbt .* use search random or grid, not 'optuna'"),
+    ({"scheduler": {"name": "pbt", "perturbation_interval": 2}}, r"perturbation_interval: 2 epochs is not less"),
+    ({"scheduler": {"name": "pbt", "perturbation_interval": 1}, "space": {"hidden": {"choice": [[16], [32]]}}},
+     r"space.hidden: value \[16\] changes the model's weights"),
+    ({"scheduler": {"name": "pbt", "quantile_fraction": 0.75}}, r"quantile_fraction: 0.75 must be in \(0, 0.5\]"),
 ])
 def test_bad_sweep_files_are_clear_user_errors(changes, message):
     with pytest.raises(UserError, match=message):
@@ -125,6 +131,7 @@ def test_rl_job_sweeps_rl_keys_and_counts_iterations():
     ({"resources": {"gpu": True}}, r"resources.gpu: rl jobs have no such resource \(they take workers\)"),
     ({"job": {"algo": "ddpg", "env": "CartPole-v1"}}, r"DDPG needs a continuous"),
     ({"job": {"algo": "dqn"}}, r"or an algo and an env"),
+    ({"scheduler": {"name": "pbt"}}, r"pbt clones trials' Ray Train checkpoints, so it runs train jobs"),
 ])
 def test_bad_rl_sweep_files_are_clear_user_errors(changes, message):
     with pytest.raises(UserError, match=message):

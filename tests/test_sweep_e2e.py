@@ -151,3 +151,33 @@ def test_rl_sweep_reports_iterations_and_asha_stops_the_slower_trial(ray_session
     assert len(_history(client, slow.info.run_id, "env_steps")) < 4
     parent = client.get_run(out.parent_run_id)
     assert parent.data.tags["best.steps_per_iter"] == "200" and parent.data.metrics["trials_early_stopped"] == 1
+
+
+def test_pbt_bottom_trial_takes_over_the_top_trials_weights(ray_session, mlflow_uri, tmp_path):
+    """A good and a hopeless learning rate side by side: at a perturbation the hopeless trial (bottom half)
+    must take over the good one's checkpoint, so its accuracy jumps far beyond what lr 1e-7 can reach, its
+    epochs stay unique, and its run records the exploit and the config now in force."""
+    data = _sweep_data(tmp_path, "pbt2", epochs=5, scheduler="pbt")
+    data.update(samples=1, scheduler={"name": "pbt", "perturbation_interval": 1,
+                                      "quantile_fraction": 0.5, "resample_probability": 0.0})
+    out = run_sweep(load_sweep(data=data), tracking_uri=mlflow_uri)
+    client = MlflowClient(mlflow_uri)
+    kids = {k.data.params["optim.lr"]: client.get_run(k.info.run_id) for k in out.children}
+    assert set(kids) == {"0.003", "1e-07"}
+    good, bad = kids["0.003"], kids["1e-07"]
+    exploits = {k: v for k, v in bad.data.tags.items() if k.startswith("raycraft.pbt.exploit.")}
+    assert exploits and "raycraft.pbt.exploit.1" in exploits, bad.data.tags
+    first = yaml.safe_load(exploits["raycraft.pbt.exploit.1"])
+    assert first["from_trial"] == good.data.tags[TRIAL_TAG]
+    assert all(k.info.status == "FINISHED" and _history(client, k.info.run_id) == [0, 1, 2, 3, 4]
+               for k in (good, bad)), [(k.info.status, _history(client, k.info.run_id)) for k in (good, bad)]
+    accuracy = {int(m.step): m.value for m in client.get_metric_history(bad.info.run_id, "val_accuracy")}
+    assert accuracy[0] < 0.3 and accuracy[4] > 0.8, accuracy  # lr 1e-7 alone stays at chance
+    explored = client.get_metric_history(bad.info.run_id, "pbt.optim.lr")
+    assert [int(m.step) for m in explored][:1] == [first["at_epoch"] + 1]
+    final_cfg = yaml.safe_load(Path(client.download_artifacts(bad.info.run_id, "config.yaml", str(tmp_path)))
+                               .read_text())
+    last = yaml.safe_load(exploits[max(exploits)])
+    assert final_cfg["optim"]["lr"] == pytest.approx(last["optim.lr"])
+    parent = client.get_run(out.parent_run_id)
+    assert parent.info.status == "FINISHED" and parent.data.metrics["trials"] == 2

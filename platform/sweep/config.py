@@ -8,8 +8,9 @@
       dropout: {uniform: [0.0, 0.5]}
       optim: {name: {choice: [adam, adamw]}}
     search: random                     # random | grid | optuna (TPE) | hyperopt
-    scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # fifo | asha | hyperband
-                                       # (times count epochs, or RLlib iterations for an rl job)
+    scheduler: {name: asha, grace_period: 1, reduction_factor: 2}   # fifo | asha | hyperband | pbt
+                                       # (times count epochs, or RLlib iterations for an rl job;
+                                       # pbt: train jobs, {name: pbt, perturbation_interval: 2})
     metric: val_accuracy
     mode: max
     samples: 4
@@ -36,28 +37,38 @@ from raycraft.train.config import TrainConfig, check_override_keys
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCHES = ("random", "grid", "optuna", "hyperopt")
-SCHEDULERS = ("fifo", "asha", "hyperband")
+SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")
 LOOP_METRICS = ("epoch", "lr", "epoch_time", "samples_per_s")
 
 
 @dataclass
 class SchedulerConfig:
-    """When to stop trials early (ASHA, HyperBand). Times count epochs (RL jobs: training iterations)."""
+    """When to stop trials early (ASHA, HyperBand), or how to evolve them (PBT). Times count epochs (RL jobs:
+    training iterations)."""
 
-    name: str = field_doc("fifo", "fifo (run every trial to the end), asha or hyperband.")
+    name: str = field_doc("fifo", "fifo (run every trial to the end), asha, hyperband or pbt "
+                                  "(population-based training, Jaderberg et al. 2017; train jobs).")
     grace_period: int = field_doc(1, "ASHA: epochs every trial runs before it can be stopped.")
     reduction_factor: float = field_doc(2.0, "ASHA/HyperBand: keep 1/reduction_factor of trials per rung.")
+    perturbation_interval: int = field_doc(2, "PBT: epochs between a trial's exploit/explore steps.")
+    quantile_fraction: float = field_doc(0.25, "PBT: a trial in the bottom fraction (by the metric) takes over "
+                                               "the weights of one in the top fraction.")
+    resample_probability: float = field_doc(0.25, "PBT explore: chance to draw a hyperparameter afresh from "
+                                                  "its space instead of scaling the donor's value by 0.8 or 1.2.")
 
     def __post_init__(self) -> None:
-        if self.name == "pbt":
-            raise UserError("scheduler.name: pbt is not supported yet: it clones trials from Tune checkpoints, "
-                            "and raycraft trials keep theirs in Ray Train. Use asha, hyperband or fifo.")
         if self.name not in SCHEDULERS:
             raise invalid_choice("scheduler.name", self.name, SCHEDULERS)
         if self.grace_period < 1:
             raise UserError(f"scheduler.grace_period: {self.grace_period} must be at least 1.")
         if self.reduction_factor <= 1:
             raise UserError(f"scheduler.reduction_factor: {self.reduction_factor} must be > 1.")
+        if self.perturbation_interval < 1:
+            raise UserError(f"scheduler.perturbation_interval: {self.perturbation_interval} must be at least 1.")
+        if not 0 < self.quantile_fraction <= 0.5:
+            raise UserError(f"scheduler.quantile_fraction: {self.quantile_fraction} must be in (0, 0.5].")
+        if not 0 <= self.resample_probability <= 1:
+            raise UserError(f"scheduler.resample_probability: {self.resample_probability} must be in [0, 1].")
 
 
 @dataclass
@@ -81,7 +92,9 @@ class SweepConfig:
     metric: str = field_doc("val_loss", "Reported metric that ranks trials.")
     mode: Literal["min", "max"] = field_doc("min", "Minimise or maximise the metric.")
     samples: int = field_doc(4, "Trials to sample (grid: repeats of the whole grid).")
-    concurrency: int = field_doc(1, "Trials running at once (each needs workers x cpus_per_worker CPUs).")
+    concurrency: int = field_doc(1, "Trials running at once (each needs workers x cpus_per_worker CPUs). "
+                                    "pbt: the whole population starts at once as resources allow; trials "
+                                    "that do not fit take turns at each perturbation.")
     resources: ResourcesConfig = field_doc(doc="Per-trial resources.", factory=ResourcesConfig)
     plot_metrics: list[str] = field_doc(doc="More metrics to plot against each hyperparameter on the parent run "
                                              "(test_* allowed: e.g. test_loss for double descent).", factory=list)
@@ -250,7 +263,32 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] = (), sample
                 raise UserError(f"space.{key}: value {value!r} is not valid for the job: {exc}") from None
     check_search(cfg, space)
     check_metric(cfg, *kind.metrics(base))
+    if cfg.scheduler.name == "pbt":
+        check_pbt(sweep, base)
     return sweep
+
+
+def check_pbt(sweep: Sweep, base: TrainConfig) -> None:
+    """PBT hands a trial another trial's Ray Train checkpoint, then perturbs its hyperparameters: it needs a
+    train job, Tune's own sampling, and a space whose values all fit the same weights."""
+    cfg = sweep.config
+    if sweep.kind.name != "train":
+        raise UserError(f"scheduler.name: pbt clones trials' Ray Train checkpoints, so it runs train jobs; this "
+                        f"sweep's job is an {sweep.kind.name} job. Use asha, hyperband or fifo.")
+    if cfg.search not in ("random", "grid"):
+        raise UserError(f"search: pbt explores by perturbing its population, so it samples the starting points "
+                        f"itself; use search random or grid, not {cfg.search!r}.")
+    if cfg.scheduler.perturbation_interval >= sweep.length:
+        raise UserError(f"scheduler.perturbation_interval: {cfg.scheduler.perturbation_interval} epochs is not "
+                        f"less than the job's {sweep.length} epochs, so no trial would ever be perturbed.")
+    shapes = parameter_shapes(base)
+    for key, domain in sweep.space.items():
+        for value in domain.examples():
+            other = parameter_shapes(sweep.kind.build(sweep.trial_job({key: value}))[0])
+            if other != shapes:
+                raise UserError(f"space.{key}: value {value!r} changes the model's weights, so a pbt trial could "
+                                "not take over another's; sweep it with asha, hyperband or fifo, or keep pbt's "
+                                "space to training settings (optim.lr, optim.weight_decay, dropout, ...).")
 
 
 def check_search(cfg: SweepConfig, space: dict[str, Domain]) -> None:
@@ -265,6 +303,20 @@ def check_search(cfg: SweepConfig, space: dict[str, Domain]) -> None:
                         "instead of grid (or search: grid / random).")
 
 
+def job_model(cfg: TrainConfig) -> tuple[Any, Any]:
+    """(the job's model, freshly initialised, the dataset's splits)."""
+    from raycraft.config import from_dict
+    from raycraft.registry import create_model, load_dataset, model_spec
+
+    splits = load_dataset(cfg.dataset, cfg.data)
+    return create_model(cfg.model, from_dict(model_spec(cfg.model).config_cls, cfg.model_args), splits.info), splits
+
+
+def parameter_shapes(cfg: TrainConfig) -> dict[str, tuple[int, ...]]:
+    """The shapes of the weights the job's model has on its dataset."""
+    return {k: tuple(v.shape) for k, v in job_model(cfg)[0].state_dict().items()}
+
+
 def reported_metrics(cfg: TrainConfig) -> tuple[set[str], set[str]]:
     """(per-epoch, end-of-run) metric names of a train job, found by evaluating its model on the first two
     validation examples. `test_*` and sample-quality metrics come only after the last epoch, too late to
@@ -273,8 +325,7 @@ def reported_metrics(cfg: TrainConfig) -> tuple[set[str], set[str]]:
 
     from torch.utils.data import Dataset
 
-    from raycraft.config import from_dict
-    from raycraft.registry import create_model, load_dataset, model_spec
+    from raycraft.registry import model_spec
     from raycraft.train.loop import Batches, evaluate
     from raycraft.train.step import step_for
 
@@ -288,10 +339,8 @@ def reported_metrics(cfg: TrainConfig) -> tuple[set[str], set[str]]:
         def __getitem__(self, idx):
             return self.data[idx]
 
-    spec = model_spec(cfg.model)
-    splits = load_dataset(cfg.dataset, cfg.data)
-    model = create_model(cfg.model, from_dict(spec.config_cls, cfg.model_args), splits.info)
-    step = step_for(spec.task)
+    model, splits = job_model(cfg)
+    step = step_for(model_spec(cfg.model).task)
     names = evaluate(step, model, Batches(First(splits.val), 2, shuffle=False), contextlib.nullcontext)
     epoch = {f"{split}_{k}" for k in names for split in ("train", "val")} | set(LOOP_METRICS)
     return epoch, epoch | {f"test_{k}" for k in names} | step.artifact_metrics(model, splits.info)

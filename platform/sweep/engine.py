@@ -16,6 +16,7 @@ checkpoint; a trial whose child run already ended only reports its final metrics
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import tempfile
 import time
@@ -79,23 +80,48 @@ def is_done(run: Any) -> bool:
 
 
 def run_trial(params: dict[str, Any], *, sweep: Sweep, parent_run_id: str, uri: str) -> None:
-    """Tune's function trainable: one trial = one run of the job, reported as it goes."""
+    """Tune's function trainable: one trial = one run of the job, reported as it goes. A PBT trial that took
+    over another's checkpoint (`params[EXPLOIT_KEY]`) continues its own run from that checkpoint."""
     import ray.tune
     import torch
+
+    from raycraft.sweep.pbt import EXPLOIT_KEY
 
     torch.set_num_threads(1)
     trial_id = ray.tune.get_context().get_trial_id()
     kind = sweep.kind
+    params = dict(params)
+    exploit = params.pop(EXPLOIT_KEY, None)
     cfg, model_cfg = kind.build(sweep.trial_job(params))
     previous = children(uri, cfg.experiment, parent_run_id, trial_id)
     if previous and is_done(previous[-1]):  # ended before the driver recorded it: report, do not rerun
         run = previous[-1]
         ray.tune.report({**run.data.metrics, **({FINISHED_METRIC: 1.0} if run.info.status == "FINISHED" else {})})
         return
+    if exploit:
+        record_exploit(uri, previous[-1], exploit, cfg, params)
     kind.run(cfg, model_cfg, uri=uri, resume_run_id=previous[-1].info.run_id if previous else None,
-             run_name=f"{sweep.config.name}-{trial_id}",
+             run_name=f"{sweep.config.name}-{trial_id}", start_from=exploit,
              tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "raycraft.sweep": sweep.config.name,
                    **{f"raycraft.param.{k}": str(v) for k, v in params.items()}})
+
+
+def record_exploit(uri: str, run: Any, exploit: dict[str, Any], cfg: Any, params: dict[str, Any]) -> None:
+    """Once per exploit: tag the trial's run with it, log the explored values as `pbt.<key>` metrics at the
+    epoch it starts from, and make the run's config.yaml the config now in force."""
+    from mlflow.entities import Metric
+
+    from raycraft.config import to_dict
+
+    tag = f"raycraft.pbt.exploit.{exploit['n']}"
+    if tag in run.data.tags:
+        return
+    client, now, step = tracking._client(uri), int(time.time() * 1000), exploit["epoch"] + 1
+    client.log_batch(run.info.run_id, metrics=[Metric(f"pbt.{k}", float(v), now, step) for k, v in params.items()
+                                               if isinstance(v, (int, float))])
+    client.log_text(run.info.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+    record = {"from_trial": exploit["donor_trial"], "at_epoch": exploit["epoch"], **params}
+    tracking.set_tags(uri, run.info.run_id, {tag: yaml.safe_dump(record, default_flow_style=True).strip()})
 
 
 def make_callback(uri: str, experiment: str, parent_run_id: str, kind: str, verbose: bool):
@@ -153,8 +179,10 @@ def build_search(sweep: Sweep):
         return HyperOptSearch(metric=cfg.metric, mode=cfg.mode, random_state_seed=cfg.seed)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
-    # Tune applies max_concurrent_trials only to searchers it wraps itself: this one limits its own.
-    return BasicVariantGenerator(random_state=cfg.seed, max_concurrent=cfg.concurrency)
+    # Tune applies max_concurrent_trials only to searchers it wraps itself: this one limits its own. PBT
+    # needs its whole population from the start: its trials run as resources allow and take turns.
+    return BasicVariantGenerator(random_state=cfg.seed,
+                                 max_concurrent=0 if cfg.scheduler.name == "pbt" else cfg.concurrency)
 
 
 def build_scheduler(sweep: Sweep, uri: str, parent_run_id: str):
@@ -167,6 +195,16 @@ def build_scheduler(sweep: Sweep, uri: str, parent_run_id: str):
                            reduction_factor=s.reduction_factor, **where)
     if s.name == "hyperband":
         return pacing.HyperBand(max_t=sweep.length, reduction_factor=s.reduction_factor, **where)
+    if s.name == "pbt":
+        from raycraft.sweep.pbt import PBT
+
+        mutations = {k: list(d.values) if d.kind in ("choice", "grid") else d.tune() for k, d in sweep.space.items()}
+        bounds = {k: (d.values[0], d.values[1] - (d.kind == "randint")) for k, d in sweep.space.items()
+                  if d.kind not in ("choice", "grid")}  # randint's high is exclusive
+        return PBT(time_attr="epoch", perturbation_interval=s.perturbation_interval,
+                   quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
+                   hyperparam_mutations=mutations, bounds=bounds, storage=resolved_job(sweep)["storage_path"],
+                   **where)
     return pacing.FIFO(**where)
 
 
@@ -276,13 +314,16 @@ def summarize(sweep: Sweep, uri: str, parent: str) -> SweepOutcome:
     now = int(time.time() * 1000)
     best_params: dict[str, Any] = {}
     metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
-    if best is not None:
-        best_params = {k: best.data.params.get(sweep.key(k)) for k in sweep.space}
+    if best is not None:  # its config.yaml holds the values in force at its end (PBT changes them)
+        best_config = tracking.download_text(uri, best.info.run_id, "config.yaml")
+        job = yaml.safe_load(best_config)
+        best_params = {k: functools.reduce(lambda node, part: node[part], sweep.key(k).split("."), job)
+                       for k in sweep.space}
         metrics.append(Metric(f"best_{cfg.metric}", best.data.metrics[cfg.metric], now, 0))
         tracking.set_tags(uri, parent, {"raycraft.best_run_id": best.info.run_id,
                                         "raycraft.best_trial": best.data.tags.get(TRIAL_TAG, ""),
                                         **{f"best.{k}": v for k, v in best_params.items()}})
-        client.log_text(parent, tracking.download_text(uri, best.info.run_id, "config.yaml"), "best_config.yaml")
+        client.log_text(parent, best_config, "best_config.yaml")
     client.log_batch(parent, metrics=metrics)
     histories = {r.info.run_id: client.get_metric_history(r.info.run_id, cfg.metric) for r in runs}
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,8 +59,9 @@ class JobKind:
         return bool(result.get(FINISHED_METRIC))
 
     def run(self, cfg: Any, model_cfg: Any, *, uri: str, resume_run_id: str | None, run_name: str,
-            tags: dict[str, str]) -> None:
-        """Run one trial in the trial's process, reporting to Tune."""
+            tags: dict[str, str], start_from: dict[str, Any] | None = None) -> None:
+        """Run one trial in the trial's process, reporting to Tune. `start_from`: a PBT exploit (train jobs;
+        see `sweep.pbt`)."""
         raise NotImplementedError
 
 
@@ -98,11 +99,12 @@ class TrainJob(JobKind):
     def finished(self, result):
         return super().finished(result) or any(k.startswith("test_") for k in result)
 
-    def run(self, cfg, model_cfg, *, uri, resume_run_id, run_name, tags):
+    def run(self, cfg, model_cfg, *, uri, resume_run_id, run_name, tags, start_from=None):
         from raycraft.runner import run_training
 
         run_training(cfg, tracking_uri=uri, resume_run_id=resume_run_id, run_name=run_name, tags=tags,
-                     callbacks=[report_callback(cfg.epochs)], paced_by_tune=True)
+                     callbacks=[report_callback(cfg.epochs)], paced_by_tune=True,
+                     clone=(start_from["n"], start_from["checkpoint"]) if start_from else None)
 
 
 def report_callback(epochs: int):
@@ -152,7 +154,7 @@ class RLJob(JobKind):
 
         return set(ITERATION_METRICS), set(ITERATION_METRICS)
 
-    def run(self, cfg, model_cfg, *, uri, resume_run_id, run_name, tags):
+    def run(self, cfg, model_cfg, *, uri, resume_run_id, run_name, tags, start_from=None):
         """RLlib samples and learns in this process (the learner is local; `workers` EnvRunners are
         actors of their own). The iteration that ends the run is reported once the run has logged its
         policy and ended, marked finished, so a scheduler cannot stop it half-logged."""

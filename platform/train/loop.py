@@ -235,7 +235,8 @@ def tune_allows(logger, epoch: int, world: int, device: torch.device) -> bool:
 def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's entry point. `payload`: {'config': TrainConfig as a dict, 'run_id', 'tracking_uri',
     'started_at': when the user's command began, 'ray_init_s': seconds it spent starting Ray, 'paced_by_tune':
-    a sweep trial, which waits for its scheduler's verdict after each epoch}."""
+    a sweep trial, which waits for its scheduler's verdict after each epoch, 'start_from': a checkpoint to
+    start from when Ray Train has none of this run's (a PBT exploit)}."""
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
@@ -266,6 +267,9 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     history: list[dict[str, float]] = []
     checkpoint = ray.train.get_checkpoint()
+    restored = checkpoint is not None
+    if not checkpoint and payload.get("start_from"):  # a PBT trial taking over another trial's state
+        checkpoint = ray.train.Checkpoint(payload["start_from"])
     if checkpoint:
         with checkpoint.as_directory() as d:
             state = load_state(d)
@@ -282,7 +286,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     logger = logger_future.result() if logger_future else None
     if logger:
         logger.log_history(history)  # back-fills epochs a killed worker checkpointed but never logged
-        if checkpoint:
+        if restored:
             logger.note_restore(len(history))
 
     training_starts_at = time.time()
