@@ -24,7 +24,7 @@ def test_presets_flags_and_set_routing():
     assert cfg.model == "q_mlp" and isinstance(model_cfg, QMLPConfig)
     assert model_cfg.dueling is False and model_cfg.hiddens == (128,)  # preset kept, --set applied
     assert cfg.dqn.epsilon_timesteps == 5 and cfg.replay.prioritized is False
-    assert cfg.training_intensity == 64
+    assert cfg.training_intensity == 32 and cfg.batch_size == 32
     cfg, _ = build_rl_config({"algo": "dqn", "env": "ALE/Pong-v5"}, [])
     assert cfg.model == "q_nature_cnn"
 
