@@ -14,6 +14,13 @@ torch.set_num_threads(1)  # 2-core machines: more threads per process made small
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fresh_cache(tmp_path_factory):
+    """Caches (FID classifiers, BPE merges) start empty, as on a fresh machine, and never leak into the user's.
+    Autouse, so it is set before Ray starts and its workers inherit it."""
+    os.environ["RAYCRAFT_CACHE"] = str(tmp_path_factory.mktemp("raycraft-cache"))
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """Start Ray once per test session, in local mode (never a cluster left on the machine)."""

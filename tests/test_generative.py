@@ -9,9 +9,10 @@ import pytest
 import torch
 from torch.distributions import Bernoulli, Normal, kl_divergence
 
+from raycraft.data.base import cache_dir
 from raycraft.errors import UserError
 from raycraft.generative.base import GenerativeStep
-from raycraft.generative.metrics import frechet_distance, mode_coverage
+from raycraft.generative.metrics import classifier_for, frechet_distance, mode_coverage
 from raycraft.models.ddpm import DDPM, DDPMConfig, beta_schedule
 from raycraft.models.gan import (
     GANConfig,
@@ -158,6 +159,15 @@ def test_mode_coverage_sees_collapse():
     collapsed = mode_coverage(torch.full((1000,), 3), 10)
     assert uniform == {"mode_kl": pytest.approx(0, abs=1e-12), "classes_covered": 10.0}
     assert collapsed == {"mode_kl": pytest.approx(math.log(10)), "classes_covered": 1.0}
+
+
+def test_fid_classifier_trains_on_first_use_even_under_no_grad(tmp_path, monkeypatch):
+    """A fresh machine has no cached classifier: a run's end-of-run metrics (under no_grad) train it."""
+    monkeypatch.setenv("RAYCRAFT_CACHE", str(tmp_path))
+    with torch.no_grad():
+        clf = classifier_for("digits")
+    assert clf.accuracy > 0.9 and (cache_dir() / "fid" / "digits.pt").is_file()
+    assert classifier_for("digits").accuracy == clf.accuracy  # the second call loads the cache
 
 
 def test_ddim_with_all_steps_and_ancestral_return_images_in_range():

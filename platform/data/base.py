@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -85,3 +87,9 @@ def noisy_labels(y: torch.Tensor, fraction: float, g: torch.Generator) -> torch.
     out = y.clone()
     out[pick] = torch.randint(0, k, (len(pick),), generator=g)
     return out
+
+
+def cache_dir() -> Path:
+    """Where raycraft keeps what it derives once and reuses (BPE merges, FID classifiers): `$RAYCRAFT_CACHE`,
+    default `~/.cache/raycraft`."""
+    return Path(os.environ.get("RAYCRAFT_CACHE", Path.home() / ".cache" / "raycraft"))

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from raycraft.data.base import DataConfig, DataSplits
+from raycraft.data.base import DataConfig, DataSplits, cache_dir
 from raycraft.data.vision import package_file
 from raycraft.errors import UserError
 from raycraft.registry import register_dataset
@@ -86,16 +86,12 @@ def _split_documents(docs: list[str], cfg: DataConfig) -> tuple[str, str, str]:
     return text[:n - n_test - n_val], text[n - n_test - n_val:n - n_test], text[n - n_test:]
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("RAYCRAFT_CACHE", Path.home() / ".cache" / "raycraft"))
-
-
 def build_tokenizer(train_text: str, alphabet: str, cfg: DataConfig) -> Tokenizer:
     """Characters of the whole corpus, or BPE learned on `train_text` (cached by content and size)."""
     if cfg.tokenizer == "char":
         return CharTokenizer.train(alphabet)
     key = hashlib.sha256(f"{cfg.vocab_size}\0{alphabet}\0{train_text}".encode()).hexdigest()[:16]
-    path = _cache_dir() / f"bpe-{key}.json"
+    path = cache_dir() / f"bpe-{key}.json"
     if path.is_file():
         return tokenizers.load(path)
     tok = BPETokenizer.train(train_text, cfg.vocab_size, alphabet=sorted(set(alphabet)))

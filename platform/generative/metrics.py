@@ -23,12 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raycraft.data.base import cache_dir
+
 COVERAGE_SHARE = 0.2
 CLASSIFIER_EPOCHS = 8
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("RAYCRAFT_CACHE", Path.home() / ".cache" / "raycraft"))
 
 
 def frechet_distance(mu1: torch.Tensor, s1: torch.Tensor, mu2: torch.Tensor, s2: torch.Tensor) -> float:
@@ -117,6 +115,7 @@ def classifier_for(dataset: str, data_dir: str | None = None) -> FeatureClassifi
     return clf
 
 
+@torch.enable_grad()  # the end-of-run metrics that call this run under no_grad
 def _train(model: nn.Module, splits: Any, dataset: str) -> FeatureClassifier:
     torch.manual_seed(0)
     x, y = splits.train.tensors
