@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from raycraft.rl.config import build_rl_config
-from raycraft.rl.replay_state import ARRAYS_FILE
+from raycraft.rl.replay import ARRAYS_FILE
 from raycraft.rl.run import evaluate_rl, train_rl
 
 pytestmark = pytest.mark.slow

@@ -1,6 +1,6 @@
 """DDPG (Lillicrap et al., 2016) as an RLlib algorithm on the new API stack; RLlib 2.60 ships none.
 
-It reuses what RLlib's SAC reuses: DQN's training step (sample → episode replay buffer, uniform or
+It reuses what RLlib's SAC reuses: DQN's training step (here raycraft's: sample → array replay, uniform or
 prioritised → learner update → soft target update → weight sync) and DQN's learner base, which builds
 the target networks and applies θ⁻ ← τθ + (1 − τ)θ⁻ after every update when
 `target_network_update_freq` is 0. This file adds the config, the two optimizers and the two losses:
@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from ray.rllib.algorithms.algorithm_config import AlgorithmConfig, NotProvided
-from ray.rllib.algorithms.dqn.dqn import DQN, DQNConfig
 from ray.rllib.algorithms.dqn.dqn_learner import DQNLearner
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.learner import POLICY_LOSS_KEY
@@ -26,6 +25,7 @@ from ray.rllib.core.rl_module.apis import QNetAPI, TargetNetworkAPI
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import ALL_MODULES, TD_ERROR_KEY
 
+from raycraft.rl.dqn import DQN, DQNConfig
 from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, DeterministicActorCriticAPI
 
 QF_LOSS_KEY = "qf_loss"

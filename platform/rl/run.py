@@ -94,11 +94,11 @@ def prepare(cfg: RLConfig, model_cfg: Any) -> Prepared:
 
 def algorithm_config(cfg: RLConfig, model_cfg: Any, module_class: type):
     """The RLlib AlgorithmConfig (new API stack) for this job."""
-    from ray.rllib.algorithms.dqn import DQNConfig
     from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 
     from raycraft.envs import rllib_env
     from raycraft.rl.ddpg import DDPGConfig
+    from raycraft.rl.dqn import DQNConfig
 
     replay = ({"type": "PrioritizedEpisodeReplayBuffer", "capacity": cfg.replay.capacity,
                "alpha": cfg.replay.alpha, "beta": cfg.replay.beta} if cfg.replay.prioritized
@@ -153,14 +153,12 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
 
 def save_checkpoint(algo, path: Path, with_buffer: bool = False) -> None:
     """Write the whole algorithm (modules, optimizers, step counters) to `path`, replacing it atomically;
-    with `with_buffer`, also the replay buffer's contents (`replay_state`: no pickle)."""
-    from raycraft.rl.replay_state import save_buffer
-
+    with `with_buffer`, also the replay buffer's contents (`TransitionReplay.save`: no pickle)."""
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     algo.save_to_path(str(tmp))
     if with_buffer:
-        save_buffer(algo.local_replay_buffer, tmp)
+        algo.local_replay_buffer.save(tmp)
     old = path.with_name(path.name + ".old")
     if path.exists():
         path.rename(old)
@@ -170,10 +168,8 @@ def save_checkpoint(algo, path: Path, with_buffer: bool = False) -> None:
 
 def restore_checkpoint(algo, path: Path) -> None:
     """The algorithm's state, and the replay buffer where the checkpoint holds one."""
-    from raycraft.rl.replay_state import load_buffer
-
     algo.restore_from_path(str(path))
-    load_buffer(algo.local_replay_buffer, path)
+    algo.local_replay_buffer.load(path)
 
 
 def returns_png(history: list[dict[str, float]], path: Path) -> None:
