@@ -5,6 +5,7 @@ Everything that can be wrong with the user's input is checked in `prepare` befor
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import os
 import threading
@@ -194,9 +195,12 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if cfg.init_from:
         tracking.get_run(uri, cfg.init_from)
+    # MLflow's import and a new store's schema take seconds: they run while Ray starts.
+    store_ready = concurrent.futures.ThreadPoolExecutor(1).submit(tracking.experiment_id, uri, cfg.experiment)
     ray_start = time.time()
     init_ray(address)
     ray_init_s = time.time() - ray_start
+    store_ready.result()
     check_cluster_resources(cfg)
     import ray
     import ray.train

@@ -249,7 +249,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     model_cfg = from_dict(spec.config_cls, cfg.model_args)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Importing MLflow takes seconds: rank 0 does it on a thread while data and model load.
+    # Importing MLflow takes seconds: rank 0 does it on a thread, waited for at its first log (`logger_ready`).
     logger_future = (concurrent.futures.ThreadPoolExecutor(1).submit(RunLogger, payload["tracking_uri"],
                                                                       payload["run_id"]) if rank == 0 else None)
     torch.set_num_threads(cfg.cpus_per_worker)
@@ -283,11 +283,19 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     ddp_model = (step.distribute(model, lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
                  if world > 1 else model)
 
-    logger = logger_future.result() if logger_future else None
-    if logger:
-        logger.log_history(history)  # back-fills epochs a killed worker checkpointed but never logged
-        if restored:
-            logger.note_restore(len(history))
+    restored_history = list(history)
+    logger = None
+
+    def logger_ready():
+        """Rank 0's RunLogger, waited for at its first use so that training need not wait for MLflow's
+        import; it first back-fills epochs a killed worker checkpointed but never logged."""
+        nonlocal logger
+        if logger is None and logger_future:
+            logger = logger_future.result()
+            logger.log_history(restored_history)
+            if restored:
+                logger.note_restore(len(restored_history))
+        return logger
 
     training_starts_at = time.time()
     if not checkpoint and (cfg.prune.sparsity or cfg.prune.reinit):
@@ -303,7 +311,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             return create_model(cfg.model, model_cfg, splits.info).to(device).state_dict()
 
         update.ticket, rounds = find_ticket(model, cfg.prune, train_round, fresh_state)
-        if logger:  # each IMP round's trained network, at the sparsity it trained with
+        if logger_ready():  # each IMP round's trained network, at the sparsity it trained with
             for r, (sparsity, val_metrics) in enumerate(rounds):
                 logger.log_once({"imp_sparsity": sparsity, **prefixed(val_metrics, "imp_val_")}, step=r)
             logger.log_once({"sparsity": update.ticket.sparsity(), "imp_rounds": float(len(rounds))})
@@ -316,6 +324,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                    **prefixed(evaluate(step, ddp_model, val, autocast), "val_"),
                    "lr": update.lr(), "epoch_time": time.perf_counter() - start,
                    "samples_per_s": len(train.indices()) * world / train_time}
+        logger_ready()
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
         if bad:  # every rank sees the same all-reduced metrics, so all stop here together
             if logger:
@@ -343,7 +352,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             return  # the sweep's scheduler stopped this trial
 
     final = {**history[-1], **prefixed(evaluate(step, ddp_model, test, autocast), "test_")}
-    if logger:
+    if logger_ready():
         logger.log_once({k: v for k, v in final.items() if k.startswith("test_")})
         with tempfile.TemporaryDirectory() as tmp:
             from raycraft.plots import curves_png
