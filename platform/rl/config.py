@@ -103,9 +103,7 @@ class RLConfig:
 
 # Settings that suit a known (algo, env) pair. RLlib's tuned CartPole DQN (rllib/tuned_examples/dqn/
 # cartpole_dqn.py) is the baseline of benchmarks/rl_cartpole.py; these are raycraft's own.
-# CartPole replays one batch of 32 per env step: RLlib's replay sampling and learner connectors cost per
-# replayed transition (64 per step: 0.34x RLlib's env steps to 475 but 1.03x its wall time; 32: 0.39x and
-# 0.84x, median of 3 seeds, docs/rl.md).
+# CartPole replays one batch of 32 per env step (docs/rl.md has the measured steps and wall time).
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("dqn", "CartPole-v1"): {
         "timesteps": 60_000, "stop_reward": 475.0, "lr": 1e-3, "batch_size": 32, "n_step": 3, "training_intensity": 32,
