@@ -29,7 +29,7 @@ class ReplayConfig:
     save_in_checkpoint: bool = field_doc(
         False, "Save the buffer's contents with each checkpoint (arrays in .npz, the rest in JSON: no pickle) "
                "so that `--resume` continues with a full buffer instead of refilling it. Costs up to `capacity` "
-               "transitions of disk per checkpoint (Atari: about 28 KB each).")
+               "transitions of disk per checkpoint (Atari: about 56 KB each, s and s' stored).")
 
 
 @dataclass
