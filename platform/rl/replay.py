@@ -67,8 +67,6 @@ class SumTree:
 class TransitionReplay:
     """Ring buffer of n-step transitions fed by RLlib episode chunks, sampled as one dict of arrays."""
 
-    COLUMNS = ("obs", "actions", "rewards", "new_obs", "terminateds", "n_step")
-
     def __init__(self, capacity: int, n_step: int, gamma: float, prioritized: bool = True, alpha: float = 0.6,
                  beta: float = 0.4, seed: int | None = None) -> None:
         self.capacity, self.n_step, self.gamma = capacity, n_step, gamma
@@ -136,7 +134,8 @@ class TransitionReplay:
         return count
 
     def sample(self, batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """(batch, row indices): the batch holds `COLUMNS` plus the importance weights `weights`."""
+        """(batch, row indices). The batch's columns are RLlib's names: obs, actions, rewards (R_t), new_obs (s'),
+        terminateds, n_step (m), and the importance weights `weights` (all 1 for uniform replay)."""
         if not self.size:
             raise ValueError("replay: sample() before any transition was added")
         if self.tree is None:
