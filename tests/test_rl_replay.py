@@ -112,7 +112,7 @@ def test_new_rows_get_the_largest_priority_seen():
     buf.update_priorities(np.arange(6), np.full(6, 0.1))
     buf.update_priorities(np.array([0]), np.array([5.0]))
     buf.add(chunks([]))
-    leaves = buf.tree.tree[buf.tree.leaves:buf.tree.leaves + 12]
+    leaves = buf.tree.values(12)
     np.testing.assert_allclose(leaves[6:], 5.0 + 1e-6)
 
 

@@ -45,6 +45,10 @@ class SumTree:
     def total(self) -> float:
         return float(self.tree[1])
 
+    def values(self, n: int) -> np.ndarray:
+        """The first n leaves (a view)."""
+        return self.tree[self.leaves:self.leaves + n]
+
     def set(self, index: np.ndarray, value: np.ndarray) -> None:
         node = np.asarray(index) + self.leaves
         self.tree[node] = value
@@ -121,7 +125,7 @@ class TransitionReplay:
         if not count:
             return 0
         if not self.data:
-            self.data = {k: np.zeros((self.capacity, *v.shape[1:]), v.dtype) for k, v in rows.items()}
+            self.data = {k: self._column_like(v) for k, v in rows.items()}
         if count > self.capacity:
             rows = {k: v[-self.capacity:] for k, v in rows.items()}
         index = (self.next + np.arange(len(rows["actions"]))) % self.capacity
@@ -132,6 +136,10 @@ class TransitionReplay:
         self.next = int(index[-1] + 1) % self.capacity
         self.size = min(self.size + len(index), self.capacity)
         return count
+
+    def _column_like(self, rows: np.ndarray) -> np.ndarray:
+        """An empty column of `capacity` rows shaped and typed like `rows`."""
+        return np.zeros((self.capacity, *rows.shape[1:]), rows.dtype)
 
     def sample(self, batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
         """(batch, row indices). The batch's columns are RLlib's names: obs, actions, rewards (R_t), new_obs (s'),
@@ -145,8 +153,8 @@ class TransitionReplay:
             total = self.tree.total
             mass = (np.arange(batch_size) + self.rng.random(batch_size)) * (total / batch_size)
             index = np.minimum(self.tree.find(np.minimum(mass, np.nextafter(total, 0))), self.size - 1)
-            leaf = self.tree.tree[self.tree.leaves:self.tree.leaves + self.size]
-            prob, p_min = self.tree.tree[index + self.tree.leaves] / total, leaf.min() / total
+            leaf = self.tree.values(self.size)
+            prob, p_min = leaf[index] / total, leaf.min() / total
             weights = ((prob / p_min) ** -self.beta).astype(np.float32)  # (N P(i))^-β / (N P_min)^-β
         batch = {key: value[index] for key, value in self.data.items()}
         batch["weights"] = weights
@@ -166,7 +174,7 @@ class TransitionReplay:
         for i, part in enumerate(self.pending.values()):
             arrays.update({f"pending.{i}.{j}": a for j, a in enumerate(part)})
         if self.tree is not None:
-            arrays["priorities"] = self.tree.tree[self.tree.leaves:self.tree.leaves + self.size]
+            arrays["priorities"] = self.tree.values(self.size)
         np.savez(folder / ARRAYS_FILE, **arrays)
         (folder / JSON_FILE).write_text(json.dumps({
             "prioritized": self.prioritized, "size": self.size, "next": self.next,
@@ -191,7 +199,7 @@ class TransitionReplay:
             self.data = {}
             for key in (k for k in npz.files if k.startswith("data.")):
                 value = npz[key]
-                self.data[key[5:]] = np.zeros((self.capacity, *value.shape[1:]), value.dtype)
+                self.data[key[5:]] = self._column_like(value)
                 self.data[key[5:]][:self.size] = value
             self.pending = {episode: tuple(npz[f"pending.{i}.{j}"] for j in range(3))
                             for i, episode in enumerate(doc["pending"])}
