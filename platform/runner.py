@@ -175,6 +175,15 @@ class Progress:
             self.poll()
 
 
+def _while_ray_starts(uri: str, experiment: str) -> None:
+    from raycraft import tracking
+
+    tracking.experiment_id(uri, experiment)
+    import ray.train.torch  # noqa: F401
+
+    import raycraft.train.loop  # noqa: F401
+
+
 def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: str | None = None,
                  resume_run_id: str | None = None, run_name: str | None = None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
@@ -195,8 +204,8 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if cfg.init_from:
         tracking.get_run(uri, cfg.init_from)
-    # MLflow's import and a new store's schema take seconds: they run while Ray starts.
-    store_ready = concurrent.futures.ThreadPoolExecutor(1).submit(tracking.experiment_id, uri, cfg.experiment)
+    # MLflow's import, a new store's schema and Ray Train's import take seconds: they run while Ray starts.
+    store_ready = concurrent.futures.ThreadPoolExecutor(1).submit(_while_ray_starts, uri, cfg.experiment)
     ray_start = time.time()
     init_ray(address)
     ray_init_s = time.time() - ray_start

@@ -249,9 +249,6 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     model_cfg = from_dict(spec.config_cls, cfg.model_args)
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    # Importing MLflow takes seconds: rank 0 does it on a thread, waited for at its first log (`logger_ready`).
-    logger_future = (concurrent.futures.ThreadPoolExecutor(1).submit(RunLogger, payload["tracking_uri"],
-                                                                      payload["run_id"]) if rank == 0 else None)
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
 
@@ -285,6 +282,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
 
     restored_history = list(history)
     logger = None
+    # Importing MLflow takes seconds of CPU: rank 0 does it on a thread once set-up is done (started earlier,
+    # it competes for the GIL with data loading and model building), waited for at its first log.
+    logger_future = (concurrent.futures.ThreadPoolExecutor(1).submit(RunLogger, payload["tracking_uri"],
+                                                                      payload["run_id"]) if rank == 0 else None)
 
     def logger_ready():
         """Rank 0's RunLogger, waited for at its first use so that training need not wait for MLflow's
