@@ -84,6 +84,9 @@ def train(
     model: Annotated[Optional[str], typer.Argument(help="Model name (`raycraft models`).")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", help="Dataset name (`raycraft datasets`).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Data-parallel Ray Train workers.")] = None,
+    in_process: Annotated[Optional[bool], typer.Option(
+        "--in-process", help="Train in this process (Ray Train's local mode): no Ray cluster or worker "
+                             "processes, so it starts in seconds; one worker, no worker restarts.")] = None,
     gpu: Annotated[Optional[bool], typer.Option("--gpu/--cpu", help="One GPU per worker.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Passes over the training split.")] = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Examples per step per worker.")] = None,
@@ -104,8 +107,9 @@ def train(
     from raycraft.train.config import build_config
 
     uri = resolve_tracking_uri(tracking_uri)
-    flags = {"model": model, "dataset": dataset, "workers": workers, "gpu": gpu, "epochs": epochs,
-             "batch_size": batch_size, "experiment": experiment, "seed": seed, "init_from": init_from}
+    flags = {"model": model, "dataset": dataset, "workers": workers, "in_process": in_process, "gpu": gpu,
+             "epochs": epochs, "batch_size": batch_size, "experiment": experiment, "seed": seed,
+             "init_from": init_from}
     base = layered_config(uri, config, resume, flags)
     if data_dir is not None:
         base.setdefault("data", {})["data_dir"] = data_dir
@@ -118,8 +122,8 @@ def train(
 
     def on_start(run_id: str) -> None:
         verb = "resuming" if resume else "training"
-        console.print(f"[cyan]{verb}[/] {cfg.model} on {cfg.dataset} with {cfg.workers} worker(s); "
-                      f"MLflow run {run_id}")
+        where = "in this process" if cfg.in_process else f"with {cfg.workers} worker(s)"
+        console.print(f"[cyan]{verb}[/] {cfg.model} on {cfg.dataset} {where}; MLflow run {run_id}")
 
     import psutil
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -108,7 +109,10 @@ def prepare(cfg: TrainConfig, address: str | None = None) -> None:
         from raycraft.config import from_dict
 
         model.check(from_dict(model.config_cls, cfg.model_args), load_dataset(cfg.dataset, cfg.data).info)
-    if cfg.gpu and not (address or os.environ.get("RAY_ADDRESS")):
+    if cfg.in_process and address:
+        raise UserError(f"--address: an --in-process run trains in this process and joins no cluster; drop "
+                        f"--address {address} or --in-process.")
+    if cfg.gpu and (cfg.in_process or not (address or os.environ.get("RAY_ADDRESS"))):
         import torch
 
         if not torch.cuda.is_available():
@@ -195,6 +199,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     `tags` are added to a new MLflow run (a sweep's `mlflow.parentRunId`); `callbacks` are Ray Train
     callbacks (Tune's `TuneReportCallback` when this runs as a sweep trial); `paced_by_tune` makes a sweep
     trial wait for its scheduler after each epoch, and leaves the run as the sweep ended it when it stops.
+    With `cfg.in_process` the loop runs in this process (Ray Train's local mode) and Ray is not started.
     `clone` = (n, checkpoint): a PBT trial's n-th exploit, which continues the resumed run from another
     trial's checkpoint as Ray Train run `<name>-pbt<n>` (whose own checkpoints then take precedence)."""
     from raycraft import tracking
@@ -207,15 +212,17 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     # MLflow's import, a new store's schema and Ray Train's import take seconds: they run while Ray starts.
     store_ready = concurrent.futures.ThreadPoolExecutor(1).submit(_while_ray_starts, uri, cfg.experiment)
     ray_start = time.time()
-    init_ray(address)
-    ray_init_s = time.time() - ray_start
+    if not cfg.in_process:
+        init_ray(address)
+    ray_init_s = time.time() - ray_start if not cfg.in_process else 0.0
     store_ready.result()
-    check_cluster_resources(cfg)
+    if not cfg.in_process:
+        check_cluster_resources(cfg)
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from raycraft.train.loop import train_loop_per_worker
+    from raycraft.train.loop import newest_checkpoint, train_loop_per_worker
 
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     if resume_run_id:
@@ -235,12 +242,16 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     if on_start:
         on_start(run_id)
 
+    run_dir = None if "://" in storage else str(Path(storage) / ray_name)  # for --in-process checkpoints
+    if cfg.in_process:  # its own start line says where it runs; Ray Train's would repeat it
+        logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
                            "started_at": started_at, "ray_init_s": ray_init_s, "paced_by_tune": paced_by_tune,
-                           "start_from": clone[1] if clone else None},
-        scaling_config=ray.train.ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpu,
+                           "start_from": clone[1] if clone else None,
+                           "run_dir": run_dir},
+        scaling_config=ray.train.ScalingConfig(num_workers=0 if cfg.in_process else cfg.workers, use_gpu=cfg.gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
             name=ray_name, storage_path=storage,
@@ -268,7 +279,9 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
                "try a lower optim.lr, optim.grad_clip, or precision=fp32.")
         tracking.end_run(uri, run_id, "FAILED", msg)
         raise TrainingError(msg)
-    checkpoint_path = result.checkpoint.path if result.checkpoint else None
+    # Ray Train's local mode returns the last report's checkpoint, which is the final report's: none
+    latest = newest_checkpoint(None, run_dir) if cfg.in_process else result.checkpoint
+    checkpoint_path = latest.path if latest else None
     if not paced_by_tune or run.info.status == "RUNNING":  # a sweep ends the runs its scheduler stopped
         tracking.end_run(uri, run_id, "FINISHED")
     return Outcome(run_id, dict(run.data.metrics), uri, checkpoint_path)

@@ -66,6 +66,7 @@ def test_nested_keys_model_shorthand_and_overrides():
     ({"search": "grid"}, r"search 'grid' enumerates values"),
     ({"space": {}}, r"no search space"),
     ({"job": {"model": "mlp"}}, r"name a model and a dataset"),
+    ({"job": {"model": "mlp", "dataset": "digits", "in_process": True}}, r"job.in_process: a sweep's trials"),
     ({"scheduler": {"name": "pbt"}, "search": "optuna", "space": {"optim.lr": {"uniform": [0.01, 0.1]}}},
      r"search: pbt .* use search random or grid, not 'optuna'"),
     ({"scheduler": {"name": "pbt", "perturbation_interval": 2}}, r"perturbation_interval: 2 epochs is not less"),

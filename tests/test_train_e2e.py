@@ -125,3 +125,42 @@ def test_killed_worker_resumes_without_gaps_or_duplicates(ray_session, mlflow_ur
     redone = max(0, killed_after - restored[0])
     print(f"killed after {killed_after} logged epochs; restarted at epoch {restored[0]}; redone: {redone}")
     assert len(restored) == 1 and redone <= 1
+
+
+def test_in_process_run_saves_checkpoints_and_resumes_across_modes(ray_session, mlflow_uri, storage):
+    """--in-process (Ray Train's local mode) trains in this process and saves its own checkpoints; a run
+    continues from the newest checkpoint whichever mode wrote it, each epoch in MLflow exactly once."""
+    from ray.util.state import list_actors
+
+    from raycraft.train.loop import IN_PROCESS_MARK
+
+    def train_workers() -> int:  # alive or dead, in this session's own Ray
+        return len(list_actors(address=ray_session.get_runtime_context().gcs_address,
+                               filters=[("class_name", "=", "RayTrainWorker")], limit=10_000))
+
+    base = {"model": "lenet5", "dataset": "digits", "storage_path": storage, "keep_checkpoints": 1}
+    cfg, _ = build_config({**base, "epochs": 2, "in_process": True})
+    before = train_workers()
+    out = run_training(cfg, tracking_uri=mlflow_uri)
+    assert train_workers() == before  # no Ray Train worker was started
+    run = MlflowClient(mlflow_uri).get_run(out.run_id)
+    assert run.info.status == "FINISHED" and run.data.metrics["ray_init_s"] == 0.0
+    assert _logged_epochs(mlflow_uri, out.run_id) == [0, 1]
+    run_dir = Path(storage) / f"raycraft-{out.run_id}"
+    assert sorted(p.name for p in run_dir.glob("epoch_*")) == ["epoch_0001"]  # keep_checkpoints=1 pruned 0
+    assert (run_dir / "epoch_0001" / IN_PROCESS_MARK).exists() and out.checkpoint_path == str(run_dir / "epoch_0001")
+
+    # Ray Train workers continue the in-process run from its epoch-1 checkpoint ...
+    more, _ = build_config({**base, "epochs": 3})
+    run_training(more, tracking_uri=mlflow_uri, resume_run_id=out.run_id)
+    restores = MlflowClient(mlflow_uri).get_run(out.run_id).data.tags[RESTORES_TAG]
+    assert restores == "2" and _logged_epochs(mlflow_uri, out.run_id) == [0, 1, 2]
+
+    # ... and in-process again from Ray Train's epoch-2 checkpoint, newer than its own epoch 1
+    last, _ = build_config({**base, "epochs": 4, "in_process": True})
+    final = run_training(last, tracking_uri=mlflow_uri, resume_run_id=out.run_id)
+    run = MlflowClient(mlflow_uri).get_run(out.run_id)
+    assert run.data.tags[RESTORES_TAG] == "2,3" and run.info.status == "FINISHED"
+    for key in ("epoch", "train_loss", "val_accuracy"):
+        assert _logged_epochs(mlflow_uri, out.run_id, key) == [0, 1, 2, 3]
+    assert final.checkpoint_path == str(run_dir / "epoch_0003") and final.metrics["test_accuracy"] > 0.8

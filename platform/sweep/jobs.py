@@ -17,6 +17,8 @@ import dataclasses
 import math
 from typing import Any
 
+from raycraft.errors import UserError
+
 FINISHED_METRIC = "trial_finished"
 
 
@@ -82,6 +84,11 @@ class TrainJob(JobKind):
         from raycraft.train.config import build_config
 
         return build_config(job)
+
+    def check(self, cfg, model_cfg):
+        if cfg.in_process:
+            raise UserError("job.in_process: a sweep's trials report to Tune through Ray Train's workers; "
+                            "drop in_process from the job (it is for single `raycraft train` runs).")
 
     def check_fits(self, cfg):
         from raycraft.runner import check_cluster_resources

@@ -78,6 +78,11 @@ class TrainConfig:
     epochs: int = field_doc(10, "Passes over the training split.")
     batch_size: int = field_doc(64, "Examples per step on each worker (global batch = workers x this).")
     workers: int = field_doc(1, "Ray Train workers (data-parallel replicas).")
+    in_process: bool = field_doc(
+        False, "Run the training function in this process (Ray Train's local mode, `ScalingConfig(num_workers="
+               "0)`): no Ray cluster and no worker processes, so training starts in seconds and a debugger "
+               "works; one worker, and no restart of a failed worker (`--resume` continues from the last "
+               "epoch's checkpoint, which is still saved under storage_path).")
     cpus_per_worker: int = field_doc(1, "CPUs reserved per worker; also its torch thread count.")
     gpu: bool = field_doc(False, "One GPU per worker (NCCL); otherwise CPU workers with gloo.")
     precision: Literal["fp32", "mixed"] = field_doc(
@@ -97,7 +102,14 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "keep_checkpoints"):
             if getattr(self, name) < 1:
-                raise UserError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1.")
+                hint = " (--in-process trains in this process, without Ray workers)" if name == "workers" else ""
+                raise UserError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1{hint}.")
+        if self.in_process and self.workers > 1:
+            raise UserError(f"--in-process: trains one worker, in this process; it cannot run --workers "
+                            f"{self.workers}. Drop --in-process for {self.workers} data-parallel Ray Train workers.")
+        if self.in_process and "://" in self.storage_path:
+            raise UserError(f"storage_path: {self.storage_path!r} is remote; an --in-process run saves its "
+                            "checkpoints itself, to a local folder.")
         if self.max_failures < 0:
             raise UserError(f"max_failures: {self.max_failures} must be >= 0.")
         if self.prune.sparsity and self.prune.rewind_epoch >= self.epochs:

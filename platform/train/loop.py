@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import logging
 import math
 import os
@@ -33,6 +34,10 @@ from raycraft.train.pruning import Ticket, find_ticket
 from raycraft.train.step import Step, step_for
 
 CHECKPOINT_FILE = "state.pt"
+IN_PROCESS_MARK = "saved_in_process"
+"""A file in each checkpoint folder an --in-process run wrote itself (Ray Train's local mode keeps reported
+checkpoints in memory only); resume finds these beside Ray Train's own, and pruning touches only these."""
+RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints in a run folder
 
 
 class Batches:
@@ -203,6 +208,48 @@ def load_state(path: str | Path) -> dict[str, Any]:
     return torch.load(Path(path) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
 
 
+def _epoch_of(folder: str) -> int:
+    name = folder.rstrip("/").rsplit("/", 1)[-1]
+    return int(name.removeprefix("epoch_")) if name.startswith("epoch_") and name[6:].isdigit() else -1
+
+
+def newest_checkpoint(reported, run_dir: str | None):
+    """The checkpoint to resume from, the newest of Ray Train's latest (`reported`; in local mode, where Ray
+    Train reports none, the latest its checkpoint manager recorded in `run_dir`) and the latest one an
+    --in-process run saved in `run_dir`: a run may switch between the two modes across --resume."""
+    found = [reported] if reported else []
+    if run_dir and Path(run_dir).is_dir():
+        import ray.train
+
+        run = Path(run_dir)
+        if not reported and (run / RAY_TRAIN_SNAPSHOT).is_file():
+            latest = json.loads((run / RAY_TRAIN_SNAPSHOT).read_text()).get("latest_checkpoint_result") or {}
+            name = latest.get("checkpoint_dir_name")
+            if name and (run / name / CHECKPOINT_FILE).is_file():
+                found.append(ray.train.Checkpoint(str(run / name)))
+        found += [ray.train.Checkpoint(str(d)) for d in run.glob("epoch_*") if (d / IN_PROCESS_MARK).exists()]
+    return max(found, key=lambda c: _epoch_of(c.path), default=None)
+
+
+def save_in_process(folder: Path, run_dir: Path, epoch: int, keep: int) -> None:
+    """Move an --in-process epoch's checkpoint `folder` to `run_dir/epoch_NNNN` (a rename, so a kill never
+    leaves half a checkpoint there) and delete this mode's checkpoints beyond the newest `keep`."""
+    import shutil
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (folder / IN_PROCESS_MARK).touch()
+    staging = run_dir / f".epoch_{epoch:04d}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.copytree(folder, staging)
+    shutil.rmtree(folder)
+    target = run_dir / f"epoch_{epoch:04d}"
+    shutil.rmtree(target, ignore_errors=True)  # a resumed run that redoes an epoch
+    staging.rename(target)
+    ours = sorted((d for d in run_dir.glob("epoch_*") if (d / IN_PROCESS_MARK).exists()), key=lambda d: d.name)
+    for old in ours[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def init_from_run(model: torch.nn.Module, uri: str, run_id: str) -> None:
     """Load run `run_id`'s final weights into `model`. Parameters only the new model has (adapters) keep
     their initialisation; a weight the new model lacks means a different architecture, and fails."""
@@ -218,10 +265,12 @@ def init_from_run(model: torch.nn.Module, uri: str, run_id: str) -> None:
 
 def quiet_ray_train_worker_logs() -> None:
     """Ray Train's per-report INFO line comes from a logger named by its file path, which escapes the
-    run's `ray.train` log level; raise that logger to WARNING so progress lines stay readable."""
+    run's `ray.train` log level (in local mode, from `train_fn_utils`); raise those loggers to WARNING so
+    progress lines stay readable."""
     for name in list(logging.root.manager.loggerDict):
         if name.endswith(os.path.join("execution", "context.py")):
             logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)  # local mode
 
 
 def tune_allows(logger, epoch: int, world: int, device: torch.device) -> bool:
@@ -236,7 +285,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     """Ray Train's entry point. `payload`: {'config': TrainConfig as a dict, 'run_id', 'tracking_uri',
     'started_at': when the user's command began, 'ray_init_s': seconds it spent starting Ray, 'paced_by_tune':
     a sweep trial, which waits for its scheduler's verdict after each epoch, 'start_from': a checkpoint to
-    start from when Ray Train has none of this run's (a PBT exploit)}."""
+    start from when Ray Train has none of this run's (a PBT exploit), 'run_dir': the run's local checkpoint
+    folder, where an --in-process run saves its own checkpoints (None for remote storage)}."""
     import ray.train
     import ray.train.torch
     from ray.train import CheckpointUploadMode
@@ -263,7 +313,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     autocast = autocast_for(cfg.precision, device)
 
     history: list[dict[str, float]] = []
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), payload.get("run_dir"))
     restored = checkpoint is not None
     if not checkpoint and payload.get("start_from"):  # a PBT trial taking over another trial's state
         checkpoint = ray.train.Checkpoint(payload["start_from"])
@@ -340,6 +390,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir))
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+        if ckpt and cfg.in_process:
+            save_in_process(ckpt_dir, Path(payload["run_dir"]), epoch, cfg.keep_checkpoints)
         if logger:
             if epoch == 0:  # only a fresh run's start-up is the user's wait
                 logger.log_once({"startup_s": training_starts_at - payload["started_at"],
