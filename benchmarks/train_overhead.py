@@ -2,13 +2,17 @@
 
 Same model, data, batch size and epochs for
   (a) a bare PyTorch loop in this process (one torch thread),
-  (b) `raycraft train` with 1 worker (1 CPU), and
-  (c) `raycraft train` with 2 workers (1 CPU each, data parallel over gloo).
-(a) runs before and after (b) and (c); the faster run is the baseline. Printed per setup:
+  (b) `raycraft train` with 1 worker (1 CPU),
+  (c) `raycraft train` with 2 workers (1 CPU each, data parallel over gloo), and
+  (d) `raycraft train --in-process` (Ray Train's local mode: the loop runs in the CLI's process).
+This machine's speed drifts by tens of percent within minutes, so (a) runs before and after each raycraft
+setup, and each setup's ratio is against the mean of its two neighbouring (a) runs. Printed per setup:
 training-phase samples/s (median over epochs after the first, the loop's own `samples_per_s`), wall
 samples/s (epoch to epoch, with evaluation, checkpoint and MLflow logging), and the fixed cost: for
 raycraft, CLI process start to first training batch, less `ray.init`; for (a), a bare PyTorch script's
-process start to the end of its first batch, the floor of any training program here.
+process start to the end of its first batch, the floor of any training program here. Last, Ray Train's
+own start: `TorchTrainer.fit()` to the first line of an empty training function, on a local Ray started
+as raycraft starts it.
 
     python benchmarks/train_overhead.py [--model lenet5 --dataset mnist5k --epochs 4 --batch-size 64]
 """
@@ -88,14 +92,40 @@ def bare_startup(model: str, dataset: str, batch_size: int) -> float:
     return float(out.stdout.split()[-1]) - start
 
 
+RAY_TRAIN_START = """
+import sys, time, ray, ray.train
+from ray.train.torch import TorchTrainer
+from raycraft.runner import init_ray
+init_ray()
+def first_line(config):
+    open(config["stamp"], "w").write(str(time.time()))
+start = time.time()
+TorchTrainer(first_line, train_loop_config={"stamp": sys.argv[1] + "/stamp"},
+             scaling_config=ray.train.ScalingConfig(num_workers=1),
+             run_config=ray.train.RunConfig(storage_path=sys.argv[1])).fit()
+print(float(open(sys.argv[1] + "/stamp").read()) - start)
+"""
+
+
+def ray_train_start() -> float:
+    """Seconds from `TorchTrainer.fit()` to the first line of an empty training function (controller,
+    placement group and worker processes, their imports, the process group): Ray Train's own start."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = subprocess.run([sys.executable, "-c", RAY_TRAIN_START, tmp], capture_output=True, text=True,
+                             check=True, cwd=tmp)
+    return float(out.stdout.split()[-1])
+
+
 def raycraft_cli(model: str, dataset: str, epochs: int, batch_size: int, workers: int,
                  n_train: int) -> dict[str, float]:
+    """`raycraft train` with `workers` Ray Train workers; 0: --in-process."""
     from mlflow.tracking import MlflowClient
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         cmd = [os.path.join(os.path.dirname(sys.executable), "raycraft"), "train", model, "--dataset", dataset,
-               "--epochs", str(epochs), "--batch-size", str(batch_size), "--workers", str(workers),
+               "--epochs", str(epochs), "--batch-size", str(batch_size),
+               *(["--workers", str(workers)] if workers else ["--in-process"]),
                "--tracking-uri", uri, "--set", "optim.schedule=constant", "--set", "optim.warmup_epochs=0"]
         out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
         if out.returncode:
@@ -121,25 +151,28 @@ def main() -> None:
     from raycraft.registry import load_dataset
 
     n_train = len(load_dataset(a.dataset, DataConfig()).train)
-    # This machine's speed drifts by tens of percent over minutes: (a) runs before and after (b) and (c),
-    # and the faster of the two is the baseline.
     bare_runs = [bare_pytorch(a.model, a.dataset, a.epochs, a.batch_size)]
-    results = {"(b) raycraft, 1 worker": raycraft_cli(a.model, a.dataset, a.epochs, a.batch_size, 1, n_train),
-               "(c) raycraft, 2 workers": raycraft_cli(a.model, a.dataset, a.epochs, a.batch_size, 2, n_train)}
-    bare_runs.append(bare_pytorch(a.model, a.dataset, a.epochs, a.batch_size))
-    print("(a) bare PyTorch, before and after: train samples/s "
-          + " and ".join(f"{r['samples_per_s']:.0f}" for r in bare_runs))
-    base = {**max(bare_runs, key=lambda r: r["samples_per_s"]),
-            "startup_s": bare_startup(a.model, a.dataset, a.batch_size), "ray_init_s": 0.0}
+    results = {}
+    for name, workers in (("(b) raycraft, 1 worker", 1), ("(c) raycraft, 2 workers", 2),
+                          ("(d) raycraft, in-process", 0)):
+        results[name] = raycraft_cli(a.model, a.dataset, a.epochs, a.batch_size, workers, n_train)
+        bare_runs.append(bare_pytorch(a.model, a.dataset, a.epochs, a.batch_size))
+        results[name]["baseline"] = {k: statistics.mean(r[k] for r in bare_runs[-2:]) for k in bare_runs[-1]}
+    print("(a) bare PyTorch before, between and after: train samples/s "
+          + ", ".join(f"{r['samples_per_s']:.0f}" for r in bare_runs))
+    base = {k: statistics.median(r[k] for r in bare_runs) for k in bare_runs[0]}
+    base.update(startup_s=bare_startup(a.model, a.dataset, a.batch_size), ray_init_s=0.0, baseline=base)
     results = {"(a) bare PyTorch": base, **results}
-    print(f"{a.model} on {a.dataset}, {a.epochs} epochs, batch {a.batch_size}, {os.cpu_count()} CPUs")
+    print(f"{a.model} on {a.dataset}, {a.epochs} epochs, batch {a.batch_size}, {os.cpu_count()} CPUs; "
+          "ratios against the mean of the neighbouring (a) runs")
     print(f"{'setup':26} {'train samples/s':>16} {'ratio':>6} {'wall samples/s':>15} {'ratio':>6} "
-          f"{'fixed cost s':>13} {'ray.init s':>11}")
+          f"{'fixed cost s':>13} {'over (a) s':>11} {'ray.init s':>11}")
     for name, r in results.items():
         fixed = r["startup_s"] - r["ray_init_s"]
-        print(f"{name:26} {r['samples_per_s']:16.0f} {r['samples_per_s'] / base['samples_per_s']:6.2f} "
-              f"{r['wall_samples_per_s']:15.0f} {r['wall_samples_per_s'] / base['wall_samples_per_s']:6.2f} "
-              f"{fixed:13.1f} {r['ray_init_s']:11.1f}")
+        print(f"{name:26} {r['samples_per_s']:16.0f} {r['samples_per_s'] / r['baseline']['samples_per_s']:6.2f} "
+              f"{r['wall_samples_per_s']:15.0f} {r['wall_samples_per_s'] / r['baseline']['wall_samples_per_s']:6.2f} "
+              f"{fixed:13.1f} {fixed - base['startup_s']:11.1f} {r['ray_init_s']:11.1f}")
+    print(f"Ray Train's own start, fit() to an empty training function: {ray_train_start():.1f} s")
     print("goals: (b)/(a) train samples/s >= 0.95; fixed cost <= 3 s")
 
 

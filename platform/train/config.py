@@ -80,9 +80,9 @@ class TrainConfig:
     workers: int = field_doc(1, "Ray Train workers (data-parallel replicas).")
     in_process: bool = field_doc(
         False, "Run the training function in this process (Ray Train's local mode, `ScalingConfig(num_workers="
-               "0)`): no Ray cluster and no worker processes, so training starts in seconds and a debugger "
-               "works; one worker, and no restart of a failed worker (`--resume` continues from the last "
-               "epoch's checkpoint, which is still saved under storage_path).")
+               "0)`): no Ray cluster and no worker processes, so training starts in seconds; one worker, and no "
+               "restart of a failed worker (`--resume` continues from the last epoch's checkpoint, which is "
+               "still saved under storage_path).")
     cpus_per_worker: int = field_doc(1, "CPUs reserved per worker; also its torch thread count.")
     gpu: bool = field_doc(False, "One GPU per worker (NCCL); otherwise CPU workers with gloo.")
     precision: Literal["fp32", "mixed"] = field_doc(
