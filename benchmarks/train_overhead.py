@@ -4,12 +4,14 @@ Same model, data, batch size and epochs for
   (a) a bare PyTorch loop in this process (one torch thread),
   (b) `raycraft train` with 1 worker (1 CPU),
   (c) `raycraft train` with 2 workers (1 CPU each, data parallel over gloo), and
-  (d) `raycraft train --in-process` (Ray Train's local mode: the loop runs in the CLI's process).
+  (d) `raycraft train --in-process` (Ray Train's local mode: the loop runs in the CLI's process), and
+  (e) (d) started from a warm process (`raycraft warm start`: imports done once, a fork per command).
 This machine's speed drifts by tens of percent within minutes, so (a) runs before and after each raycraft
 setup, and each setup's ratio is against the mean of its two neighbouring (a) runs. Printed per setup:
 training-phase samples/s (median over epochs after the first, the loop's own `samples_per_s`), wall
 samples/s (epoch to epoch, with evaluation, checkpoint and MLflow logging), and the fixed cost: for
-raycraft, CLI process start to first training batch, less `ray.init`; for (a), a bare PyTorch script's
+raycraft, CLI process start to first training batch, less `ray.init`, with the MLflow store already
+created (as for every run but a user's first); for (a), a bare PyTorch script's
 process start to the end of its first batch, the floor of any training program here. Last, Ray Train's
 own start: `TorchTrainer.fit()` to the first line of an empty training function, on a local Ray started
 as raycraft starts it.
@@ -116,18 +118,29 @@ def ray_train_start() -> float:
     return float(out.stdout.split()[-1])
 
 
-def raycraft_cli(model: str, dataset: str, epochs: int, batch_size: int, workers: int,
-                 n_train: int) -> dict[str, float]:
-    """`raycraft train` with `workers` Ray Train workers; 0: --in-process."""
+def raycraft_cli(model: str, dataset: str, epochs: int, batch_size: int, workers: int, n_train: int,
+                 warm: bool = False) -> dict[str, float]:
+    """`raycraft train` with `workers` Ray Train workers (0: --in-process), from a warm process if `warm`.
+    Its MLflow store exists beforehand, as it does for every run but a user's first."""
     from mlflow.tracking import MlflowClient
+
+    from raycraft.tracking import experiment_id
 
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        cmd = [os.path.join(os.path.dirname(sys.executable), "raycraft"), "train", model, "--dataset", dataset,
-               "--epochs", str(epochs), "--batch-size", str(batch_size),
+        experiment_id(uri, "raycraft")
+        exe = os.path.join(os.path.dirname(sys.executable), "raycraft")
+        env = {**os.environ, "RAYCRAFT_WARM_DIR": f"{tmp}/warm"}  # a private warm process, or none
+        cmd = [exe, "train", model, "--dataset", dataset, "--epochs", str(epochs), "--batch-size", str(batch_size),
                *(["--workers", str(workers)] if workers else ["--in-process"]),
                "--tracking-uri", uri, "--set", "optim.schedule=constant", "--set", "optim.warmup_epochs=0"]
-        out = subprocess.run(cmd, cwd=tmp, capture_output=True, text=True)
+        if warm:
+            subprocess.run([exe, "warm", "start"], env=env, capture_output=True, check=True)
+        try:
+            out = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        finally:
+            if warm:
+                subprocess.run([exe, "warm", "stop"], env=env, capture_output=True, check=True)
         if out.returncode:
             raise RuntimeError(out.stdout[-2000:] + out.stderr[-4000:])
         run_id = re.search(r"run id: (\w+)", out.stdout).group(1)
@@ -153,9 +166,9 @@ def main() -> None:
     n_train = len(load_dataset(a.dataset, DataConfig()).train)
     bare_runs = [bare_pytorch(a.model, a.dataset, a.epochs, a.batch_size)]
     results = {}
-    for name, workers in (("(b) raycraft, 1 worker", 1), ("(c) raycraft, 2 workers", 2),
-                          ("(d) raycraft, in-process", 0)):
-        results[name] = raycraft_cli(a.model, a.dataset, a.epochs, a.batch_size, workers, n_train)
+    for name, workers, warm in (("(b) raycraft, 1 worker", 1, False), ("(c) raycraft, 2 workers", 2, False),
+                                ("(d) raycraft, in-process", 0, False), ("(e) warm, in-process", 0, True)):
+        results[name] = raycraft_cli(a.model, a.dataset, a.epochs, a.batch_size, workers, n_train, warm)
         bare_runs.append(bare_pytorch(a.model, a.dataset, a.epochs, a.batch_size))
         results[name]["baseline"] = {k: statistics.mean(r[k] for r in bare_runs[-2:]) for k in bare_runs[-1]}
     print("(a) bare PyTorch before, between and after: train samples/s "
