@@ -22,6 +22,7 @@ as raycraft starts it.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import statistics
@@ -126,6 +127,7 @@ def raycraft_cli(model: str, dataset: str, epochs: int, batch_size: int, workers
 
     from raycraft.tracking import experiment_id
 
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # the new store's schema lines
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         experiment_id(uri, "raycraft")
