@@ -172,12 +172,13 @@ def serve(path: Path) -> None:
             conn, _ = server.accept()
         except TimeoutError:
             continue
-        conn.settimeout(None)
+        conn.settimeout(5.0)  # a connection that never sends must not hold the warm process
         try:
             request, fds = _receive(conn)
         except (OSError, ValueError):
             conn.close()
             continue
+        conn.settimeout(None)
         fresh = code_snapshot(dirs) == snapshot
         if request.get("ping"):
             _send(conn, {"pid": os.getpid(), "served": served, "fresh": fresh})
