@@ -59,18 +59,21 @@ def test_commands_run_in_forks_of_the_warm_process(tmp_path, mlflow_uri):
 
         # Ctrl-C on the caller reaches the forked command, which ends its run as a cold one would
         long = subprocess.Popen([RAYCRAFT, "train", "lenet5", "--dataset", "digits", "--epochs", "200",
-                                 "--in-process", "--tracking-uri", mlflow_uri], env=env, cwd=tmp_path,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.time() + 120
+                                 "--in-process", "--tracking-uri", mlflow_uri, "--experiment", "warm-ctrl-c"],
+                                env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         client = MlflowClient(mlflow_uri)
-        while time.time() < deadline and not [r for r in client.search_runs([run.info.experiment_id])
-                                              if r.info.run_id != run_id and "epoch" in r.data.metrics]:
+
+        def runs() -> list:  # the session's store holds other tests' runs: only this experiment's
+            experiment = client.get_experiment_by_name("warm-ctrl-c")
+            return client.search_runs([experiment.experiment_id]) if experiment else []
+
+        deadline = time.time() + 120
+        while time.time() < deadline and not [r for r in runs() if "epoch" in r.data.metrics]:
             time.sleep(0.2)
         long.send_signal(signal.SIGINT)
         out, err = long.communicate(timeout=120)
         assert long.returncode == 1 and "training failed" in err, err
-        interrupted = next(r for r in client.search_runs([run.info.experiment_id]) if r.info.run_id != run_id)
-        assert interrupted.info.status == "FAILED"
+        assert [r.info.status for r in runs()] == ["FAILED"]
     finally:
         stopped = raycraft("warm", "stop")
     assert stopped.returncode == 0 and "stopped pid" in stopped.stdout
