@@ -211,10 +211,11 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
         tracking.get_run(uri, cfg.init_from)
     # MLflow's import, a new store's schema and Ray Train's import take seconds: they run while Ray starts.
     store_ready = concurrent.futures.ThreadPoolExecutor(1).submit(_while_ray_starts, uri, cfg.experiment)
-    ray_start = time.time()
+    ray_init_s = 0.0
     if not cfg.in_process:
+        ray_start = time.time()
         init_ray(address)
-    ray_init_s = time.time() - ray_start if not cfg.in_process else 0.0
+        ray_init_s = time.time() - ray_start
     store_ready.result()
     if not cfg.in_process:
         check_cluster_resources(cfg)

@@ -211,6 +211,7 @@ def _child(conn: socket.socket, request: dict, fds: list[int]) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     for target, fd in zip((0, 1, 2), fds, strict=True):
         os.dup2(fd, target)
+        os.close(fd)
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True)
     os.chdir(request["cwd"])

@@ -240,8 +240,7 @@ def save_in_process(folder: Path, run_dir: Path, epoch: int, keep: int) -> None:
     (folder / IN_PROCESS_MARK).touch()
     staging = run_dir / f".epoch_{epoch:04d}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    shutil.copytree(folder, staging)
-    shutil.rmtree(folder)
+    shutil.move(folder, staging)  # a rename on one file system, a copy and delete across two
     target = run_dir / f"epoch_{epoch:04d}"
     shutil.rmtree(target, ignore_errors=True)  # a resumed run that redoes an epoch
     staging.rename(target)
