@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from raycraft.errors import UserError
@@ -223,10 +224,10 @@ def main(use_warm: bool = True) -> None:
         _load_commands()
         app(standalone_mode=False)
     except UserError as exc:
-        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
         sys.exit(2)
     except TrainingError as exc:
-        err_console.print(f"[red]training failed:[/] {exc}", highlight=False)
+        err_console.print(f"[red]training failed:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
     except Exception as exc:
         usage = usage_error(exc)

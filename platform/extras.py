@@ -29,5 +29,5 @@ def require_extra(extra: str, what: str) -> None:
         except metadata.PackageNotFoundError:
             missing.append(name)
     if missing:
-        raise UserError(f"{what} needs {', '.join(missing)}, which the core install leaves out: "
+        raise UserError(f"{what} needs raycraft's {extra!r} extra ({', '.join(missing)} not installed): "
                         f"pip install 'raycraft[{extra}]' (in a checkout: pip install -e '.[{extra}]').")

@@ -88,7 +88,7 @@ core_only = pytest.mark.skipif(not CORE_VENV, reason="needs RAYCRAFT_CORE_VENV: 
 EXTRA_CASES = {
     "rl dqn": (["rl", "dqn", "--env", "CartPole-v1"], "rl", "gymnasium"),
     "rl-eval": (["rl-eval", RUN_ID], "rl", "gymnasium"),
-    "a graph dataset": (["train", "gcn", "--dataset", "karate"], "ssm", "networkx"),
+    "a graph dataset": (["train", "gcn", "--dataset", "karate"], "ssm", "torch-geometric"),
     "a time-series dataset": (["train", "kalman", "--dataset", "nile"], "ssm", "statsmodels"),
 }
 
