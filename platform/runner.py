@@ -270,7 +270,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
         if not (paced_by_tune and tracking.COMPLETED_TAG in run.data.tags):
             if run.info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
                 tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
-            raise TrainingError(f"training failed: {exc}") from exc
+            raise TrainingError(str(exc) or type(exc).__name__) from exc
         # Tune stopped the trial on its final report, tearing Ray Train down after the run was complete
         tracking.end_run(uri, run_id, "FINISHED")
         return Outcome(run_id, dict(run.data.metrics), uri, None)
