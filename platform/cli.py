@@ -230,19 +230,19 @@ def main(use_warm: bool = True) -> None:
         err_console.print(f"[red]training failed:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
     except Exception as exc:
+        if any(cls.__name__ in ("Exit", "Abort") for cls in type(exc).__mro__):  # typer's or its click's
+            sys.exit(getattr(exc, "exit_code", 1))
         usage = usage_error(exc)
         if usage is None:
             raise
         err_console.print(usage, highlight=False, markup=False)
-        sys.exit(2 if usage else getattr(exc, "exit_code", 1))
+        sys.exit(2)
 
 
 def usage_error(exc: Exception) -> str | None:
-    """The one or two lines to print for a command-line error of typer's click, "" for an exit or abort, or
-    None for any other exception. Typer ships its own copy of click, so this reads click's documented
-    exception interface (`format_message`, `exit_code`, `ctx`) instead of matching exception classes."""
-    if any(cls.__name__ in ("Exit", "Abort") for cls in type(exc).__mro__):
-        return ""
+    """The two lines to print for a command-line error of typer's click, or None for any other exception.
+    Typer ships its own copy of click, so this reads click's documented exception interface
+    (`format_message`, `exit_code`, `ctx`) instead of matching exception classes."""
     if not (callable(getattr(exc, "format_message", None)) and isinstance(getattr(exc, "exit_code", None), int)):
         return None
     ctx = getattr(exc, "ctx", None)
@@ -261,6 +261,7 @@ def _given_value(opts: list[str], argv: list[str]) -> str | None:
         if name in opts:
             return value if eq else (argv[i + 1] if i + 1 < len(argv) else None)
     return None
+
 
 if __name__ == "__main__":
     # `python -m raycraft.cli`: family modules add their commands to `raycraft.cli.app`, a different module
