@@ -19,6 +19,7 @@ def fresh_cache(tmp_path_factory):
     """Caches (FID classifiers, BPE merges) start empty, as on a fresh machine, and never leak into the user's.
     Autouse, so it is set before Ray starts and its workers inherit it."""
     os.environ["RAYCRAFT_CACHE"] = str(tmp_path_factory.mktemp("raycraft-cache"))
+    os.environ["RAYCRAFT_HOME"] = str(tmp_path_factory.mktemp("raycraft-home"))  # the signing key's folder
 
 
 @pytest.fixture(scope="session")
