@@ -232,7 +232,8 @@ class KalmanConfig:
     R: list[list[float]] | None = field_doc(None, "Observation noise covariance (p, p); default as Q.")
     fit: tuple[str, ...] = field_doc(("Q", "R"), "Matrices fitted by maximum likelihood; the others stay fixed.")
     kappa: float = field_doc(1e6, "Variance of the approximate diffuse prior P_{1|0} = kappa I.")
-    burn: int | None = field_doc(None, "Log-likelihood terms left out at the start (default: state dimension).")
+    burn: int | None = field_doc(None, "Log-likelihood terms left out at the start (default: state dimension).",
+                                 minimum=0)
 
     def __post_init__(self) -> None:
         for name in self.fit:

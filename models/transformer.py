@@ -66,8 +66,8 @@ class TransformerConfig:
     attention: Literal["full", "sliding", "bigbird", "performer", "linformer"] = field_doc(
         "full", "Attention kind (see models/attention.py).")
     window: int = field_doc(64, "Sliding-window and BigBird: keys within this distance.")
-    n_global: int = field_doc(2, "BigBird: global tokens.")
-    n_random: int = field_doc(2, "BigBird: random keys per query.")
+    n_global: int = field_doc(2, "BigBird: global tokens (0: none).", minimum=0)
+    n_random: int = field_doc(2, "BigBird: random keys per query (0: none).", minimum=0)
     n_features: int = field_doc(64, "Performer: random features m.")
     proj_len: int = field_doc(64, "Linformer: projected length k of keys and values.")
     max_len: int = field_doc(0, "Longest sequence (learned positions, Linformer); 0: the dataset's seq_len.")

@@ -9,6 +9,7 @@ can print it and errors can point at it. Errors are `UserError`s naming the key,
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,13 +20,21 @@ import yaml
 from raycraft.errors import UserError, invalid_choice
 
 C = TypeVar("C")
+MODEL_PACKAGE = "raycraft.models."  # whose config dataclasses `least_value` bounds by their defaults
+MAX_YAML_BYTES = 1 << 20  # a config is a few KiB; 1 MiB still parses in about a second (libyaml)
+MAX_YAML_VALUES = 100_000  # far above any config, far below what a few nested aliases expand to
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: faster, and caps nesting depth
 
 
-def field_doc(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None) -> Any:
-    """A dataclass field with its documentation attached (shown by `raycraft models --details`)."""
+def field_doc(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None,
+              minimum: int | None = None) -> Any:
+    """A dataclass field with its documentation attached (shown by `raycraft models --details`).
+    `minimum` is the least value of an int field (or of each item of a list of ints), checked by `from_dict`;
+    it overrides the rule for model configs' fields in `least_value`."""
+    metadata = {"help": doc} if minimum is None else {"help": doc, "minimum": minimum}
     if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata={"help": doc})
-    return dataclasses.field(default=default, metadata={"help": doc})
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -62,7 +71,7 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
         return value
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = read_yaml(value, key)
         if not isinstance(value, (list, tuple)):
             raise UserError(f"{key}: expected a list, got {value!r}.")
         args = get_args(tp)
@@ -88,11 +97,13 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}: expected a number, got {value!r}.")
+        if not math.isfinite(value):
+            raise UserError(f"{key}: expected a finite number, got {value!r}.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -112,10 +123,39 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, prefix: str = "") -> C:
     if unknown:
         raise invalid_choice(f"{prefix.rstrip('.') or 'config'}: unknown key", unknown[0], names)
     kwargs = {k: coerce(f"{prefix}{k}", v, hints[k]) for k, v in data.items()}
+    for f in dataclasses.fields(cls):
+        if f.name in kwargs:
+            check_least(f"{prefix}{f.name}", kwargs[f.name], hints[f.name], least_value(cls, f))
     try:
         return cls(**kwargs)
     except TypeError as exc:  # a required field is missing
         raise UserError(f"{prefix or cls.__name__}: {exc}") from None
+
+
+def least_value(cls: type, f: dataclasses.Field) -> int | None:
+    """The least value of int field `f` of dataclass `cls` (or of each item, for a list of ints): its declared
+    `minimum`; else, in a model config (`raycraft.models.*`), 1 when its default (or each default item) is at
+    least 1, a size, and 0 when it is 0, which such fields document as "off". None: no bound."""
+    if "minimum" in f.metadata:
+        return f.metadata["minimum"]
+    if not cls.__module__.startswith(MODEL_PACKAGE):
+        return None
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    items = list(default) if isinstance(default, (list, tuple)) else [default]
+    if not items or any(type(v) is not int for v in items) or min(items) < 0:
+        return None
+    return min(1, min(items))
+
+
+def check_least(key: str, value: Any, tp: Any, least: int | None) -> None:
+    """UserError naming `key` when int `value` (or an item of a list of ints) is below `least`."""
+    tp = _is_optional(tp)[1]
+    listed = get_origin(tp) in (list, tuple) and get_args(tp)[:1] == (int,)
+    if least is None or value is None or not (tp is int or listed):
+        return
+    if any(v < least for v in (value if listed else [value])):
+        what = "every item must be" if listed else "it must be"
+        raise UserError(f"{key}: {list(value) if listed else value} is out of range; {what} an integer >= {least}.")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -153,7 +193,7 @@ def parse_override(text: str) -> tuple[str, Any]:
     if not key:
         raise UserError(f"--set: empty key in {text!r}.")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw, f"--set {key}") if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
     return key, value
@@ -190,8 +230,9 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise UserError(f"--config: file {str(p)!r} does not exist.")
+    _check_size(f"--config {p}", p.stat().st_size)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = read_yaml(p.read_text(), f"--config {p}")
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -201,3 +242,34 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise UserError(f"--config: {p} must hold a mapping of keys to values, not {type(data).__name__}.")
     return data
+
+
+def read_yaml(text: str, source: str) -> Any:
+    """Config text as YAML data, bounded in size and in values with aliases expanded; `source` (a flag, file
+    or key) names the text in the UserError. Malformed YAML raises yaml.YAMLError for the caller to word."""
+    _check_size(source, len(text.encode()))
+    data = yaml.load(text, Loader=_LOADER)
+    if _values_over(data, MAX_YAML_VALUES):
+        raise UserError(f"{source}: more than {MAX_YAML_VALUES:,} values once its YAML aliases (*name) are "
+                        f"expanded, each alias counting as a copy of what it names; a config holds at most "
+                        f"{MAX_YAML_VALUES:,}.")
+    return data
+
+
+def _check_size(source: str, size: int) -> None:
+    if size > MAX_YAML_BYTES:
+        raise UserError(f"{source}: {size:,} bytes of YAML, over the limit of {MAX_YAML_BYTES:,} bytes (1 MiB).")
+
+
+def _values_over(data: Any, limit: int) -> bool:
+    """Whether `data` holds more than `limit` values, a shared (aliased) object counting each time it is
+    reached. Counts children before visiting them, so it stops early on a billion-laughs document or a cycle."""
+    stack, count = [data], 1
+    while stack:
+        node = stack.pop()
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        count += len(children)
+        if count > limit:
+            return True
+        stack.extend(children)
+    return False

@@ -6,11 +6,10 @@ import contextlib
 import tempfile
 from typing import Any
 
-import yaml
 from torch import nn
 
 from raycraft import tracking
-from raycraft.config import from_dict
+from raycraft.config import from_dict, read_yaml
 from raycraft.errors import UserError
 from raycraft.registry import ModelSpec, check_compatible, create_model, load_dataset, model_spec, models
 from raycraft.train.config import TrainConfig
@@ -21,7 +20,8 @@ from raycraft.train.step import step_for
 def run_config(uri: str, run_id: str, task: str | None = None, command: str = "") -> tuple[TrainConfig, ModelSpec]:
     """A run's TrainConfig and model spec; with `task`, a UserError unless the run's model is of that task."""
     tracking.get_run(uri, run_id)
-    cfg = from_dict(TrainConfig, yaml.safe_load(tracking.download_text(uri, run_id, "config.yaml")))
+    text = tracking.download_text(uri, run_id, "config.yaml")
+    cfg = from_dict(TrainConfig, read_yaml(text, f"run {run_id}'s config.yaml"))
     spec = model_spec(cfg.model)
     if task and spec.task != task:
         fits = sorted(name for name, s in models().items() if s.task == task)
@@ -43,11 +43,26 @@ def rebuild_model(uri: str, run_id: str, cfg: TrainConfig, spec: ModelSpec, info
 def evaluate_run(run_id: str, dataset: str | None = None, tracking_uri: str | None = None) -> dict[str, float]:
     uri = tracking.resolve_tracking_uri(tracking_uri)
     cfg, _ = run_config(uri, run_id)
+    trained_on = cfg.dataset
     if dataset:
         check_compatible(cfg.model, dataset)
         cfg.dataset = dataset
-    model = tracking.load_model(uri, run_id)
     splits = load_dataset(cfg.dataset, cfg.data)
+    if cfg.dataset != trained_on:
+        check_same_shapes(trained_on, load_dataset(trained_on, cfg.data).info, cfg.dataset, splits.info)
+    model = tracking.load_model(uri, run_id)
     step = step_for(model_spec(cfg.model).task)
     test = Batches(splits.test, cfg.batch_size, shuffle=False)
     return {f"test_{k}": v for k, v in evaluate(step, model, test, contextlib.nullcontext).items()}
+
+
+SHAPE_KEYS = ("input_shape", "num_classes", "num_features", "edge_dim", "level", "obs_dim", "vocab_size")
+"""The entries of a dataset's `info` that a model is built for: another dataset must match them all."""
+
+
+def check_same_shapes(trained_on: str, trained: dict[str, Any], dataset: str, info: dict[str, Any]) -> None:
+    """UserError unless `dataset`'s shapes are those of `trained_on`, the data the run's model was built for."""
+    for key in SHAPE_KEYS:
+        if key in trained and trained[key] != info.get(key):
+            raise UserError(f"--dataset: the run's model was built for {trained_on!r} ({key} {trained[key]}); "
+                            f"{dataset!r} has {key} {info.get(key)}. Evaluate on a dataset of the same shapes.")

@@ -40,7 +40,7 @@ class ModelSpec:
     """Trainer defaults that suit this model (epochs, optim.lr, ...); YAML and flags override them."""
     check: Callable[[Any, dict[str, Any]], None] | None = None
     """`check(config, data_info)` raises UserError when the model cannot be built for the dataset's shapes;
-    run before Ray starts (loads the dataset, so only models that need it declare one)."""
+    run before Ray starts, on the info of the dataset that `runner.prepare` opens to validate it."""
 
 
 @dataclass(frozen=True)

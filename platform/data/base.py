@@ -71,6 +71,11 @@ def split_tensors(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig,
     if n - n_test - n_val <= 0:
         raise UserError(f"data: {n} examples leave nothing to train on with val_fraction={cfg.val_fraction} "
                         f"and test_fraction={cfg.test_fraction}.")
+    held_out = {"val": (n_val, cfg.val_fraction), "test": (n_test, 0.0 if test is not None else cfg.test_fraction)}
+    for part, (k, fraction) in held_out.items():
+        if fraction and not k:
+            raise UserError(f"data: {n} examples leave the {part} split empty at {part}_fraction={fraction}; "
+                            f"add examples or raise data.{part}_fraction.")
     test_ds = TensorDataset(*test) if test is not None else TensorDataset(x[:n_test], y[:n_test])
     val_ds = TensorDataset(x[n_test:n_test + n_val], y[n_test:n_test + n_val])
     train_ds = TensorDataset(x[n_test + n_val:], noisy_labels(y[n_test + n_val:], cfg.label_noise, g))

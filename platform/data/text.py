@@ -129,7 +129,14 @@ def _own_files(cfg: DataConfig) -> list[str]:
     files = sorted(Path(cfg.data_dir or "").rglob("*.txt"))
     if not files:
         raise UserError(f"--data-dir: {cfg.data_dir!r} holds no .txt files.")
-    return [f.read_text(encoding="utf-8") for f in files]
+    return [_read_text(f) for f in files]
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"--data-dir: {path} is not readable UTF-8 text ({exc}).") from None
 
 
 DOCUMENTS = {"shakespeare": lambda cfg: list(shakespeare_plays().values()), "text_folder": _own_files}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -76,31 +77,67 @@ def _find(folder: Path, stems: list[str]) -> Path:
     raise UserError(f"--data-dir: {folder} holds none of {', '.join(stems)} (optionally .gz).")
 
 
-def read_idx(path: Path) -> np.ndarray:
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)  # unreadable, truncated or corrupt files, gzip included
+
+
+def _unreadable(path: Path, exc: Exception) -> UserError:
+    return UserError(f"--data-dir: {path} is unreadable, corrupt or truncated ({exc}).")
+
+
+def check_labels(y: np.ndarray, n_classes: int, source: Path) -> None:
+    """UserError unless every label in `y` (read from `source`) is a class index in [0, n_classes)."""
+    bad = y[(y < 0) | (y >= n_classes)]
+    if bad.size:
+        raise UserError(f"--data-dir: {source}: label {int(bad[0])} is outside the {n_classes} classes "
+                        f"[0, {n_classes}) ({bad.size} of {y.size} labels out of range).")
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
     """Read an IDX file (MNIST's format): magic 0x0000 + dtype code + ndim, big-endian dims, then data."""
-    raw = (gzip.open if path.suffix == ".gz" else open)(path, "rb").read()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+    try:
+        with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
+            raw = f.read()
+    except READ_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+    if len(raw) < 4 or raw[:3] != b"\x00\x00\x08":
         raise UserError(f"--data-dir: {path} is not an unsigned-byte IDX file.")
-    ndim = raw[3]
+    if raw[3] != ndim:
+        raise UserError(f"--data-dir: {path} holds {raw[3]}-d data; expected {ndim}-d "
+                        f"({'images (N, H, W)' if ndim == 3 else 'labels (N,)'}).")
+    if len(raw) < 4 + 4 * ndim:
+        raise UserError(f"--data-dir: {path} is truncated: it ends inside its header.")
     dims = np.frombuffer(raw, dtype=">u4", count=ndim, offset=4)
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
-        raise UserError(f"--data-dir: {path} is truncated: header says {dims.tolist()}, "
+        raise UserError(f"--data-dir: {path} is truncated or corrupt: header says {dims.tolist()}, "
                         f"found {data.size} values.")
+    if not data.size:
+        raise UserError(f"--data-dir: {path} holds no examples.")
     return data.reshape(dims)
+
+
+def _idx_pair(folder: Path, prefix: str) -> tuple[np.ndarray, np.ndarray, Path]:
+    """(images, labels, the labels' file) of one IDX split, checked to hold one label per image."""
+    xp = _find(folder, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"])
+    yp = _find(folder, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"])
+    x, y = read_idx(xp, 3), read_idx(yp, 1)
+    if len(x) != len(y):
+        raise UserError(f"--data-dir: {xp} holds {len(x)} images but {yp} holds {len(y)} labels.")
+    return (x[:, None] / 255.0).astype(np.float32), y.astype(np.int64), yp
 
 
 @register_dataset("mnist_idx", task=IMAGES, needs_data_dir=True)
 def mnist_idx(cfg: DataConfig) -> DataSplits:
     """Your MNIST-format IDX files (train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-*) from --data-dir."""
     folder = _data_dir(cfg)
-    def load(prefix: str) -> tuple[np.ndarray, np.ndarray]:
-        x = read_idx(_find(folder, [f"{prefix}-images-idx3-ubyte", f"{prefix}-images.idx3-ubyte"]))
-        y = read_idx(_find(folder, [f"{prefix}-labels-idx1-ubyte", f"{prefix}-labels.idx1-ubyte"]))
-        return (x[:, None] / 255.0).astype(np.float32), y.astype(np.int64)
-    x, y = load("train")
-    test = load("t10k")
-    return _splits(x, y, cfg, [str(i) for i in range(int(y.max()) + 1)], test=test)
+    x, y, _ = _idx_pair(folder, "train")
+    tx, ty, test_labels = _idx_pair(folder, "t10k")
+    if tx.shape[1:] != x.shape[1:]:
+        raise UserError(f"--data-dir: the t10k images in {folder} are {tx.shape[2]}x{tx.shape[3]}, the train "
+                        f"images {x.shape[2]}x{x.shape[3]}.")
+    classes = int(y.max()) + 1
+    check_labels(ty, classes, test_labels)
+    return _splits(x, y, cfg, [str(i) for i in range(classes)], test=(tx, ty))
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -108,12 +145,17 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """One CIFAR-10 binary batch: records of 1 label byte + 3,072 pixel bytes (R, G, B planes of 32x32)."""
-    raw = np.fromfile(path, dtype=np.uint8)
-    if raw.size % 3073:
+    try:
+        raw = np.fromfile(path, dtype=np.uint8)
+    except READ_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+    if not raw.size or raw.size % 3073:
         raise UserError(f"--data-dir: {path} is not a CIFAR-10 binary batch (size {raw.size} is not a "
-                        "multiple of 3073).")
+                        "positive multiple of 3073): truncated or corrupt.")
     rec = raw.reshape(-1, 3073)
-    return (rec[:, 1:].reshape(-1, 3, 32, 32) / 255.0).astype(np.float32), rec[:, 0].astype(np.int64)
+    labels = rec[:, 0].astype(np.int64)
+    check_labels(labels, len(CIFAR10_CLASSES), path)
+    return (rec[:, 1:].reshape(-1, 3, 32, 32) / 255.0).astype(np.float32), labels
 
 
 @register_dataset("cifar10", task=IMAGES, needs_data_dir=True)
@@ -134,22 +176,31 @@ def cifar10(cfg: DataConfig) -> DataSplits:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
+def read_image(path: Path, size: int) -> np.ndarray:
+    """One image file as (3, size, size) RGB floats in [0, 1]."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as img:
+            rgb = img.convert("RGB").resize((size, size))
+    except READ_ERRORS as exc:
+        raise _unreadable(path, exc) from None
+    return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
+
+
 @register_dataset("image_folder", task=IMAGES, needs_data_dir=True)
 def image_folder(cfg: DataConfig) -> DataSplits:
     """Your images, one subfolder per class, resized to image_size (RGB) and held in memory."""
-    from PIL import Image
-
     folder = _data_dir(cfg)
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise UserError(f"--data-dir: {folder} has no class subfolders.")
     xs, ys = [], []
     for label, name in enumerate(classes):
-        for f in sorted((folder / name).iterdir()):
-            if f.suffix.lower() in IMAGE_SUFFIXES:
-                img = Image.open(f).convert("RGB").resize((cfg.image_size, cfg.image_size))
-                xs.append(np.asarray(img, dtype=np.float32).transpose(2, 0, 1) / 255.0)
-                ys.append(label)
-    if not xs:
-        raise UserError(f"--data-dir: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) under {folder}.")
+        files = [f for f in sorted((folder / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+        if not files:
+            raise UserError(f"--data-dir: class folder {folder / name} holds no images "
+                            f"({', '.join(sorted(IMAGE_SUFFIXES))}).")
+        xs += [read_image(f, cfg.image_size) for f in files]
+        ys += [label] * len(files)
     return _splits(np.stack(xs), np.array(ys), cfg, classes)

@@ -26,7 +26,7 @@ class GenerativeConfig:
     """Fields every generative model has."""
 
     quality_samples: int = field_doc(1000, "Samples drawn at the end of a run for the FID and mode-coverage "
-                                           "metrics (0 skips them).")
+                                           "metrics (0 skips them).", minimum=0)
     grid_samples: int = field_doc(64, "Samples in each epoch's image grid.")
 
     def __post_init__(self) -> None:

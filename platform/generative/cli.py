@@ -12,8 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from raycraft.cli import TrackingOpt, app, console
+from raycraft.cli import TrackingOpt, app, console, progress_bar
 from raycraft.errors import UserError, invalid_choice
+
+MAX_SAMPLES = 100_000  # all samples are held in memory: 100,000 CIFAR-size images are 1.2 GB of float32
+BATCH = 500  # samples drawn per model call; progress shows once there is more than one batch
 
 
 def load_generative_run(run_id: str, tracking_uri: str | None):
@@ -28,17 +31,21 @@ def load_generative_run(run_id: str, tracking_uri: str | None):
     return rebuild_model(uri, run_id, cfg, spec, info), cfg, info
 
 
-def generate(model, n: int, seed: int, sampler: str | None, steps: int | None, batch: int = 500,
-             eta: float | None = None):
-    """n samples in batches, and the seconds they took."""
+def generate(model, n: int, seed: int, sampler: str | None, steps: int | None, batch: int = BATCH,
+             eta: float | None = None, progress=None):
+    """n samples in batches, and the seconds they took; `progress(k)` is called after each batch of k."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
     kwargs = {k: v for k, v in {"sampler": sampler, "steps": steps, "eta": eta}.items() if v is not None}
     start = time.perf_counter()
+    batches = []
     with torch.no_grad():
-        images = torch.cat([model.sample(min(batch, n - i), g, **kwargs) for i in range(0, n, batch)])
-    return images, time.perf_counter() - start
+        for i in range(0, n, batch):
+            batches.append(model.sample(min(batch, n - i), g, **kwargs))
+            if progress:
+                progress(len(batches[-1]))
+    return torch.cat(batches), time.perf_counter() - start
 
 
 @app.command("sample")
@@ -64,6 +71,8 @@ def sample(
     torch.set_num_threads(1)
     if n < 1:
         raise UserError(f"--n: {n} must be at least 1.")
+    if n > MAX_SAMPLES:
+        raise UserError(f"--n: {n} is over the maximum of {MAX_SAMPLES:,}.")
     if out.suffix.lower() != ".png":
         raise UserError(f"--out: {str(out)!r} must be a .png file.")
     if sampler is not None and sampler not in SAMPLERS:
@@ -78,7 +87,8 @@ def sample(
                         "steps. Add --sampler ddim.")
     if eta is not None and eta < 0:
         raise UserError(f"--eta: {eta} must be >= 0.")
-    images, seconds = generate(model, n, seed, sampler, steps, eta=eta)
+    with progress_bar(f"drawing {n:,} samples", n, show=n > BATCH) as advance:
+        images, seconds = generate(model, n, seed, sampler, steps, eta=eta, progress=advance)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_grid(images[:256], out)
     console.print(f"wrote {min(n, 256)} of {n} samples to {out} ({seconds:.1f} s sampling)")

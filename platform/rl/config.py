@@ -18,6 +18,7 @@ from raycraft.errors import UserError, invalid_choice
 ALGOS = ("dqn", "ddpg")
 DEFAULT_MODEL = {"dqn": "q_mlp", "ddpg": "ddpg_mlp"}
 ATARI_MODEL = "q_nature_cnn"
+MAX_TIMESTEPS = 10**10  # 1,000x the Atari preset and 50x Nature DQN's 200M frames: beyond it is a typo
 
 
 @dataclass
@@ -88,6 +89,8 @@ class RLConfig:
                     "checkpoint_every", "envs_per_worker"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key}: must be at least 1, got {getattr(self, key)}.")
+        if self.timesteps > MAX_TIMESTEPS:
+            raise UserError(f"--timesteps: {self.timesteps} is over the maximum of {MAX_TIMESTEPS:,}.")
         if self.workers < 0:
             raise UserError(f"workers: must be 0 or more, got {self.workers}.")
         if not 0.0 < self.gamma <= 1.0:

@@ -8,11 +8,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from raycraft.cli import TrackingOpt, app, console
+from raycraft.cli import TrackingOpt, app, console, progress_bar
 from raycraft.errors import UserError
 
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect BPE tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
+MAX_TOKENS = 1_000_000  # hours of sampling on a CPU, one token per forward pass; more is a typo, not a plan
+PROGRESS_TOKENS = 1_000  # from here generation takes long enough to want a progress bar
 
 
 def load_language_model(run_id: str, uri: str):
@@ -53,6 +55,8 @@ def generate_cmd(
 
     if tokens < 1:
         raise UserError(f"--tokens: {tokens} must be at least 1.")
+    if tokens > MAX_TOKENS:
+        raise UserError(f"--tokens: {tokens} is over the maximum of {MAX_TOKENS:,}.")
     if temperature < 0:
         raise UserError(f"--temperature: {temperature} must be >= 0.")
     if top_k is not None and top_k < 1:
@@ -61,8 +65,9 @@ def generate_cmd(
         raise UserError("--prompt: give at least one character to start from.")
     torch.set_num_threads(1)
     model, tok, context = load_language_model(run_id, resolve_tracking_uri(tracking_uri))
-    ids = generate(model, tok.encode(prompt), tokens, context, temperature, top_k,
-                   torch.Generator().manual_seed(seed))
+    with progress_bar(f"generating {tokens:,} tokens", tokens, show=tokens >= PROGRESS_TOKENS) as advance:
+        ids = generate(model, tok.encode(prompt), tokens, context, temperature, top_k,
+                       torch.Generator().manual_seed(seed), advance)
     console.print(prompt + tok.decode(ids), highlight=False, markup=False)
 
 

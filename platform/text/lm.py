@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +28,11 @@ TOKENIZER_FILE = "tokenizer.json"
 
 @torch.no_grad()
 def generate(model: nn.Module, prompt_ids: list[int], n_tokens: int, context: int, temperature: float = 1.0,
-             top_k: int | None = None, generator: torch.Generator | None = None) -> list[int]:
+             top_k: int | None = None, generator: torch.Generator | None = None,
+             progress: Callable[[int], None] | None = None) -> list[int]:
     """Sample n_tokens after the prompt: x_{t+1} ~ softmax(logits_t / temperature), restricted to the
-    top_k most likely tokens when given. The model sees the last `context` tokens."""
+    top_k most likely tokens when given. The model sees the last `context` tokens; `progress(1)` is called
+    after each token."""
     was_training = model.training
     model.eval()
     ids = torch.tensor([prompt_ids], dtype=torch.int64)
@@ -47,6 +49,8 @@ def generate(model: nn.Module, prompt_ids: list[int], n_tokens: int, context: in
             nxt = torch.multinomial(torch.softmax(logits, -1), 1, generator=generator)
         ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
         out.append(int(nxt))
+        if progress:
+            progress(1)
     model.train(was_training)
     return out
 
