@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -65,17 +69,30 @@ def _fmt(metrics: dict[str, float]) -> str:
     return "  ".join(f"{k} {metrics[k]:.4g}" for k in sorted(keys))
 
 
+@contextlib.contextmanager
+def progress_bar(label: str, total: int, show: bool = True) -> Iterator[Callable[[int], None] | None]:
+    """A progress bar on stderr, so stdout keeps only the command's output; yields `advance(n done)`, or
+    None (and shows nothing) unless `show`."""
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err_console) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
 def layered_config(uri: str, config: Path | None, resume: str | None, flags: dict) -> dict:
     """A run's config keys: the resumed run's config.yaml, then the --config file, then the flags given."""
-    from raycraft.config import load_yaml
+    from raycraft.config import load_yaml, read_yaml
     from raycraft.tracking import download_text, get_run
 
     base = load_yaml(config) if config else {}
     if resume:
-        import yaml
-
         get_run(uri, resume)
-        base = {**yaml.safe_load(download_text(uri, resume, "config.yaml")), **base}
+        base = {**read_yaml(download_text(uri, resume, "config.yaml"), f"run {resume}'s config.yaml"), **base}
     base.update({k: v for k, v in flags.items() if v is not None})
     return base
 
@@ -151,6 +168,39 @@ def eval_(
     console.print(f"run {run_id} on the test split: {_fmt(metrics)}")
 
 
+@app.command("runs")
+def list_runs(
+    experiment: Annotated[Optional[str], typer.Option(help="Only this MLflow experiment's runs.")] = None,
+    limit: Annotated[int, typer.Option(help="Newest runs shown.")] = 20,
+    tracking_uri: TrackingOpt = None,
+):
+    """List the newest runs with their status; first marks KILLED any run left RUNNING by a client that died."""
+    from raycraft.lifecycle import reap
+    from raycraft.tracking import ERROR_TAG, _client, resolve_tracking_uri
+
+    if limit < 1:
+        raise UserError(f"--limit: {limit} must be at least 1.")
+    uri = resolve_tracking_uri(tracking_uri)
+    reaped = reap(uri)
+    client = _client(uri)
+    names = {e.experiment_id: e.name for e in client.search_experiments()}
+    if experiment and experiment not in names.values():
+        from raycraft.errors import invalid_choice
+
+        raise invalid_choice("--experiment", experiment, names.values())
+    ids = [i for i, n in names.items() if experiment in (None, n)]
+    table = Table(title=f"raycraft runs in {uri}")
+    for col in ("run id", "name", "experiment", "status", "started", "note"):
+        table.add_column(col)
+    for run in client.search_runs(ids, max_results=limit, order_by=["attributes.start_time DESC"]) if ids else []:
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
+        table.add_row(run.info.run_id, run.info.run_name, names[run.info.experiment_id], run.info.status, started,
+                      escape(run.data.tags.get(ERROR_TAG, "")[:120]))
+    console.print(table)
+    if reaped:
+        console.print(f"marked KILLED (their client had died): {', '.join(reaped)}")
+
+
 # Each family's commands live beside its code: a module here adds commands to `app` on import.
 COMMAND_MODULES: tuple[str, ...] = (
     "raycraft.rl.commands",
@@ -216,6 +266,7 @@ def main(use_warm: bool = True) -> None:
         code = run_in_warm(sys.argv[1:])
         if code is not None:
             sys.exit(code)
+    from raycraft.lifecycle import Stopped
     from raycraft.runner import TrainingError
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -229,6 +280,12 @@ def main(use_warm: bool = True) -> None:
     except TrainingError as exc:
         err_console.print(f"[red]training failed:[/] {escape(str(exc))}", highlight=False)
         sys.exit(1)
+    except Stopped as exc:
+        where = f": MLflow run {exc.run_id} is marked KILLED; --resume {exc.run_id} continues it" if exc.run_id else ""
+        err_console.print(f"[yellow]{escape(str(exc))}[/]{escape(where)}", highlight=False)
+        sys.exit(128 + exc.signum)
+    except KeyboardInterrupt:
+        sys.exit(128 + signal.SIGINT)
     except Exception as exc:
         if any(cls.__name__ in ("Exit", "Abort") for cls in type(exc).__mro__):  # typer's or its click's
             sys.exit(getattr(exc, "exit_code", 1))

@@ -9,6 +9,8 @@ import concurrent.futures
 import contextlib
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import yaml
 
+from raycraft import lifecycle
 from raycraft.config import flatten, to_dict
 from raycraft.errors import UserError
 from raycraft.registry import check_compatible, dataset_spec, load_dataset, model_spec
@@ -72,12 +75,14 @@ def init_ray(address: str | None = None) -> None:
         try:
             for attempt in range(3):
                 port = free_port()  # a fresh port each attempt: a timed-out GCS may still hold the last one
-                env["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
+                env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
                 os.environ["RAY_GCS_SERVER_PORT"] = str(port)
                 try:
-                    # The dashboard hosts the state API that Ray Train's cleanup polls; it listens on 127.0.0.1.
-                    ray.init(address="local", dashboard_host="127.0.0.1", logging_config=quiet,
-                             runtime_env={"env_vars": env})
+                    # Every Ray server binds to the node IP: 127.0.0.1. So does the dashboard, which hosts
+                    # the state API that Ray Train's cleanup polls.
+                    with single_node_ray():
+                        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                                 logging_config=quiet, runtime_env={"env_vars": env})
                     break
                 except Exception as exc:  # Ray waits a fixed 30 s for its raylet; an overloaded machine misses it
                     if "timed out during startup" not in str(exc) or attempt == 2:
@@ -85,6 +90,30 @@ def init_ray(address: str | None = None) -> None:
                     ray.shutdown()
         finally:
             del os.environ["RAY_GCS_SERVER_PORT"]
+        keep_token_private()
+
+
+def keep_token_private() -> None:
+    """A local ray.init writes the cluster's token (if missing) with the default umask: make it 0600."""
+    token = Path.home() / ".ray" / "auth_token"
+    with contextlib.suppress(FileNotFoundError):
+        if token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)
+
+
+@contextlib.contextmanager
+def single_node_ray():
+    """Ray keeps a node IP of 127.0.0.1 only when it takes the machine for single-node (`ENABLE_RAY_CLUSTER`
+    false, its Windows/macOS default); otherwise it swaps in the routable address. Its env var is read once,
+    at Ray's import, so the module constant is set for the duration of one `ray.init`."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
 
 
 def free_port() -> int:
@@ -104,11 +133,6 @@ def prepare(cfg: TrainConfig, address: str | None = None) -> None:
             raise UserError(f"--data-dir: dataset {cfg.dataset!r} reads your own files; pass --data-dir PATH.")
         if not Path(cfg.data.data_dir).is_dir():
             raise UserError(f"--data-dir: {cfg.data.data_dir!r} does not exist or is not a folder.")
-    model = model_spec(cfg.model)
-    if model.check:
-        from raycraft.config import from_dict
-
-        model.check(from_dict(model.config_cls, cfg.model_args), load_dataset(cfg.dataset, cfg.data).info)
     if cfg.in_process and address:
         raise UserError(f"--address: an --in-process run trains in this process and joins no cluster; drop "
                         f"--address {address} or --in-process.")
@@ -118,6 +142,22 @@ def prepare(cfg: TrainConfig, address: str | None = None) -> None:
         if not torch.cuda.is_available():
             raise UserError("--gpu: no CUDA GPU is visible on this machine; drop --gpu to train on CPU, "
                             "or pass --address of a cluster with GPU nodes.")
+    check_data(cfg)
+
+
+def check_data(cfg: TrainConfig) -> None:
+    """Open the dataset once, so that its loader validates the files, and check that the model fits it."""
+    info = load_dataset(cfg.dataset, cfg.data).info
+    model = model_spec(cfg.model)
+    if model.task != "generative" and info.get("num_classes", 2) < 2:
+        where = f" in {cfg.data.data_dir}" if cfg.data.data_dir else ""
+        raise UserError(f"dataset: {cfg.dataset!r}{where} has {info['num_classes']} class "
+                        f"({', '.join(info.get('class_names', []))}); {cfg.model!r} classifies, which needs "
+                        "at least 2 classes.")
+    if model.check:
+        from raycraft.config import from_dict
+
+        model.check(from_dict(model.config_cls, cfg.model_args), info)
 
 
 def check_cluster_resources(cfg: TrainConfig) -> None:
@@ -226,10 +266,13 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     from raycraft.train.loop import newest_checkpoint, train_loop_per_worker
 
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
+    before = None  # a resumed run's RunInfo before this attempt
     if resume_run_id:
         run_id = resume_run_id
         ray_name = tracking.get_run(uri, run_id).data.tags.get("raycraft.ray_name", f"raycraft-{run_id}")
-        tracking.reopen_run(uri, run_id)
+        if not clone:
+            check_resumable(run_id, local_run_dir(storage, ray_name))
+        before = tracking.reopen_run(uri, run_id)
     else:
         name = run_name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
@@ -243,7 +286,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     if on_start:
         on_start(run_id)
 
-    run_dir = None if "://" in storage else str(Path(storage) / ray_name)  # for --in-process checkpoints
+    run_dir = local_run_dir(storage, ray_name)
     if cfg.in_process:  # its own start line says where it runs; Ray Train's would repeat it
         logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
     trainer = TorchTrainer(
@@ -262,27 +305,57 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
             logging_config=ray.LoggingConfig(log_level="WARNING")),  # per-report INFO lines drown progress
     )
     progress = Progress(uri, run_id, on_epoch) if on_epoch else contextlib.nullcontext()
+    heartbeat = lifecycle.Heartbeat(uri, run_id, enabled=lifecycle.PARENT_TAG not in (tags or {}))
     try:
-        with progress:
-            result = trainer.fit()
+        with heartbeat, lifecycle.stop_on_signals(), progress:
+            result = trainer.fit() if cfg.in_process else lifecycle.watched(trainer.fit)
     except BaseException as exc:
         run = tracking.get_run(uri, run_id)
         if not (paced_by_tune and tracking.COMPLETED_TAG in run.data.tags):
+            status, reason = lifecycle.ended_by(exc)
             if run.info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
-                tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
+                tracking.end_attempt(uri, run_id, status, reason, before)
+            if status == "KILLED":
+                raise lifecycle.Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
             raise TrainingError(str(exc) or type(exc).__name__) from exc
         # Tune stopped the trial on its final report, tearing Ray Train down after the run was complete
         tracking.end_run(uri, run_id, "FINISHED")
         return Outcome(run_id, dict(run.data.metrics), uri, None)
     run = tracking.get_run(uri, run_id)
-    if "raycraft.nonfinite" in run.data.tags:
-        msg = (f"{run.data.tags['raycraft.nonfinite']}: training stopped. The last good checkpoint is kept; "
-               "try a lower optim.lr, optim.grad_clip, or precision=fp32.")
-        tracking.end_run(uri, run_id, "FAILED", msg)
-        raise TrainingError(msg)
     # Ray Train's local mode returns the last report's checkpoint, which is the final report's: none
-    latest = newest_checkpoint(None, run_dir) if cfg.in_process else result.checkpoint
+    latest = newest_checkpoint(None if cfg.in_process else result.checkpoint, run_dir)[0]
+    if tracking.DIVERGED_TAG in run.data.tags:
+        msg = f"{run.data.tags[tracking.DIVERGED_TAG]}: training stopped. {kept_checkpoint(latest)}"
+        tracking.end_attempt(uri, run_id, "FAILED", msg, before)
+        raise TrainingError(msg)
     checkpoint_path = latest.path if latest else None
     if not paced_by_tune or run.info.status == "RUNNING":  # a sweep ends the runs its scheduler stopped
         tracking.end_run(uri, run_id, "FINISHED")
     return Outcome(run_id, dict(run.data.metrics), uri, checkpoint_path)
+
+
+def local_run_dir(storage: str, ray_name: str) -> str | None:
+    """A run's checkpoint folder when storage is a local path (None for remote storage)."""
+    return None if "://" in storage else str(Path(storage) / ray_name)
+
+
+def check_resumable(run_id: str, run_dir: str | None) -> None:
+    """Before a resume changes anything: a UserError if the run has checkpoints but none intact; a note on
+    stderr for each newer one that will be skipped."""
+    from raycraft.train.loop import newest_checkpoint
+
+    chosen, skipped = newest_checkpoint(None, run_dir)
+    if skipped and not chosen:
+        raise UserError(f"--resume: run {run_id} has no intact checkpoint in {run_dir}: {'; '.join(skipped)}. "
+                        "It cannot continue; start a new run.")
+    for line in skipped:
+        print(f"note: skipping checkpoint {line}; resuming from {Path(chosen.path).name}", file=sys.stderr)
+
+
+def kept_checkpoint(latest) -> str:
+    """What a stopped run leaves to continue from, truthfully."""
+    if latest is None:
+        return ("No checkpoint was written before that (nothing to resume); start again with a lower optim.lr, "
+                "optim.grad_clip, or precision=fp32.")
+    return (f"The last good checkpoint ({Path(latest.path).name}) is kept at {latest.path}; try a lower "
+            "optim.lr, optim.grad_clip, or precision=fp32 (`--resume` continues from it).")

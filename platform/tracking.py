@@ -19,6 +19,8 @@ EPOCH_KEY = "epoch"  # logged at step = epoch; its history says which epochs MLf
 RESTORES_TAG = "raycraft.restored_at_epochs"  # comma-separated: the first epoch of each restart from a checkpoint
 TUNE_ALLOWED_TAG = "raycraft.tune_allowed_epoch"  # a sweep trial: the last epoch its scheduler let it go past
 COMPLETED_TAG = "raycraft.completed"  # rank 0 logged everything (test metrics, plots, model) before its last report
+ERROR_TAG = "raycraft.error"  # why a run ended FAILED or KILLED
+DIVERGED_TAG = "raycraft.diverged"  # why the loop stopped an attempt whose values went non-finite or exploded
 
 
 def resolve_tracking_uri(explicit: str | None = None) -> str:
@@ -34,10 +36,41 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/"))
 
 
+_OPENED: set[str] = set()
+
+
 def _client(uri: str):
     from mlflow.tracking import MlflowClient
 
+    if uri.startswith("sqlite:") and uri not in _OPENED:
+        open_sqlite_store(uri)
+        _OPENED.add(uri)
     return MlflowClient(tracking_uri=uri)
+
+
+def open_sqlite_store(uri: str) -> None:
+    """Open (on first use: create and migrate) a SQLite store while holding an exclusive lock on its folder.
+    MLflow migrates a new database's schema on first use, and two processes doing that at once can leave it
+    broken for good; under the lock the second finds it ready. A store that cannot be opened is a UserError."""
+    import fcntl
+
+    from mlflow.tracking._tracking_service.utils import _get_store
+
+    from raycraft.errors import UserError
+
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        _get_store(uri)
+    except Exception as exc:
+        problem = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--tracking-uri: the MLflow store {db} cannot be opened ({problem}). If it is damaged, "
+                        f"move it aside (`mv {db} {db}.broken`; its runs stay in that file) and run again, or "
+                        "pass another --tracking-uri.") from None
+    finally:
+        os.close(fd)
 
 
 def experiment_id(uri: str, name: str) -> str:
@@ -60,6 +93,9 @@ def start_run(uri: str, experiment: str, run_name: str, params: dict[str, Any], 
               config_yaml: str) -> str:
     from mlflow.entities import Param, RunTag
 
+    from raycraft.lifecycle import reap
+
+    reap(uri)  # runs whose client died stay RUNNING until someone looks: every new run does
     client = _client(uri)
     run = client.create_run(experiment_id(uri, experiment), run_name=run_name,
                             tags={"mlflow.runName": run_name, **tags})
@@ -82,15 +118,32 @@ def log_dir(uri: str, run_id: str, local_dir: str | Path, artifact_path: str) ->
     _client(uri).log_artifacts(run_id, str(local_dir), artifact_path)
 
 
-def reopen_run(uri: str, run_id: str) -> None:
-    _client(uri).update_run(run_id, status="RUNNING")
+def reopen_run(uri: str, run_id: str):
+    """Mark a run RUNNING again to continue it (an earlier end's reason goes); returns its RunInfo before."""
+    client = _client(uri)
+    run = client.get_run(run_id)
+    for tag in (ERROR_TAG, DIVERGED_TAG):
+        if tag in run.data.tags:
+            client.delete_tag(run_id, tag)
+    client.update_run(run_id, status="RUNNING")
+    return run.info
+
+
+def end_attempt(uri: str, run_id: str, status: str, reason: str, before=None) -> None:
+    """End an attempt that did not finish (FAILED or KILLED, with the reason). A resumed run that had FINISHED
+    (`before`: its RunInfo then) keeps that record, and the failed attempt is noted in a tag."""
+    if before is not None and before.status == "FINISHED":
+        set_tags(uri, run_id, {"raycraft.failed_resume": reason[:5000]})
+        _client(uri).set_terminated(run_id, "FINISHED", end_time=before.end_time)
+    else:
+        end_run(uri, run_id, status, reason)
 
 
 def end_run(uri: str, run_id: str, status: str, reason: str = "") -> None:
-    """status: FINISHED or FAILED. A failure's reason is kept as a tag."""
+    """status: FINISHED, FAILED or KILLED. The reason for a FAILED or KILLED end is kept as a tag."""
     client = _client(uri)
     if reason:
-        set_tags(uri, run_id, {"raycraft.error": reason[:5000]})
+        set_tags(uri, run_id, {ERROR_TAG: reason[:5000]})
     client.set_terminated(run_id, status=status)
 
 

@@ -64,13 +64,14 @@ def test_train_eval_resume_and_nonfinite(ray_session, mlflow_uri, storage, tmp_p
     assert _logged_epochs(mlflow_uri, out.run_id, "val_loss") == [0, 1, 2]
     assert _pruned_weights_are_zero(mlflow_uri, out.run_id, tmp_path / "resumed") == 0.5  # masks came back
 
-    # an exploding learning rate: the run stops with a clear error, FAILED, last good checkpoint kept
+    # an exploding learning rate: the attempt stops with a clear error naming the checkpoint kept; the run
+    # had FINISHED, and keeps that record, with the failed attempt noted
     bad, _ = build_config({**_cfg_dict(cfg), "epochs": 5}, ["optim.name=sgd", "optim.lr=1e30",
                                                            "optim.schedule=constant"])
-    with pytest.raises(TrainingError, match="non-finite .*epoch 3"):
+    with pytest.raises(TrainingError, match="non-finite .*epoch 4.*last good checkpoint \\(epoch_0002\\)"):
         run_training(bad, tracking_uri=mlflow_uri, resume_run_id=out.run_id)
     run = client.get_run(out.run_id)
-    assert run.info.status == "FAILED" and "non-finite" in run.data.tags["raycraft.error"]
+    assert run.info.status == "FINISHED" and "non-finite" in run.data.tags["raycraft.failed_resume"]
     assert _logged_epochs(mlflow_uri, out.run_id) == [0, 1, 2]
     ckpts = sorted(p.name for p in Path(storage).glob("raycraft-*/epoch_*"))
     assert ckpts[-1] == "epoch_0002"

@@ -19,7 +19,7 @@ CASES = {
     "train: unknown option": (["train", "lenet5", "--epoch", "2"], ["--epoch", "--epochs"]),
     "train: integer option given text": (["train", "lenet5", "--seed", "abc"], ["--seed", "'abc'", "integer"]),
     "train: --epochs=text": (["train", "lenet5", "--epochs=abc"], ["--epochs", "'abc'"]),
-    "unknown command": (["runs"], ["No such command", "'runs'"]),
+    "unknown command": (["run"], ["No such command", "'run'"]),
     "shell completion is not offered": (["--install-completion"], ["--install-completion"]),
     "rl: missing algorithm": (["rl"], ["Missing argument", "algo"]),
     "rl: float option given text": (["rl", "dqn", "--stop-reward", "high"], ["--stop-reward", "'high'"]),

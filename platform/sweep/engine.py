@@ -27,8 +27,8 @@ from typing import Any
 
 import yaml
 
-from raycraft import tracking
-from raycraft.config import flatten
+from raycraft import lifecycle, tracking
+from raycraft.config import flatten, read_yaml
 from raycraft.errors import UserError
 from raycraft.sweep.config import Sweep, load_sweep
 from raycraft.sweep.jobs import FINISHED_METRIC
@@ -251,7 +251,7 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
     uri = tracking.resolve_tracking_uri(tracking_uri)
     folder = sweep_dir(cfg.storage_path, cfg.name)
     if resume:
-        state = yaml.safe_load((folder / STATE_FILE).read_text())
+        state = read_yaml((folder / STATE_FILE).read_text(), str(folder / STATE_FILE))
         parent = state["parent_run_id"]
     else:
         if folder.exists():
@@ -285,9 +285,10 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
     if echo:
         echo(f"sweep {cfg.name}: MLflow parent run {parent}")
     try:
-        results = tuner.fit()
+        with lifecycle.Heartbeat(uri, parent):  # Tune handles Ctrl+C itself: it saves its state and returns
+            results = tuner.fit()
     except BaseException as exc:
-        tracking.end_run(uri, parent, "FAILED", f"{type(exc).__name__}: {exc}")
+        tracking.end_run(uri, parent, *lifecycle.ended_by(exc))
         raise
     if len(results) > results.num_terminated + results.num_errors:  # Ctrl+C: Tune saved its state and returned
         raise TrainingError(f"sweep {cfg.name!r} was interrupted; its state is saved. Continue it with "
@@ -316,7 +317,7 @@ def summarize(sweep: Sweep, uri: str, parent: str) -> SweepOutcome:
     metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
     if best is not None:  # its config.yaml holds the values in force at its end (PBT changes them)
         best_config = tracking.download_text(uri, best.info.run_id, "config.yaml")
-        job = yaml.safe_load(best_config)
+        job = read_yaml(best_config, f"run {best.info.run_id}'s config.yaml")
         best_params = {k: functools.reduce(lambda node, part: node[part], sweep.key(k).split("."), job)
                        for k in sweep.space}
         metrics.append(Metric(f"best_{cfg.metric}", best.data.metrics[cfg.metric], now, 0))
@@ -342,5 +343,5 @@ def resume_sweep(name: str, storage_path: str = "ray_results", **kwargs: Any) ->
         found = sorted(p.parent.name for p in Path(storage_path).resolve().glob(f"*/{STATE_FILE}"))
         raise UserError(f"--resume: no sweep {name!r} in {folder.parent}. Sweeps there: "
                         f"{', '.join(found) or 'none'}.")
-    state = yaml.safe_load((folder / STATE_FILE).read_text())
+    state = read_yaml((folder / STATE_FILE).read_text(), str(folder / STATE_FILE))
     return run_sweep(load_sweep(data=state["sweep"]), resume=True, **kwargs)

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from raycraft import tracking
+from raycraft import lifecycle, tracking
 from raycraft.config import field_doc, from_dict, load_yaml, set_path, to_dict
 from raycraft.errors import UserError
 from raycraft.sweep.config import reported_metrics
@@ -203,26 +203,32 @@ def log_analysis(uri: str, parent: str, cfg: ScalingConfig, points: list[Point],
 
 def run_scaling(cfg: ScalingConfig, points: list[Point], *, tracking_uri: str | None = None,
                 address: str | None = None, echo=None) -> tuple[str, Analysis]:
-    from raycraft.runner import run_training
-
     uri = tracking.resolve_tracking_uri(tracking_uri)
     parent = tracking.start_run(uri, cfg.experiment, f"scaling-{cfg.name}",
                                 {"metric": cfg.metric, "holdout": cfg.holdout, "budget": cfg.budget,
                                  "runs": len(points)}, {"raycraft.kind": "scaling"},
                                 yaml.safe_dump(to_dict(cfg), sort_keys=False))
     try:
-        for i, p in enumerate(points):
-            out = run_training(p.cfg, address=address, tracking_uri=uri,
-                               run_name=f"{cfg.name}-N{p.n:.3g}-D{p.d:.3g}",
-                               tags={"mlflow.parentRunId": parent, "raycraft.scaling.N": str(p.n),
-                                     "raycraft.scaling.D": str(p.d)})
-            p.loss, p.run_id = out.metrics[cfg.metric], out.run_id
-            if echo:
-                echo(f"run {i + 1}/{len(points)}: N={p.n:.3g} D={p.d:.3g} {cfg.metric}={p.loss:.4f}")
-        result = analyse(cfg, points)
+        with lifecycle.Heartbeat(uri, parent), lifecycle.stop_on_signals():
+            result = run_points(cfg, points, uri, parent, address, echo)
         log_analysis(uri, parent, cfg, points, result)
     except BaseException as exc:
-        tracking.end_run(uri, parent, "FAILED", f"{type(exc).__name__}: {exc}")
+        tracking.end_run(uri, parent, *lifecycle.ended_by(exc))
         raise
     tracking.end_run(uri, parent, "FINISHED")
     return parent, result
+
+
+def run_points(cfg: ScalingConfig, points: list[Point], uri: str, parent: str, address: str | None,
+               echo) -> Analysis:
+    """Train each point as a child of the scaling run, then fit the law."""
+    from raycraft.runner import run_training
+
+    for i, p in enumerate(points):
+        out = run_training(p.cfg, address=address, tracking_uri=uri, run_name=f"{cfg.name}-N{p.n:.3g}-D{p.d:.3g}",
+                           tags={"mlflow.parentRunId": parent, "raycraft.scaling.N": str(p.n),
+                                 "raycraft.scaling.D": str(p.d)})
+        p.loss, p.run_id = out.metrics[cfg.metric], out.run_id
+        if echo:
+            echo(f"run {i + 1}/{len(points)}: N={p.n:.3g} D={p.d:.3g} {cfg.metric}={p.loss:.4f}")
+    return analyse(cfg, points)

@@ -10,6 +10,9 @@ from typing import Any, Literal
 from raycraft.config import field_doc, from_dict, has_path, parse_override, set_path, to_dict
 from raycraft.data.base import DataConfig
 from raycraft.errors import UserError, invalid_choice
+from raycraft.train.guard import GuardConfig
+
+MAX_EPOCHS = 100_000  # recipes train for at most hundreds of epochs; more is a typo that would run for years
 
 
 @dataclass
@@ -92,6 +95,8 @@ class TrainConfig:
     data: DataConfig = field_doc(doc="Data location and splits.", factory=DataConfig)
     prune: PruneConfig = field_doc(doc="Lottery-ticket pruning before the final training (off by default).",
                                    factory=PruneConfig)
+    guard: GuardConfig = field_doc(doc="Divergence guard: when an exploding loss or gradient stops the run.",
+                                   factory=GuardConfig)
     experiment: str = field_doc("raycraft", "MLflow experiment name.")
     max_failures: int = field_doc(2, "Times a failed worker group is restarted from the last checkpoint.")
     keep_checkpoints: int = field_doc(2, "Newest checkpoints kept in storage (the latest is also in MLflow).")
@@ -104,6 +109,8 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 hint = " (--in-process trains in this process, without Ray workers)" if name == "workers" else ""
                 raise UserError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1{hint}.")
+        if self.epochs > MAX_EPOCHS:
+            raise UserError(f"--epochs: {self.epochs} is over the maximum of {MAX_EPOCHS:,}.")
         if self.in_process and self.workers > 1:
             raise UserError(f"--in-process: trains one worker, in this process; it cannot run --workers "
                             f"{self.workers}. Drop --in-process for {self.workers} data-parallel Ray Train workers.")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import json
 import logging
 import math
 import os
@@ -29,15 +28,16 @@ from torch.utils.data import Dataset
 from raycraft.config import from_dict
 from raycraft.registry import create_model, load_dataset, model_spec
 from raycraft.train.config import TrainConfig
+from raycraft.train.guard import DivergenceGuard
 from raycraft.train.optim import build_optimizer, build_scheduler, l1_penalty
 from raycraft.train.pruning import Ticket, find_ticket
 from raycraft.train.step import Step, step_for
 
 CHECKPOINT_FILE = "state.pt"
+SKIPPED_TAG = "raycraft.skipped_checkpoints"  # newer checkpoints a restart passed over, and why
 IN_PROCESS_MARK = "saved_in_process"
 """A file in each checkpoint folder an --in-process run wrote itself (Ray Train's local mode keeps reported
 checkpoints in memory only); resume finds these beside Ray Train's own, and pruning touches only these."""
-RAY_TRAIN_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of its checkpoints in a run folder
 
 
 class Batches:
@@ -150,21 +150,31 @@ class Updater:
         self.schedulers = {n: build_scheduler(o, cfg.optim, steps_per_epoch, cfg.epochs)
                            for n, o in self.optimizers.items()}
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.precision == "mixed" and device.type == "cuda")
+        self.guards = {n: DivergenceGuard(cfg.guard, device) for n in self.optimizers}
 
     def __call__(self, name: str, loss: torch.Tensor) -> None:
-        opt, params = self.optimizers[name], self.params[name]
+        opt, params, guard = self.optimizers[name], self.params[name], self.guards[name]
         opt.zero_grad(set_to_none=True)
-        if self.cfg.l1:
-            loss = loss + self.cfg.l1 * l1_penalty(params)
-        self.scaler.scale(loss).backward()
-        if self.cfg.grad_clip is not None:
+        objective = loss + self.cfg.l1 * l1_penalty(params) if self.cfg.l1 else loss
+        self.scaler.scale(objective).backward()
+        norm = None
+        if self.cfg.grad_clip is not None or guard.cfg.grad_norm is not None:
             self.scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip or math.inf)
+        guard.observe(loss, norm)
         self.scaler.step(opt)
         self.scaler.update()
         self.schedulers[name].step()
         if self.ticket:
             self.ticket.apply()
+
+    def diverged(self) -> str | None:
+        """Why the run diverged (`DivergenceGuard`) on any worker this far, or None; the same on every rank."""
+        tripped = torch.stack([g.tripped for g in self.guards.values()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tripped, op=dist.ReduceOp.MAX)
+        reasons = [g.reason(n) for (n, g), t in zip(self.guards.items(), tripped.tolist(), strict=True) if t]
+        return "; ".join(reasons) or None
 
     def lr(self) -> float:
         return next(iter(self.optimizers.values())).param_groups[0]["lr"]
@@ -173,7 +183,8 @@ class Updater:
         return {"optimizer_name": self.cfg.name,
                 "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                 "steps": {n: s.last_epoch for n, s in self.schedulers.items()},
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(),
+                "guards": {n: g.state_dict() for n, g in self.guards.items()}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore moments and step counts; hyperparameters come from the current config, so a resumed
@@ -191,6 +202,8 @@ class Updater:
                 group["lr"] = base * factor(sched.last_epoch)
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+        for n, guard_state in state.get("guards", {}).items():
+            self.guards[n].load_state_dict(guard_state)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -214,21 +227,54 @@ def _epoch_of(folder: str) -> int:
 
 
 def newest_checkpoint(reported, run_dir: str | None):
-    """The checkpoint to resume from, the newest of Ray Train's latest (`reported`; in local mode, where Ray
-    Train reports none, the latest its checkpoint manager recorded in `run_dir`) and the latest one an
-    --in-process run saved in `run_dir`: a run may switch between the two modes across --resume."""
-    found = [reported] if reported else []
-    if run_dir and Path(run_dir).is_dir():
-        import ray.train
+    """(checkpoint, skipped): the newest intact checkpoint among Ray Train's latest (`reported`) and every
+    `epoch_*` folder in `run_dir` (Ray Train's, whether or not its record of them was written before a kill,
+    and an --in-process run's own: a run may switch modes across --resume), and a line for each newer one
+    that failed its manifest (`raycraft.checksums`), naming it and why."""
+    import ray.train
 
-        run = Path(run_dir)
-        if not reported and (run / RAY_TRAIN_SNAPSHOT).is_file():
-            latest = json.loads((run / RAY_TRAIN_SNAPSHOT).read_text()).get("latest_checkpoint_result") or {}
-            name = latest.get("checkpoint_dir_name")
-            if name and (run / name / CHECKPOINT_FILE).is_file():
-                found.append(ray.train.Checkpoint(str(run / name)))
-        found += [ray.train.Checkpoint(str(d)) for d in run.glob("epoch_*") if (d / IN_PROCESS_MARK).exists()]
-    return max(found, key=lambda c: _epoch_of(c.path), default=None)
+    from raycraft.checksums import problem
+
+    found = {reported.path: reported} if reported else {}
+    if run_dir and Path(run_dir).is_dir():
+        for folder in Path(run_dir).glob("epoch_*"):
+            found.setdefault(str(folder), ray.train.Checkpoint(str(folder)))
+    skipped = []
+    for checkpoint in sorted(found.values(), key=lambda c: _epoch_of(c.path), reverse=True):
+        with checkpoint.as_directory() as d:
+            why = problem(d)
+        if why is None:
+            return checkpoint, skipped
+        skipped.append(f"{Path(checkpoint.path).name} ({why})")
+    return None, skipped
+
+
+PARTIAL_PREFIX = "raycraft-ckpt-"
+
+
+def remove_leftovers(run_dir: str | None) -> None:
+    """Checkpoint folders that a killed process left half-written: this run's staging folders, and temporary
+    folders (named with their writer's pid) of processes that are gone."""
+    import shutil
+
+    import psutil
+
+    if run_dir and Path(run_dir).is_dir():
+        for staging in Path(run_dir).glob(".epoch_*.partial"):
+            shutil.rmtree(staging, ignore_errors=True)
+    for folder in Path(tempfile.gettempdir()).glob(f"{PARTIAL_PREFIX}*-*"):
+        pid = folder.name.removeprefix(PARTIAL_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def write_checkpoint(model: torch.nn.Module, update: Updater, history: list[dict[str, float]],
+                     folder: Path) -> None:
+    """The training state, then its manifest: a folder without a manifest is one whose write did not finish."""
+    from raycraft.checksums import write_manifest
+
+    torch.save(training_state(model, update, history), folder / CHECKPOINT_FILE)
+    write_manifest(folder)
 
 
 def save_in_process(folder: Path, run_dir: Path, epoch: int, keep: int) -> None:
@@ -290,7 +336,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     import ray.train.torch
     from ray.train import CheckpointUploadMode
 
-    from raycraft.tracking import COMPLETED_TAG, RunLogger
+    from raycraft.tracking import COMPLETED_TAG, DIVERGED_TAG, RunLogger
 
     quiet_ray_train_worker_logs()
     cfg = from_dict(TrainConfig, payload["config"])
@@ -312,7 +358,10 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
     autocast = autocast_for(cfg.precision, device)
 
     history: list[dict[str, float]] = []
-    checkpoint = newest_checkpoint(ray.train.get_checkpoint(), payload.get("run_dir"))
+    remove_leftovers(payload.get("run_dir"))
+    checkpoint, skipped = newest_checkpoint(ray.train.get_checkpoint(), payload.get("run_dir"))
+    if skipped and not checkpoint:
+        raise RuntimeError(f"no intact checkpoint to restart from: {'; '.join(skipped)}")
     restored = checkpoint is not None
     if not checkpoint and payload.get("start_from"):  # a PBT trial taking over another trial's state
         checkpoint = ray.train.Checkpoint(payload["start_from"])
@@ -345,6 +394,8 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
             logger.log_history(restored_history)
             if restored:
                 logger.note_restore(len(restored_history))
+            if skipped:
+                logger.set_tag(SKIPPED_TAG, "; ".join(skipped))
         return logger
 
     training_starts_at = time.time()
@@ -376,16 +427,18 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                    "samples_per_s": len(train.indices()) * world / train_time}
         logger_ready()
         bad = sorted(k for k, v in metrics.items() if not math.isfinite(v))
-        if bad:  # every rank sees the same all-reduced metrics, so all stop here together
+        diverged = update.diverged()
+        if bad or diverged:  # every rank sees the same all-reduced values, so all stop here together
             if logger:
-                logger.set_tag("raycraft.nonfinite", f"non-finite {', '.join(bad)} at epoch {epoch}")
+                logger.set_tag(DIVERGED_TAG, f"non-finite {', '.join(bad)} in epoch {epoch + 1}" if bad
+                               else f"diverged in epoch {epoch + 1} ({diverged})")
             ray.train.report({"epoch": float(epoch)})
             return
         history.append(metrics)
         ckpt = None
         if rank == 0:  # the upload runs in the background and deletes this folder when done
-            ckpt_dir = Path(tempfile.mkdtemp(prefix="raycraft-ckpt-"))
-            torch.save(training_state(model, update, history), ckpt_dir / CHECKPOINT_FILE)
+            ckpt_dir = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-"))
+            write_checkpoint(model, update, history, ckpt_dir)
             ckpt = ray.train.Checkpoint.from_directory(str(ckpt_dir))
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch:04d}",
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
@@ -417,7 +470,7 @@ def train_loop_per_worker(payload: dict[str, Any]) -> None:
                 logger.log_once(end_metrics)
             logger.log_artifacts(tmp, "plots")
         with tempfile.TemporaryDirectory() as tmp:
-            torch.save(training_state(model, update, history), Path(tmp) / CHECKPOINT_FILE)
+            write_checkpoint(model, update, history, Path(tmp))
             logger.log_artifacts(tmp, "checkpoint")
         example = step.example_input(next(iter(full_test)))
         if example is not None:
