@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
+from raycraft import checksums
 from raycraft.rl.config import build_rl_config
 from raycraft.rl.replay import ARRAYS_FILE
-from raycraft.rl.run import evaluate_rl, train_rl
+from raycraft.rl.run import POLICY_FILE, evaluate_rl, logged_policy, train_rl
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +31,15 @@ def test_dqn_train_resume_reload_gif(ray_session, mlflow_uri, storage, tmp_path)
     first = train_rl(cfg, model_cfg, tracking_uri=mlflow_uri)
     assert first.env_steps >= 200 and first.iterations == 2
     assert (Path(first.checkpoint) / ARRAYS_FILE).is_file()
+    assert checksums.problem(first.checkpoint, signed=True) is None
     client = MlflowClient(mlflow_uri)
     run = client.get_run(first.run_id)
     assert {"return_mean", "eval_return_mean", "steps_per_s", "env_steps"} <= set(run.data.metrics)
     assert {a.path for a in client.list_artifacts(first.run_id)} >= {"policy", "returns.png", "config.yaml"}
+    assert [a.path for a in client.list_artifacts(first.run_id, "policy")] == [POLICY_FILE]
 
     # The logged policy and the algorithm checkpoint hold the same network: identical greedy actions.
-    logged = RLModule.from_checkpoint(client.download_artifacts(first.run_id, "policy", str(tmp_path)))
+    logged, _ = logged_policy(mlflow_uri, first.run_id)
     saved = RLModule.from_checkpoint(f"{first.checkpoint}/learner_group/learner/rl_module/default_policy")
     obs = {Columns.OBS: torch.as_tensor(np.random.default_rng(0).normal(size=(64, 4)), dtype=torch.float32)}
     assert torch.equal(logged.forward_inference(obs)[Columns.ACTIONS], saved.forward_inference(obs)[Columns.ACTIONS])

@@ -2,14 +2,21 @@
 progress, checkpoint, log to MLflow; reload a logged policy and play it.
 
 MLflow holds, per run: the config (params and config.yaml), per-iteration metrics at step = env steps
-(return_mean, eval_return_mean, steps_per_s, ...), `returns.png`, the final policy as an RLModule
-checkpoint under `policy/`, and the tag `raycraft.checkpoint` (the last full algorithm checkpoint, for
-`--resume`). Everything the user can get wrong is checked in `prepare` before Ray starts.
+(return_mean, eval_return_mean, steps_per_s, ...), `returns.png`, the final policy's weights as
+`policy/weights.pt` (the inference network's tensors only, no pickled objects), and the tag
+`raycraft.checkpoint` (the last full algorithm checkpoint, for `--resume`). Everything the user can get
+wrong is checked in `prepare` before Ray starts.
+
+Nothing a tracking server hands out is unpickled: `rl-eval` rebuilds the module from config.yaml and
+loads `policy/weights.pt` with torch's tensor-only loader; `--resume` loads RLlib's checkpoint (pickle
+files) only when its manifest carries this account's signature (`raycraft.checksums`), so a run whose
+tag was pointed at someone else's folder is refused before anything in it is read.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import tempfile
 import time
 from collections.abc import Callable
@@ -19,11 +26,13 @@ from typing import Any
 
 import yaml
 
-from raycraft.config import flatten, to_dict
+from raycraft import checksums, lifecycle
+from raycraft.config import flatten, read_yaml, to_dict
 from raycraft.errors import UserError
 from raycraft.rl.config import RLConfig
 
 CHECKPOINT_TAG = "raycraft.checkpoint"
+POLICY_FILE = "policy/weights.pt"
 # What each training iteration logs (eval_return_mean on evaluation iterations, return_mean once an
 # episode has ended).
 ITERATION_METRICS = ("iteration", "env_steps", "return_mean", "episode_len_mean", "eval_return_mean",
@@ -151,23 +160,59 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def _leftovers(path: Path) -> tuple[Path, Path]:
+    """(`.tmp`, `.old`): the folders `save_checkpoint` writes beside `path` while it replaces it."""
+    return path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+
+
+def clear_leftovers(path: Path) -> None:
+    for folder in _leftovers(path):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def save_checkpoint(algo, path: Path, with_buffer: bool = False) -> None:
     """Write the whole algorithm (modules, optimizers, step counters) to `path`, replacing it atomically;
-    with `with_buffer`, also the replay buffer's contents (`TransitionReplay.save`: no pickle)."""
-    tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    with `with_buffer`, also the replay buffer's contents (`TransitionReplay.save`: no pickle). A signed
+    manifest, written last, is what lets `trusted_checkpoint` accept it."""
+    tmp, old = _leftovers(path)
+    clear_leftovers(path)
     algo.save_to_path(str(tmp))
     if with_buffer:
         algo.local_replay_buffer.save(tmp)
-    old = path.with_name(path.name + ".old")
+    checksums.write_manifest(tmp, sign=True)
     if path.exists():
         path.rename(old)
     tmp.rename(path)
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _recover_old(path: Path) -> None:
+    """A save killed between its two renames left only `.old`: put it back if this account signed it."""
+    old = _leftovers(path)[1]
+    if not path.exists() and checksums.problem(old, signed=True) is None:
+        old.rename(path)
+
+
+def trusted_checkpoint(run) -> Path:
+    """The run's last checkpoint, once its signed manifest shows that raycraft on this account wrote it
+    and nothing in it changed since; what a killed save left beside it is cleared."""
+    tag = run.data.tags.get(CHECKPOINT_TAG)
+    if tag:
+        _recover_old(Path(tag))
+    if not tag or not Path(tag).is_dir():
+        raise UserError(f"--resume: run {run.info.run_id!r} has no checkpoint on this machine ({tag!r}).")
+    path = Path(tag)
+    why = checksums.problem(path, signed=True)
+    if why:
+        raise UserError(f"--resume: the checkpoint at {path} is refused: {why}. raycraft loads RLlib checkpoints "
+                        "(pickle files) only when raycraft on this account wrote them.")
+    clear_leftovers(path)
+    return path
+
+
 def restore_checkpoint(algo, path: Path) -> None:
-    """The algorithm's state, and the replay buffer where the checkpoint holds one."""
+    """The algorithm's state, and the replay buffer where the checkpoint holds one, from a folder
+    `trusted_checkpoint` accepted."""
     algo.restore_from_path(str(path))
     algo.local_replay_buffer.load(path)
 
@@ -198,21 +243,17 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
              on_iteration: Callable[[dict[str, float]], None] | None = None, run_name: str | None = None,
              tags: dict[str, str] | None = None) -> RLOutcome:
     """Train until `cfg.reached`, logging each iteration to MLflow; `run_name` and `tags` name a new run."""
-    from mlflow.entities import Metric
-
     from raycraft import tracking
     from raycraft.rl.ddpg import register
     from raycraft.runner import init_ray
 
     prepared = prepare(cfg, model_cfg)
     uri = tracking.resolve_tracking_uri(tracking_uri)
+    before = None  # a resumed run's RunInfo before this attempt
     if resume_run_id:
         run_id = resume_run_id
-        checkpoint = tracking.get_run(uri, run_id).data.tags.get(CHECKPOINT_TAG)
-        if not checkpoint or not Path(checkpoint).is_dir():
-            raise UserError(f"--resume: run {run_id!r} has no checkpoint on this machine ({checkpoint!r}).")
-        checkpoint_dir = Path(checkpoint)
-        tracking.reopen_run(uri, run_id)
+        checkpoint_dir = trusted_checkpoint(tracking.get_run(uri, run_id))
+        before = tracking.reopen_run(uri, run_id)
     else:
         name = run_name or f"{cfg.algo}-{cfg.env.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
         run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
@@ -226,19 +267,46 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
     if on_start:
         on_start(run_id)
 
+    start = time.perf_counter()
+    try:
+        with lifecycle.Heartbeat(uri, run_id, enabled=lifecycle.PARENT_TAG not in (tags or {})), \
+                lifecycle.stop_on_signals():
+            init_ray(address)
+            register()
+            history = iterate(cfg, model_cfg, prepared, uri, run_id, checkpoint_dir, bool(resume_run_id),
+                              on_iteration)
+    except BaseException as exc:
+        status, reason = lifecycle.ended_by(exc)
+        if tracking.get_run(uri, run_id).info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
+            tracking.end_attempt(uri, run_id, status, reason, before)
+        if status == "KILLED":
+            raise lifecycle.Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
+        raise
+    tracking.end_run(uri, run_id, "FINISHED")
+    m = history[-1]
+    return RLOutcome(run_id, int(m["env_steps"]), int(m["iteration"]), m.get("eval_return_mean"),
+                     time.perf_counter() - start, str(checkpoint_dir), history)
+
+
+def iterate(cfg: RLConfig, model_cfg: Any, prepared: Prepared, uri: str, run_id: str, checkpoint_dir: Path,
+            resume: bool, on_iteration: Callable[[dict[str, float]], None] | None) -> list[dict[str, float]]:
+    """Build the algorithm (restored from `checkpoint_dir` with `resume`), train it until `cfg.reached`,
+    logging each iteration and checkpointing, then log the policy; returns the iterations' metrics."""
+    from mlflow.entities import Metric
+
+    from raycraft import tracking
+
     client = tracking._client(uri)
     history: list[dict[str, float]] = []
     start = time.perf_counter()
-    algo = None
+    algo = algorithm_config(cfg, model_cfg, prepared.module_class).build_algo()
     try:
-        init_ray(address)
-        register()
-        algo = algorithm_config(cfg, model_cfg, prepared.module_class).build_algo()
-        if resume_run_id:
+        if resume:
             restore_checkpoint(algo, checkpoint_dir)
-        steps, last_t, m = 0.0, time.perf_counter(), {}
-        while True:
+        steps, last_t = 0.0, time.perf_counter()
+        while not history or not cfg.reached(history[-1]):
             m = iteration_metrics(algo.train())
+            lifecycle.raise_if_stopped()
             now = time.perf_counter()
             m["steps_per_s"] = (m["env_steps"] - steps) / max(now - last_t, 1e-9)
             m["wall_s"] = now - start
@@ -249,26 +317,16 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
             client.log_batch(run_id, metrics=[Metric(k, v, stamp, int(m["env_steps"])) for k, v in m.items()])
             if on_iteration:
                 on_iteration(m)
-            done = cfg.reached(m)
-            if done or int(m["iteration"]) % cfg.checkpoint_every == 0:
+            if cfg.reached(m) or int(m["iteration"]) % cfg.checkpoint_every == 0:
                 save_checkpoint(algo, checkpoint_dir, cfg.replay.save_in_checkpoint)
-            if done:
-                break
         with tempfile.TemporaryDirectory() as tmp:
-            algo.get_module().save_to_path(str(Path(tmp) / "policy"))
+            save_policy(algo.get_module(), Path(tmp) / POLICY_FILE)
             returns_png(history, Path(tmp) / "returns.png")
-            client.log_artifacts(run_id, str(Path(tmp) / "policy"), "policy")
+            client.log_artifact(run_id, str(Path(tmp) / POLICY_FILE), str(Path(POLICY_FILE).parent))
             client.log_artifact(run_id, str(Path(tmp) / "returns.png"))
-    except BaseException as exc:
-        if tracking.get_run(uri, run_id).info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
-            tracking.end_run(uri, run_id, "FAILED", f"{type(exc).__name__}: {exc}")
-        raise
     finally:
-        if algo is not None:
-            algo.stop()
-    tracking.end_run(uri, run_id, "FINISHED")
-    return RLOutcome(run_id, int(m["env_steps"]), int(m["iteration"]), m.get("eval_return_mean"),
-                     time.perf_counter() - start, str(checkpoint_dir), history)
+        algo.stop()
+    return history
 
 
 def policy_actions(module, obs, action_space):
@@ -311,11 +369,63 @@ def play(module, env_name: str, env_config: dict, episodes: int, seed: int = 0,
     return returns
 
 
+def save_policy(module, path: Path) -> None:
+    """The inference network's tensors (no target networks, no DDPG critic), for `load_policy`."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: torch.as_tensor(v) for k, v in module.get_state(inference_only=True).items()}, path)
+
+
+def load_policy(module, path: Path, run_id: str) -> None:
+    """`path`'s tensors into `module`, through torch's tensor-only unpickler: exactly the module's keys
+    and shapes, or a UserError."""
+    import torch
+
+    what = f"RUN_ID: run {run_id!r}: {POLICY_FILE}"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise UserError(f"{what} is not a file of tensors, so it is not loaded "
+                        f"({str(exc).strip().splitlines()[0]}).") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{what} holds a {type(state).__name__}, not a dict of tensors.")
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise UserError(f"{what} does not fit the {type(module).__name__} that its config.yaml builds: "
+                        f"{' '.join(str(exc).split())}") from None
+
+
+def logged_policy(uri: str, run_id: str) -> tuple[Any, RLConfig]:
+    """RUN_ID's policy, rebuilt from its config.yaml as an inference-only RLModule with its logged weights."""
+    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+
+    from raycraft import tracking
+    from raycraft.rl.config import build_rl_config
+
+    text = tracking.download_text(uri, run_id, "config.yaml")
+    cfg, model_cfg = build_rl_config(read_yaml(text, f"run {run_id}'s config.yaml"), [])
+    prepared = prepare(cfg, model_cfg)
+    module = RLModuleSpec(module_class=prepared.module_class, observation_space=prepared.observation_space,
+                          action_space=prepared.action_space, model_config=to_dict(model_cfg),
+                          inference_only=True).build()
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = tracking.download_artifact(uri, run_id, POLICY_FILE, tmp)
+        except UserError:
+            raise UserError(f"RUN_ID: run {run_id!r} has no {POLICY_FILE} (raycraft's tensor-only policy file): "
+                            "it did not finish, or it was not logged by this version of raycraft. rl-eval "
+                            "never loads RLlib checkpoints (pickle files) from a tracking server.") from None
+        load_policy(module, local, run_id)
+    return module, cfg
+
+
 def evaluate_rl(run_id: str, *, episodes: int = 10, video: Path | None = None,
                 tracking_uri: str | None = None) -> list[float]:
-    """Reload RUN_ID's logged policy (an RLModule checkpoint in MLflow), play it, log the result."""
+    """Reload RUN_ID's logged policy (`logged_policy`), play it, log the result."""
     import torch
-    from ray.rllib.core.rl_module.rl_module import RLModule
+    from mlflow.entities import Metric
 
     from raycraft import tracking
 
@@ -326,17 +436,9 @@ def evaluate_rl(run_id: str, *, episodes: int = 10, video: Path | None = None,
         raise UserError(f"RUN_ID: run {run_id!r} is not a `raycraft rl` run; use `raycraft eval` for it.")
     if episodes < 1:
         raise UserError(f"--episodes: must be at least 1, got {episodes}.")
-    cfg = yaml.safe_load(tracking.download_text(uri, run_id, "config.yaml"))
+    module, cfg = logged_policy(uri, run_id)
+    returns = play(module, cfg.env, cfg.env_config, episodes, seed=10_000, gif=video)
     client = tracking._client(uri)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            local = client.download_artifacts(run_id, "policy", tmp)
-        except Exception:
-            raise UserError(f"RUN_ID: run {run_id!r} has no logged policy (did it finish?).") from None
-        module = RLModule.from_checkpoint(local)
-    returns = play(module, cfg["env"], cfg.get("env_config") or {}, episodes, seed=10_000, gif=video)
-    from mlflow.entities import Metric
-
     mean = sum(returns) / len(returns)
     client.log_batch(run_id, metrics=[Metric("rl_eval_return_mean", mean, int(time.time() * 1000), 0)])
     if video:
