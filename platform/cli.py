@@ -191,7 +191,7 @@ def list_runs(
     ids = [i for i, n in names.items() if experiment in (None, n)]
     table = Table(title=f"raycraft runs in {uri}")
     for col in ("run id", "name", "experiment", "status", "started", "note"):
-        table.add_column(col)
+        table.add_column(col, no_wrap=col in ("run id", "status", "started"))
     for run in client.search_runs(ids, max_results=limit, order_by=["attributes.start_time DESC"]) if ids else []:
         started = time.strftime("%Y-%m-%d %H:%M", time.localtime(run.info.start_time / 1000))
         table.add_row(run.info.run_id, run.info.run_name, names[run.info.experiment_id], run.info.status, started,

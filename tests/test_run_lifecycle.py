@@ -31,15 +31,15 @@ def raycraft(folder: Path, *args: str, timeout: float = 300) -> subprocess.Compl
                           timeout=timeout)
 
 
-def signalled(folder: Path, args: list[str], sig: int, after_epoch: int = 2) -> tuple[int, str, str]:
-    """Start `raycraft ARGS`, send `sig` once it has printed epoch `after_epoch`; (exit code, output, run id).
-    Every process it started that outlives it (SIGKILL leaves Ray's agents behind) is ended by pid."""
+def signalled(folder: Path, args: list[str], sig: int, after: str = "epoch 2/") -> tuple[int, str, str]:
+    """Start `raycraft ARGS`, send `sig` once it has printed a line starting with `after`; (exit code, output,
+    run id). Every process it started that outlives it (SIGKILL leaves Ray's agents behind) is ended by pid."""
     proc = subprocess.Popen([str(RAYCRAFT), *args], cwd=folder, env=env_for(folder), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines = []
     for line in proc.stdout:
         lines.append(line)
-        if line.startswith(f"epoch {after_epoch}/"):
+        if line.startswith(after):
             break
     assert proc.poll() is None, "".join(lines)[-3000:]
     started = psutil.Process(proc.pid).children(recursive=True)
@@ -78,6 +78,14 @@ def test_a_signal_ends_the_run_killed_and_resume_continues(tmp_path, mode, sig):
     run = run_of(tmp_path, run_id)
     assert run.info.status == "FINISHED" and "raycraft.error" not in run.data.tags
     assert epochs_logged(tmp_path, run_id) == list(range(total))
+
+
+def test_sigterm_ends_an_rl_run_killed(tmp_path):
+    code, out, run_id = signalled(tmp_path, ["rl", "dqn", "--env", "CartPole-v1", "--timesteps", "10000000",
+                                             "--set", "steps_per_iter=200"], signal.SIGTERM, after="iter 2 ")
+    assert code == 128 + signal.SIGTERM and f"--resume {run_id}" in out, out[-3000:]
+    run = run_of(tmp_path, run_id)
+    assert run.info.status == "KILLED" and run.data.tags["raycraft.error"] == "stopped by SIGTERM"
 
 
 def test_a_killed_client_is_marked_killed_by_runs_and_by_the_next_run(tmp_path):

@@ -269,10 +269,10 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
 
     start = time.perf_counter()
     try:
+        init_ray(address)  # before the handlers: Ray's core worker sets its own for SIGTERM
+        register()
         with lifecycle.Heartbeat(uri, run_id, enabled=lifecycle.PARENT_TAG not in (tags or {})), \
                 lifecycle.stop_on_signals():
-            init_ray(address)
-            register()
             history = iterate(cfg, model_cfg, prepared, uri, run_id, checkpoint_dir, bool(resume_run_id),
                               on_iteration)
     except BaseException as exc:
