@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,16 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 torch.set_num_threads(1)  # 2-core machines: more threads per process made small steps far slower
 
 REPO = Path(__file__).resolve().parents[1]
+RAYCRAFT = Path(sys.executable).with_name("raycraft")  # the installed executable, as a user runs it
+
+
+def assert_refused(out, words) -> None:
+    """`out` (a finished `raycraft` command) was refused as bad input: exit 2, no traceback, each of `words`."""
+    text = out.stdout + out.stderr
+    assert out.returncode == 2, text
+    assert "Traceback" not in text
+    for word in words:
+        assert word in text, f"{word!r} missing from: {text}"
 
 
 @pytest.fixture(scope="session", autouse=True)

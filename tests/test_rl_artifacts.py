@@ -7,7 +7,6 @@ import os
 import pickle
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,13 +14,12 @@ import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import RAYCRAFT
 from raycraft import checksums
 from raycraft.config import to_dict
 from raycraft.errors import UserError
 from raycraft.rl.config import build_rl_config
 from raycraft.rl.run import CHECKPOINT_TAG, trusted_checkpoint
-
-RAYCRAFT = Path(sys.executable).with_name("raycraft")
 
 
 class Exploit:

@@ -8,7 +8,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,9 +15,10 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import RAYCRAFT
+
 pytestmark = pytest.mark.slow
 
-RAYCRAFT = Path(sys.executable).with_name("raycraft")
 FAST = ["mlp", "--dataset", "digits"]
 
 

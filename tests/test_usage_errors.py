@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-RAYCRAFT = Path(sys.executable).with_name("raycraft")
+from conftest import RAYCRAFT, assert_refused
+
 RUN_ID = "0123456789abcdef"
 
 CASES = {
@@ -57,12 +58,8 @@ def results(tmp_path_factory):
 def test_usage_error_is_two_lines_and_exit_2(case, results):
     outs, cwd = results
     out = outs[case]
-    text = out.stdout + out.stderr
-    assert out.returncode == 2, text
-    assert "Traceback" not in text
-    assert len(text.strip().splitlines()) <= 2, text
-    for word in CASES[case][1]:
-        assert word in text, f"{word!r} missing from: {text}"
+    assert_refused(out, CASES[case][1])
+    assert len((out.stdout + out.stderr).strip().splitlines()) <= 2, out.stdout + out.stderr
     assert not (cwd / "mlflow.db").exists(), "a usage error created an MLflow store"
 
 
