@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import sysconfig
@@ -32,7 +33,7 @@ def test_raycraft_maps_to_platform_dir():
 
 PROBE = """
 import json, sys, ray
-ray.init(address=sys.argv[1], runtime_env={"working_dir": sys.argv[2], "excludes": [
+ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1", runtime_env={"working_dir": sys.argv[2], "excludes": [
     ".venv", ".git", "mlflow.db", "mlartifacts", "ray_results", "*.egg-info", "__pycache__"]})
 
 @ray.remote
@@ -50,8 +51,10 @@ def test_import_platform_in_ray_worker_with_repo_working_dir(ray_session, tmp_pa
     import json
 
     address = ray_session.get_runtime_context().gcs_address
+    # raycraft's local Ray listens on loopback only: a second driver joins it as a process on that node
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
     out = subprocess.run([sys.executable, "-c", PROBE, address, str(REPO)], cwd=tmp_path, capture_output=True,
-                         text=True, timeout=180)
+                         text=True, timeout=180, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
     path, machine, cwd = json.loads(out.stdout.strip().splitlines()[-1])
     assert Path(path).resolve().parent == STDLIB
