@@ -266,21 +266,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     from raycraft.train.loop import newest_checkpoint, train_loop_per_worker
 
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-    before = None  # a resumed run's RunInfo before this attempt
-    if resume_run_id:
-        run_id = resume_run_id
-        ray_name = tracking.get_run(uri, run_id).data.tags.get("raycraft.ray_name", f"raycraft-{run_id}")
-        if not clone:
-            check_resumable(run_id, local_run_dir(storage, ray_name))
-        before = tracking.reopen_run(uri, run_id)
-    else:
-        name = run_name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
-                                    {"raycraft.model": cfg.model, "raycraft.dataset": cfg.dataset,
-                                     "raycraft.storage_path": storage, **(tags or {})},
-                                    yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        ray_name = f"raycraft-{run_id}"
-        tracking.set_tags(uri, run_id, {"raycraft.ray_name": ray_name})
+    run_id, ray_name, before = open_run(cfg, uri, storage, resume_run_id, run_name, tags, clone is not None)
     if clone:
         ray_name = f"{ray_name}-pbt{clone[0]}"
     if on_start:
@@ -310,17 +296,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
         with heartbeat, lifecycle.stop_on_signals(), progress:
             result = trainer.fit() if cfg.in_process else lifecycle.watched(trainer.fit)
     except BaseException as exc:
-        run = tracking.get_run(uri, run_id)
-        if not (paced_by_tune and tracking.COMPLETED_TAG in run.data.tags):
-            status, reason = lifecycle.ended_by(exc)
-            if run.info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
-                tracking.end_attempt(uri, run_id, status, reason, before)
-            if status == "KILLED":
-                raise lifecycle.Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
-            raise TrainingError(str(exc) or type(exc).__name__) from exc
-        # Tune stopped the trial on its final report, tearing Ray Train down after the run was complete
-        tracking.end_run(uri, run_id, "FINISHED")
-        return Outcome(run_id, dict(run.data.metrics), uri, None)
+        return attempt_stopped(exc, uri, run_id, before, paced_by_tune)
     run = tracking.get_run(uri, run_id)
     # Ray Train's local mode returns the last report's checkpoint, which is the final report's: none
     latest = newest_checkpoint(None if cfg.in_process else result.checkpoint, run_dir)[0]
@@ -332,6 +308,47 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     if not paced_by_tune or run.info.status == "RUNNING":  # a sweep ends the runs its scheduler stopped
         tracking.end_run(uri, run_id, "FINISHED")
     return Outcome(run_id, dict(run.data.metrics), uri, checkpoint_path)
+
+
+def attempt_stopped(exc: BaseException, uri: str, run_id: str, before, paced_by_tune: bool) -> Outcome:
+    """End the attempt that `exc` stopped (KILLED for a signal, else FAILED) and raise what the CLI reports;
+    a sweep trial that Tune tore down after its run was complete ends FINISHED instead."""
+    from raycraft import tracking
+
+    run = tracking.get_run(uri, run_id)
+    if paced_by_tune and tracking.COMPLETED_TAG in run.data.tags:
+        tracking.end_run(uri, run_id, "FINISHED")
+        return Outcome(run_id, dict(run.data.metrics), uri, None)
+    status, reason = lifecycle.ended_by(exc)
+    if run.info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
+        tracking.end_attempt(uri, run_id, status, reason, before)
+    if status == "KILLED":
+        raise lifecycle.Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
+    raise TrainingError(str(exc) or type(exc).__name__) from exc
+
+
+def open_run(cfg: TrainConfig, uri: str, storage: str, resume_run_id: str | None, run_name: str | None,
+             tags: dict[str, str] | None, cloned: bool) -> tuple[str, str, object]:
+    """(MLflow run id, Ray Train run name, the resumed run's RunInfo before this attempt or None): a new run,
+    or the resumed one, reopened once `check_resumable` found its checkpoints usable."""
+    from raycraft import tracking
+
+    before = None  # a resumed run's RunInfo before this attempt
+    if resume_run_id:
+        run_id = resume_run_id
+        ray_name = tracking.get_run(uri, run_id).data.tags.get("raycraft.ray_name", f"raycraft-{run_id}")
+        if not cloned:
+            check_resumable(run_id, local_run_dir(storage, ray_name))
+        before = tracking.reopen_run(uri, run_id)
+    else:
+        name = run_name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
+                                    {"raycraft.model": cfg.model, "raycraft.dataset": cfg.dataset,
+                                     "raycraft.storage_path": storage, **(tags or {})},
+                                    yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        ray_name = f"raycraft-{run_id}"
+        tracking.set_tags(uri, run_id, {"raycraft.ray_name": ray_name})
+    return run_id, ray_name, before
 
 
 def local_run_dir(storage: str, ray_name: str) -> str | None:
