@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from raycraft.errors import UserError
+from raycraft.errors import UserError, check_count
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train the survey's model families on Ray, tracked in MLflow.")
@@ -178,8 +178,7 @@ def list_runs(
     from raycraft.lifecycle import reap
     from raycraft.tracking import ERROR_TAG, _client, resolve_tracking_uri
 
-    if limit < 1:
-        raise UserError(f"--limit: {limit} must be at least 1.")
+    check_count("--limit", limit)
     uri = resolve_tracking_uri(tracking_uri)
     reaped = reap(uri)
     client = _client(uri)

@@ -20,3 +20,11 @@ def invalid_choice(field: str, value: object, choices: Iterable[str]) -> UserErr
     near = closest(str(value), choices)
     hint = f" Did you mean {', '.join(repr(c) for c in near)}?" if near else ""
     return UserError(f"{field}: {value!r} is not valid.{hint} Valid choices: {', '.join(choices)}.")
+
+
+def check_count(field: str, value: int, maximum: int | None = None) -> None:
+    """UserError unless the count `value` given for `field` is at least 1 (and at most `maximum`)."""
+    if value < 1:
+        raise UserError(f"{field}: {value} must be at least 1.")
+    if maximum is not None and value > maximum:
+        raise UserError(f"{field}: {value} is over the maximum of {maximum:,}.")

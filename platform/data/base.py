@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, TensorDataset
 
 from raycraft.config import field_doc
-from raycraft.errors import UserError
+from raycraft.errors import UserError, check_count
 
 
 @dataclass
@@ -40,8 +40,7 @@ class DataConfig:
             v = getattr(self, name)
             if not 0.0 <= v < 0.5:
                 raise UserError(f"data.{name}: {v} is out of range; use a fraction in [0, 0.5).")
-        if self.seq_len < 1:
-            raise UserError(f"data.seq_len: {self.seq_len} must be at least 1.")
+        check_count("data.seq_len", self.seq_len)
         if self.train_windows < 0:
             raise UserError(f"data.train_windows: {self.train_windows} must be >= 0.")
         if not 0.0 < self.train_fraction <= 1.0:

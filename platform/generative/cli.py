@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from raycraft.cli import TrackingOpt, app, console, progress_bar
-from raycraft.errors import UserError, invalid_choice
+from raycraft.errors import UserError, check_count, invalid_choice
 
 MAX_SAMPLES = 100_000  # all samples are held in memory: 100,000 CIFAR-size images are 1.2 GB of float32
 BATCH = 500  # samples drawn per model call; progress shows once there is more than one batch
@@ -69,16 +69,13 @@ def sample(
     from raycraft.models.ddpm import SAMPLERS
 
     torch.set_num_threads(1)
-    if n < 1:
-        raise UserError(f"--n: {n} must be at least 1.")
-    if n > MAX_SAMPLES:
-        raise UserError(f"--n: {n} is over the maximum of {MAX_SAMPLES:,}.")
+    check_count("--n", n, MAX_SAMPLES)
     if out.suffix.lower() != ".png":
         raise UserError(f"--out: {str(out)!r} must be a .png file.")
     if sampler is not None and sampler not in SAMPLERS:
         raise invalid_choice("--sampler", sampler, SAMPLERS)
-    if steps is not None and steps < 1:
-        raise UserError(f"--steps: {steps} must be at least 1.")
+    if steps is not None:
+        check_count("--steps", steps)
     model, cfg, info = load_generative_run(run_id, tracking_uri)
     if (sampler or steps or eta is not None) and cfg.model != "ddpm":
         raise UserError(f"--sampler/--steps/--eta: only ddpm has samplers; run {run_id} trained {cfg.model!r}.")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from raycraft.config import field_doc, from_dict, has_path, parse_override, set_path
-from raycraft.errors import UserError, invalid_choice
+from raycraft.errors import UserError, check_count, invalid_choice
 
 ALGOS = ("dqn", "ddpg")
 DEFAULT_MODEL = {"dqn": "q_mlp", "ddpg": "ddpg_mlp"}
@@ -89,8 +89,7 @@ class RLConfig:
                     "checkpoint_every", "envs_per_worker"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key}: must be at least 1, got {getattr(self, key)}.")
-        if self.timesteps > MAX_TIMESTEPS:
-            raise UserError(f"--timesteps: {self.timesteps} is over the maximum of {MAX_TIMESTEPS:,}.")
+        check_count("--timesteps", self.timesteps, MAX_TIMESTEPS)
         if self.workers < 0:
             raise UserError(f"workers: must be 0 or more, got {self.workers}.")
         if not 0.0 < self.gamma <= 1.0:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from raycraft.cli import TrackingOpt, app, console, progress_bar
-from raycraft.errors import UserError
+from raycraft.errors import UserError, check_count
 
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect BPE tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
@@ -53,14 +53,11 @@ def generate_cmd(
     from raycraft.text.lm import generate
     from raycraft.tracking import resolve_tracking_uri
 
-    if tokens < 1:
-        raise UserError(f"--tokens: {tokens} must be at least 1.")
-    if tokens > MAX_TOKENS:
-        raise UserError(f"--tokens: {tokens} is over the maximum of {MAX_TOKENS:,}.")
+    check_count("--tokens", tokens, MAX_TOKENS)
     if temperature < 0:
         raise UserError(f"--temperature: {temperature} must be >= 0.")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"--top-k: {top_k} must be at least 1.")
+    if top_k is not None:
+        check_count("--top-k", top_k)
     if not prompt:
         raise UserError("--prompt: give at least one character to start from.")
     torch.set_num_threads(1)

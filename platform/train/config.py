@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from raycraft.config import field_doc, from_dict, has_path, parse_override, set_path, to_dict
 from raycraft.data.base import DataConfig
-from raycraft.errors import UserError, invalid_choice
+from raycraft.errors import UserError, check_count, invalid_choice
 from raycraft.train.guard import GuardConfig
 
 MAX_EPOCHS = 100_000  # recipes train for at most hundreds of epochs; more is a typo that would run for years
@@ -109,8 +109,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 hint = " (--in-process trains in this process, without Ray workers)" if name == "workers" else ""
                 raise UserError(f"--{name.replace('_', '-')}: {getattr(self, name)} must be at least 1{hint}.")
-        if self.epochs > MAX_EPOCHS:
-            raise UserError(f"--epochs: {self.epochs} is over the maximum of {MAX_EPOCHS:,}.")
+        check_count("--epochs", self.epochs, MAX_EPOCHS)
         if self.in_process and self.workers > 1:
             raise UserError(f"--in-process: trains one worker, in this process; it cannot run --workers "
                             f"{self.workers}. Drop --in-process for {self.workers} data-parallel Ray Train workers.")

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from raycraft.config import field_doc
-from raycraft.errors import UserError
+from raycraft.errors import UserError, check_count
 
 BETA = 0.9  # ~10 steps of smoothing: one bad batch is not a divergence
 
@@ -39,8 +39,7 @@ class GuardConfig:
             raise UserError(f"guard.loss_factor: {self.loss_factor} must be above 1 (or 0 for off).")
         if self.grad_norm is not None and self.grad_norm <= 0:
             raise UserError(f"guard.grad_norm: {self.grad_norm} must be > 0 (or null for off).")
-        if self.patience < 1:
-            raise UserError(f"guard.patience: {self.patience} must be at least 1.")
+        check_count("guard.patience", self.patience)
 
 
 class DivergenceGuard:
