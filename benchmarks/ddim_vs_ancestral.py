@@ -13,7 +13,7 @@ import sys
 
 import torch
 
-from raycraft.generative.cli import generate, load_generative_run
+from raycraft.generative.commands import generate, load_generative_run
 from raycraft.generative.metrics import classifier_for, fid_key
 
 

@@ -14,9 +14,7 @@ from raycraft.models import (  # noqa: F401
     resnet,
     rl,
     rnn,
-    timeseries,
     transformer,
     vae,
     vgg,
 )
-from raycraft.text import lm  # noqa: F401  (registers the language-model step)

@@ -23,8 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycraft.config import field_doc
-from raycraft.registry import register_model
+from raycraft.registry import field_doc, register_model
 
 
 @dataclass
@@ -108,7 +107,7 @@ class DeepKalmanFilter(nn.Module):
     @torch.no_grad()
     def write_plots(self, y: torch.Tensor, info: dict, out_dir: Path) -> None:
         """latent.png: posterior means of z with bands; reconstruction.png: F(E[z]) against the data."""
-        from raycraft.ssm_plots import bands_png
+        from raycraft.ssm.plots import bands_png
 
         mu, var, *_ = self._infer(y[:1], sample=False)
         t = torch.arange(y.shape[1])

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from raycraft.config import field_doc
 from raycraft.models.layers import Resize, image_shape, num_classes
-from raycraft.registry import register_model
+from raycraft.registry import field_doc, register_model
 
 # B0 stages: (expansion t, channels, repeats, stride, kernel)
 B0_STAGES = [(1, 16, 1, 1, 3), (6, 24, 2, 2, 3), (6, 40, 2, 2, 5), (6, 80, 3, 2, 3),

@@ -29,11 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycraft.config import field_doc
 from raycraft.errors import UserError
-from raycraft.generative.base import GenerativeConfig, GenerativeModel
+from raycraft.generative.step import GenerativeConfig, GenerativeModel
 from raycraft.models.layers import image_shape
-from raycraft.registry import register_model
+from raycraft.registry import field_doc, register_model
 from raycraft.train.step import Sums, Update
 
 

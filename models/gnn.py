@@ -21,10 +21,25 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from raycraft.config import field_doc
-from raycraft.data.graphs import check_graph
-from raycraft.registry import register_model
-from raycraft.train.step import ClassificationStep, register_step
+from raycraft.errors import UserError
+from raycraft.registry import field_doc, register_model
+
+
+def check_graph(num_nodes: int, edge_index: torch.Tensor, edge_attr: torch.Tensor | None = None) -> None:
+    """UserError unless edge_index is (2, E) integer node ids in [0, num_nodes) and edge_attr has E rows."""
+    if edge_index.ndim != 2 or edge_index.shape[0] != 2:
+        raise UserError(f"edge_index: expected shape (2, E), got {tuple(edge_index.shape)}.")
+    if edge_index.dtype.is_floating_point or edge_index.dtype == torch.bool:
+        raise UserError(f"edge_index: node ids must be integers, got {edge_index.dtype}.")
+    if edge_index.numel():
+        lo, hi = int(edge_index.min()), int(edge_index.max())
+        if lo < 0 or hi >= num_nodes:
+            bad = lo if lo < 0 else hi
+            raise UserError(f"edge_index: node id {bad} is out of range for a graph of {num_nodes} nodes "
+                            f"(valid ids 0..{num_nodes - 1}).")
+    if edge_attr is not None and edge_attr.shape[0] != edge_index.shape[1]:
+        raise UserError(f"edge_attr: {edge_attr.shape[0]} rows for {edge_index.shape[1]} edges.")
+
 
 REDUCE = {"mean": "mean", "max": "amax"}
 
@@ -97,8 +112,6 @@ class GNNConfig:
     readout: Literal["sum", "mean"] = field_doc("sum", "Pooling of node states per graph (graph-level data).")
 
     def __post_init__(self) -> None:
-        from raycraft.errors import UserError
-
         if self.layers < 1 or self.hidden < 1:
             raise UserError(f"layers={self.layers}, hidden={self.hidden}: both must be at least 1.")
         if not 0 <= self.dropout < 1:
@@ -136,18 +149,6 @@ class GNN(nn.Module):
         if self.graph_level:
             h = scatter(h, graph_index, int(graph_index.max()) + 1, self.cfg.readout)
         return self.head(h)
-
-
-@register_step("graph")
-class GraphStep(ClassificationStep):
-    """Cross-entropy on the nodes (or graphs) a batch's mask marks."""
-
-    def predict(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        x, edge_index, edge_attr, graph_index, y, mask = batch
-        return model(x, edge_index, edge_attr, graph_index)[mask], y[mask]
-
-    def example_input(self, batch: Any) -> None:
-        return None  # a model of four tensors: the checkpoint is logged, not an exported graph
 
 
 GNN_RECIPE = {"epochs": 100, "optim": {"name": "adam", "lr": 0.01, "weight_decay": 5e-4}}

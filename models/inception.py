@@ -15,9 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from raycraft.config import field_doc
 from raycraft.models.layers import Resize, image_shape, num_classes
-from raycraft.registry import register_model
+from raycraft.registry import field_doc, register_model
 
 
 def conv_bn(c_in: int, c_out: int, k: int) -> nn.Sequential:

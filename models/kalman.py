@@ -34,9 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from raycraft.config import field_doc
 from raycraft.errors import UserError, invalid_choice
-from raycraft.registry import register_model
+from raycraft.registry import field_doc, register_model
 
 MATRICES = ("A", "C", "Q", "R")
 
@@ -300,7 +299,7 @@ class KalmanModel(nn.Module):
     def write_plots(self, y: torch.Tensor, info: dict, out_dir: Path) -> None:
         """states.png: filtered and smoothed C x̂ with 95% bands against the data; forecast.png: one-step
         forecasts with their bands, then forecasts beyond the last observation."""
-        from raycraft.ssm_plots import bands_png
+        from raycraft.ssm.plots import bands_png
 
         res = self.filter(y[:1])
         x_s, P_s = rts_smoother(res, self.A)

@@ -12,9 +12,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from raycraft.config import field_doc
 from raycraft.models.layers import DynamicTanh, image_shape, num_classes
-from raycraft.registry import register_model
+from raycraft.registry import field_doc, register_model
 
 
 @dataclass

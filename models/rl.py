@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from raycraft.config import field_doc
-from raycraft.registry import register_model
+from raycraft.registry import field_doc, register_model
 
 
 @dataclass

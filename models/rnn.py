@@ -25,9 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycraft.config import field_doc
 from raycraft.errors import UserError
-from raycraft.registry import register_model
+from raycraft.registry import field_doc, register_model
 
 
 class ElmanLayer(nn.Module):

@@ -29,12 +29,11 @@ from typing import Literal
 import torch
 from torch import nn
 
-from raycraft.config import field_doc
 from raycraft.errors import UserError
 from raycraft.models.attention import Attention, RelativeBias, sinusoidal_table
 from raycraft.models.layers import DynamicTanh
 from raycraft.models.rnn import vocab_size
-from raycraft.registry import register_model
+from raycraft.registry import field_doc, register_model
 
 
 @dataclass

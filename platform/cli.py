@@ -204,8 +204,8 @@ def list_runs(
 COMMAND_MODULES: tuple[str, ...] = (
     "raycraft.rl.commands",
     "raycraft.text.commands",
-    "raycraft.generative.cli",
-    "raycraft.graph_runs",
+    "raycraft.generative.commands",
+    "raycraft.graph.commands",
     "raycraft.cluster",
     "raycraft.sweep.commands",
 )

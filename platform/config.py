@@ -26,17 +26,6 @@ MAX_YAML_VALUES = 100_000  # far above any config, far below what a few nested a
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml: faster, and caps nesting depth
 
 
-def field_doc(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None,
-              minimum: int | None = None) -> Any:
-    """A dataclass field with its documentation attached (shown by `raycraft models --details`).
-    `minimum` is the least value of an int field (or of each item of a list of ints), checked by `from_dict`;
-    it overrides the rule for model configs' fields in `least_value`."""
-    metadata = {"help": doc} if minimum is None else {"help": doc, "minimum": minimum}
-    if factory is not None:
-        return dataclasses.field(default_factory=factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
-
-
 def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 

@@ -11,10 +11,9 @@ from torch import nn
 from raycraft import tracking
 from raycraft.config import from_dict, read_yaml
 from raycraft.errors import UserError
-from raycraft.registry import ModelSpec, check_compatible, create_model, load_dataset, model_spec, models
+from raycraft.registry import ModelSpec, check_compatible, create_model, load_dataset, model_spec, models, step_for
 from raycraft.train.config import TrainConfig
 from raycraft.train.loop import CHECKPOINT_FILE, Batches, evaluate, load_state
-from raycraft.train.step import step_for
 
 
 def run_config(uri: str, run_id: str, task: str | None = None, command: str = "") -> tuple[TrainConfig, ModelSpec]:

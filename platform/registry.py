@@ -1,4 +1,9 @@
-"""The two registries: models and datasets. The CLI, Ray Train, Tune and RLlib resolve names only here.
+"""The registries: model families, models and datasets. The CLI, Ray Train, Tune and RLlib resolve names
+only here.
+
+A family is one package of raycraft (`raycraft.<family>`) with the same shape: `step.py` holds the Step
+that trains its task's models, and, where it has them, `plots.py` and `commands.py` (a typer `app` whose
+commands the CLI mounts). `register_family(...)` at the end of this file is its one registration line.
 
 A model registers a builder with `@register_model(name, family=..., config=ConfigClass, task=...)`;
 `create_model(name, config, data)` builds it for a dataset's shapes. A dataset registers a loader with
@@ -21,11 +26,27 @@ if TYPE_CHECKING:  # torch is imported only by the code that builds models
     from torch import nn
 
     from raycraft.data.base import DataConfig, DataSplits
+    from raycraft.train.step import Step
 
-# Modules that register models and datasets on import. A new family adds its module here.
+# Modules that register models and datasets on import.
 _MODEL_MODULES = ("raycraft.models",)
 _DATASET_MODULES = ("raycraft.data.vision", "raycraft.data.text", "raycraft.data.timeseries",
                     "raycraft.data.graphs")
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    task: str
+    """The task its models register with (`register_model(..., task=...)`); the family's Step trains them."""
+    package: str
+    """`raycraft.<family>`: `step.py` defines `STEP`, the Step class; `commands.py` (if any) an `app`."""
+    commands: dict[str, str] = dataclasses.field(default_factory=dict)
+    """The names and one-line help of the commands in `commands.py`, so `raycraft --help` lists them
+    without importing the family's code (a test checks them against the commands' docstrings)."""
+    extra: str | None = None
+    """The raycraft extra its commands need, checked before they are imported (`pip install ...[extra]`)."""
+    trains_with_loop: bool = True
+    """False for a family trained by another framework (RLlib): it has commands but no Step."""
 
 
 @dataclass(frozen=True)
@@ -57,8 +78,48 @@ class DatasetSpec:
         return ", ".join(self.tasks)
 
 
+_FAMILIES: dict[str, FamilySpec] = {}
 _MODELS: dict[str, ModelSpec] = {}
 _DATASETS: dict[str, DatasetSpec] = {}
+
+
+def field_doc(default: Any = dataclasses.MISSING, doc: str = "", *, factory: Any = None,
+              minimum: int | None = None) -> Any:
+    """A dataclass field with its documentation attached (shown by `raycraft models --details`).
+    `minimum` is the least value of an int field (or of each item of a list of ints), checked by `from_dict`;
+    it overrides the rule for model configs' fields in `least_value`."""
+    metadata = {"help": doc} if minimum is None else {"help": doc, "minimum": minimum}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def register_family(task: str, package: str, *, commands: dict[str, str] | None = None,
+                    extra: str | None = None, trains_with_loop: bool = True) -> None:
+    """Add the family in `package`, whose Step trains the models registered with `task`."""
+    if task in _FAMILIES:
+        raise ValueError(f"task {task!r} has a family already ({_FAMILIES[task].package})")
+    _FAMILIES[task] = FamilySpec(task, package, dict(commands or {}), extra, trains_with_loop)
+
+
+def families() -> dict[str, FamilySpec]:
+    return dict(_FAMILIES)
+
+
+def family(task: str) -> FamilySpec:
+    if task not in _FAMILIES:
+        raise invalid_choice("task", task, _FAMILIES)
+    return _FAMILIES[task]
+
+
+def step_for(task: str) -> Step:
+    """A new instance of the Step that trains `task`'s models (its family's `step.STEP`)."""
+    spec = family(task)
+    if not spec.trains_with_loop:
+        raise UserError(f"task: {task!r} models are not trained by raycraft's loop.")
+    # Imported on demand: a family's Step pulls in torch and its own libraries, which `raycraft --help`,
+    # `raycraft models` and bad input never need.
+    return importlib.import_module(f"{spec.package}.step").STEP()
 
 
 def register_model(name: str, *, family: str, config: type, task: str = "classification",
@@ -163,3 +224,19 @@ def config_fields(cls: type) -> list[tuple[str, Any, str]]:
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
         out.append((f.name, default, f.metadata.get("help", "")))
     return out
+
+
+# The families: one line each.
+register_family("classification", "raycraft.classification")
+register_family("language-model", "raycraft.text", commands={
+    "generate": "Print PROMPT continued by TOKENS tokens sampled from the model logged by RUN_ID.",
+    "tokenizer": "Train and inspect BPE tokenizers."})
+register_family("generative", "raycraft.generative", commands={
+    "sample": "Draw --n samples from RUN_ID's generative model into a PNG grid; --metrics scores them."})
+register_family("graph", "raycraft.graph", extra="ssm", commands={
+    "oversmoothing": "Dirichlet energy of node states against depth, with and without residual links, logged to "
+                     "MLflow."})
+register_family("time-series", "raycraft.ssm")
+register_family("rl", "raycraft.rl", extra="rl", trains_with_loop=False, commands={
+    "rl": "Train ALGO on --env with RLlib; prints progress and the MLflow run id.",
+    "rl-eval": "Reload RUN_ID's policy, play greedy episodes, report the mean return (and write a GIF)."})

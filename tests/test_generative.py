@@ -11,8 +11,8 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 
 from raycraft.data.base import cache_dir
 from raycraft.errors import UserError
-from raycraft.generative.base import GenerativeStep
 from raycraft.generative.metrics import classifier_for, frechet_distance, mode_coverage
+from raycraft.generative.step import GenerativeStep
 from raycraft.models.ddpm import DDPM, DDPMConfig, beta_schedule
 from raycraft.models.gan import (
     GANConfig,

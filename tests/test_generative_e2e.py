@@ -11,7 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from torch import nn
 
-from raycraft.generative.base import GenerativeStep
+from raycraft.generative.step import GenerativeStep
 from raycraft.registry import create_model
 from raycraft.train.config import build_config
 from raycraft.train.loop import Updater

@@ -156,7 +156,7 @@ def test_1wl_limit_every_message_passing_network_confuses_what_1wl_confuses():
 
 
 def test_oversmoothing_deep_gcn_states_collapse_and_residual_links_slow_it():
-    from raycraft.graph_runs import oversmoothing_curve
+    from raycraft.graph.commands import oversmoothing_curve
 
     depths = [1, 4, 16, 32]
     plain = oversmoothing_curve("gcn", "karate", depths, residual=False)

@@ -123,8 +123,8 @@ def _log_run(uri: str, tmp: Path, name: str, cfg, model, extra: dict[str, Path] 
 
 def _language_model_run(uri: str, tmp: Path) -> str:
     from raycraft.registry import create_model
-    from raycraft.text import tokenizers
-    from raycraft.text.lm import TOKENIZER_FILE
+    from raycraft.models import tokenizers
+    from raycraft.text.step import TOKENIZER_FILE
     from raycraft.train.config import build_config
 
     cfg, model_cfg = build_config({"model": "transformer", "dataset": "shakespeare"},

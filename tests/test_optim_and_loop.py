@@ -9,10 +9,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from raycraft.classification.step import ClassificationStep
 from raycraft.train.config import OptimConfig, TrainConfig
 from raycraft.train.loop import Batches, Sums, Updater
 from raycraft.train.optim import l1_penalty, lr_factor
-from raycraft.train.step import ClassificationStep
 
 
 def test_warmup_then_cosine():

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from raycraft.classification.step import ClassificationStep
 from raycraft.errors import UserError
 from raycraft.train.config import OptimConfig, PruneConfig, TrainConfig
 from raycraft.train.loop import Updater
 from raycraft.train.pruning import Ticket, clone_state, find_ticket, prunable, round_sparsities
-from raycraft.train.step import ClassificationStep
 
 
 def _net(seed: int = 0) -> nn.Module:

@@ -25,9 +25,9 @@ from raycraft.models.attention import (
     sinusoidal_table,
 )
 from raycraft.models.rnn import AWDLSTMConfig, ElmanLayer, LSTMLayer, RNNConfig, RNNLanguageModel
+from raycraft.models.tokenizers import BPETokenizer, CharTokenizer, load, save
 from raycraft.models.transformer import LoRALinear, MoE, MoEConfig, Transformer, TransformerConfig
-from raycraft.text.lm import LanguageModelStep, generate
-from raycraft.text.tokenizers import BPETokenizer, CharTokenizer, load, save
+from raycraft.text.step import LanguageModelStep, generate
 
 TEXT = """First Witch:
 When shall we three meet again

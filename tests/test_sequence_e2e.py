@@ -12,8 +12,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from raycraft.data.text import shakespeare_plays
+from raycraft.models.tokenizers import load
 from raycraft.runner import run_training
-from raycraft.text.tokenizers import load
 from raycraft.train.config import build_config
 from raycraft.train.loop import load_state
 

@@ -10,8 +10,8 @@ from typing import Any, Literal
 import torch
 from torch.utils.data import Dataset, TensorDataset
 
-from raycraft.config import field_doc
 from raycraft.errors import UserError, check_count
+from raycraft.registry import field_doc
 
 
 @dataclass

@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 
 from raycraft.data.base import DataConfig, DataSplits
 from raycraft.errors import UserError
+from raycraft.models.gnn import check_graph
 from raycraft.registry import register_dataset
 
 
@@ -35,22 +36,6 @@ class Graph:
 
     def __post_init__(self) -> None:
         check_graph(len(self.x), self.edge_index, self.edge_attr)
-
-
-def check_graph(num_nodes: int, edge_index: torch.Tensor, edge_attr: torch.Tensor | None = None) -> None:
-    """UserError unless edge_index is (2, E) integer node ids in [0, num_nodes) and edge_attr has E rows."""
-    if edge_index.ndim != 2 or edge_index.shape[0] != 2:
-        raise UserError(f"edge_index: expected shape (2, E), got {tuple(edge_index.shape)}.")
-    if edge_index.dtype.is_floating_point or edge_index.dtype == torch.bool:
-        raise UserError(f"edge_index: node ids must be integers, got {edge_index.dtype}.")
-    if edge_index.numel():
-        lo, hi = int(edge_index.min()), int(edge_index.max())
-        if lo < 0 or hi >= num_nodes:
-            bad = lo if lo < 0 else hi
-            raise UserError(f"edge_index: node id {bad} is out of range for a graph of {num_nodes} nodes "
-                            f"(valid ids 0..{num_nodes - 1}).")
-    if edge_attr is not None and edge_attr.shape[0] != edge_index.shape[1]:
-        raise UserError(f"edge_attr: {edge_attr.shape[0]} rows for {edge_index.shape[1]} edges.")
 
 
 def undirected(edges: torch.Tensor) -> torch.Tensor:

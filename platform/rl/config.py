@@ -12,8 +12,9 @@ import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from raycraft.config import field_doc, from_dict, has_path, parse_override, set_path
+from raycraft.config import from_dict, has_path, parse_override, set_path
 from raycraft.errors import UserError, check_count, invalid_choice
+from raycraft.registry import field_doc
 
 ALGOS = ("dqn", "ddpg")
 DEFAULT_MODEL = {"dqn": "q_mlp", "ddpg": "ddpg_mlp"}

@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from raycraft.config import field_doc, from_dict, load_yaml, parse_override, set_path
+from raycraft.config import from_dict, load_yaml, parse_override, set_path
 from raycraft.errors import UserError, invalid_choice
+from raycraft.registry import field_doc
 from raycraft.sweep.jobs import JobKind, kind_of
 from raycraft.train.config import TrainConfig, check_override_keys
 
@@ -329,9 +330,8 @@ def reported_metrics(cfg: TrainConfig) -> tuple[set[str], set[str]]:
 
     from torch.utils.data import Dataset
 
-    from raycraft.registry import model_spec
+    from raycraft.registry import model_spec, step_for
     from raycraft.train.loop import Batches, evaluate
-    from raycraft.train.step import step_for
 
     class First(Dataset):  # a view of the first examples of any of the loop's datasets
         def __init__(self, data: Dataset) -> None:

@@ -27,8 +27,9 @@ import numpy as np
 import yaml
 
 from raycraft import lifecycle, tracking
-from raycraft.config import field_doc, from_dict, load_yaml, set_path, to_dict
+from raycraft.config import from_dict, load_yaml, set_path, to_dict
 from raycraft.errors import UserError
+from raycraft.registry import field_doc
 from raycraft.sweep.config import reported_metrics
 from raycraft.sweep.jobs import KINDS
 from raycraft.sweep.scaling import Fit, compute_optimal, fit_chinchilla, fit_power_law, held_out_error

@@ -1,1 +1,1 @@
-"""Text: tokenizers (characters, byte-pair encoding), corpora, and the language-model training step."""
+"""Text: the language-model training step, `raycraft generate` and `raycraft tokenizer`."""

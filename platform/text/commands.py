@@ -24,8 +24,8 @@ def load_language_model(run_id: str, uri: str):
 
     from raycraft import tracking
     from raycraft.evaluate import rebuild_model, run_config
-    from raycraft.text import tokenizers
-    from raycraft.text.lm import TOKENIZER_FILE
+    from raycraft.models import tokenizers
+    from raycraft.text.step import TOKENIZER_FILE
 
     cfg, spec = run_config(uri, run_id, "language-model", "`raycraft generate`")
     with tempfile.TemporaryDirectory() as tmp:
@@ -50,7 +50,7 @@ def generate_cmd(
     """Print PROMPT continued by TOKENS tokens sampled from the model logged by RUN_ID."""
     import torch
 
-    from raycraft.text.lm import generate
+    from raycraft.text.step import generate
     from raycraft.tracking import resolve_tracking_uri
 
     check_count("--tokens", tokens, MAX_TOKENS)
@@ -79,7 +79,7 @@ def tokenizer_train(
     from raycraft.data.base import DataConfig
     from raycraft.data.text import DOCUMENTS, train_text
     from raycraft.errors import invalid_choice
-    from raycraft.text import tokenizers
+    from raycraft.models import tokenizers
 
     if dataset not in DOCUMENTS:
         raise invalid_choice("--dataset", dataset, DOCUMENTS)

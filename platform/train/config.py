@@ -7,9 +7,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from raycraft.config import field_doc, from_dict, has_path, parse_override, set_path, to_dict
+from raycraft.config import from_dict, has_path, parse_override, set_path, to_dict
 from raycraft.data.base import DataConfig
 from raycraft.errors import UserError, check_count, invalid_choice
+from raycraft.registry import field_doc
 from raycraft.train.guard import GuardConfig
 
 MAX_EPOCHS = 100_000  # recipes train for at most hundreds of epochs; more is a typo that would run for years

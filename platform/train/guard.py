@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from raycraft.config import field_doc
 from raycraft.errors import UserError, check_count
+from raycraft.registry import field_doc
 
 BETA = 0.9  # ~10 steps of smoothing: one bad batch is not a divergence
 

@@ -26,12 +26,12 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from raycraft.config import from_dict
-from raycraft.registry import create_model, load_dataset, model_spec
+from raycraft.registry import create_model, load_dataset, model_spec, step_for
 from raycraft.train.config import TrainConfig
 from raycraft.train.guard import DivergenceGuard
 from raycraft.train.optim import build_optimizer, build_scheduler, l1_penalty
 from raycraft.train.pruning import Ticket, find_ticket
-from raycraft.train.step import Step, step_for
+from raycraft.train.step import Step
 
 CHECKPOINT_FILE = "state.pt"
 SKIPPED_TAG = "raycraft.skipped_checkpoints"  # newer checkpoints a restart passed over, and why

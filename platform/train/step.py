@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 Update = Callable[[str, torch.Tensor], None]
@@ -73,61 +72,3 @@ class Step:
     def artifact_metrics(self, model: nn.Module, info: dict[str, Any]) -> set[str]:
         """Names of the metrics `artifacts` returns for this model (sweeps check plot_metrics against them)."""
         return set()
-
-
-class ClassificationStep(Step):
-    """Cross-entropy classification: loss = -log softmax(f(x))_y, metrics loss and accuracy.
-    A family whose batches are not (x, y) overrides `predict`."""
-
-    def predict(self, model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logits, targets) of the examples a batch scores."""
-        x, y = batch
-        return model(x), y
-
-    def train_batch(self, model: nn.Module, batch: Any, update: Update) -> Sums:
-        logits, y = self.predict(model, batch)
-        loss = F.cross_entropy(logits, y)
-        update("main", loss)
-        n = y.new_tensor(len(y))
-        return {"loss": loss.detach() * n, "accuracy": (logits.argmax(-1) == y).sum(), "n": n}
-
-    @torch.no_grad()
-    def eval_batch(self, model: nn.Module, batch: Any) -> Sums:
-        logits, y = self.predict(model, batch)
-        n = y.new_tensor(len(y))
-        return {"loss": F.cross_entropy(logits, y, reduction="sum"), "accuracy": (logits.argmax(-1) == y).sum(),
-                "n": n}
-
-    @torch.no_grad()
-    def artifacts(self, model: nn.Module, test_batches: Iterable[Any], info: dict[str, Any],
-                  out_dir: Path) -> None:
-        from raycraft.plots import confusion_matrix_png
-
-        ys, preds = [], []
-        for batch in test_batches:
-            logits, y = self.predict(model, batch)
-            preds.append(logits.argmax(-1).cpu())
-            ys.append(y.cpu())
-        confusion_matrix_png(torch.cat(ys), torch.cat(preds), info.get("class_names"),
-                             out_dir / "confusion_matrix.png")
-
-
-_STEPS: dict[str, type[Step]] = {}
-
-
-def register_step(task: str) -> Callable[[type[Step]], type[Step]]:
-    """Class decorator: the step that trains every model registered with this `task`."""
-    def wrap(cls: type[Step]) -> type[Step]:
-        _STEPS[task] = cls
-        return cls
-    return wrap
-
-
-register_step("classification")(ClassificationStep)
-
-
-def step_for(task: str) -> Step:
-    from raycraft.registry import models
-
-    models()  # importing the model modules registers their families' steps
-    return _STEPS[task]()

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycraft.text import tokenizers
-from raycraft.train.step import Step, Sums, Update, register_step
+from raycraft.models import tokenizers
+from raycraft.train.step import Step, Sums, Update
 
 SAMPLE_PROMPT = "ROMEO:"
 SAMPLE_TOKENS = 300
@@ -65,7 +65,6 @@ def sample_text(model: nn.Module, info: dict[str, Any], prompt: str = SAMPLE_PRO
     return prompt + tok.decode(ids)
 
 
-@register_step("language-model")
 class LanguageModelStep(Step):
     """Next-token cross-entropy; metrics loss (nats per token), perplexity and tokens/s (per worker)."""
 
@@ -103,3 +102,6 @@ class LanguageModelStep(Step):
     def artifacts(self, model: nn.Module, test_batches: Iterable[Any], info: dict[str, Any],
                   out_dir: Path) -> None:
         tokenizers.save(tokenizers.from_dict(info["tokenizer"]), out_dir / TOKENIZER_FILE)
+
+
+STEP = LanguageModelStep

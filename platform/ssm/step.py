@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raycraft.train.step import Step, Sums, Update, register_step
+from raycraft.train.step import Step, Sums, Update
 
 
 def _scored(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,7 +25,6 @@ def _scored(model: nn.Module, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.where(keep, nll, torch.zeros_like(nll)).sum(), keep.sum()
 
 
-@register_step("time-series")
 class TimeSeriesStep(Step):
     """loss = mean negative log-likelihood (or negative ELBO) per scored observation."""
 
@@ -49,3 +48,6 @@ class TimeSeriesStep(Step):
         for batch in test_batches:  # the test split holds the whole history
             model.write_plots(batch[0], info, out_dir)
             return
+
+
+STEP = TimeSeriesStep

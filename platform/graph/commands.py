@@ -62,7 +62,7 @@ def oversmoothing(
 
     from raycraft import tracking
     from raycraft.registry import check_compatible, model_spec
-    from raycraft.ssm_plots import lines_png
+    from raycraft.ssm.plots import lines_png
 
     if model_spec(model).family != "graph":
         raise UserError(f"--model: {model!r} is not a graph model; use gcn, mpnn or gin.")

@@ -16,9 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from raycraft.config import field_doc
 from raycraft.errors import UserError
-from raycraft.train.step import Step, Sums, Update, register_step
+from raycraft.registry import field_doc
+from raycraft.train.step import Step, Sums, Update
 
 
 @dataclass
@@ -94,7 +94,6 @@ def base_model(net: nn.Module) -> GenerativeModel:
     return net.module if isinstance(net, Parts) else net
 
 
-@register_step("generative")
 class GenerativeStep(Step):
     """Drives every generative model through its own objective; per-epoch sample grids; FID at the end."""
 
@@ -163,3 +162,6 @@ class GenerativeStep(Step):
             return None
         images = model.sample(model.cfg.quality_samples, torch.Generator(device).manual_seed(2))
         return sample_quality(images, info)
+
+
+STEP = GenerativeStep

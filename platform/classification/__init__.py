@@ -1,0 +1,1 @@
+"""Image classifiers (MLP, CNNs): the classification training step and its confusion matrix."""

@@ -1,0 +1,1 @@
+"""Graph neural networks (GCN, MPNN, GIN): their training step and `raycraft oversmoothing`."""
