@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    from raycraft.runner import init_ray
+    from raycraft.cluster import init_ray
 
     init_ray()
     rows: dict[str, list[tuple[float, float, float]]] = {"raycraft": [], "rllib-tuned": []}

@@ -78,9 +78,9 @@ def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, uri: s
 
 
 def main() -> None:
+    from raycraft.cluster import init_ray
     from raycraft.envs import PORTFOLIO
     from raycraft.envs.portfolio import equal_weight_policy
-    from raycraft.runner import init_ray
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)

@@ -98,7 +98,7 @@ def bare_startup(model: str, dataset: str, batch_size: int) -> float:
 RAY_TRAIN_START = """
 import sys, time, ray, ray.train
 from ray.train.torch import TorchTrainer
-from raycraft.runner import init_ray
+from raycraft.cluster import init_ray
 init_ray()
 def first_line(config):
     open(config["stamp"], "w").write(str(time.time()))

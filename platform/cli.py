@@ -144,9 +144,10 @@ def train(
         console.print(f"[cyan]{verb}[/] {cfg.model} on {cfg.dataset} {where}; MLflow run {run_id}")
 
     from raycraft import warm
+    from raycraft.lifecycle import process_start_time
 
     outcome = run_training(cfg, address=address, tracking_uri=uri, resume_run_id=resume, on_epoch=on_epoch,
-                           on_start=on_start, started_at=warm.client_started_at or warm.process_start_time())
+                           on_start=on_start, started_at=warm.client_started_at or process_start_time())
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]")
     console.print("final: " + _fmt({k: v for k, v in outcome.metrics.items()
                                     if k.startswith(("test_", "val_", "train_"))}))
@@ -265,8 +266,7 @@ def main(use_warm: bool = True) -> None:
         code = run_in_warm(sys.argv[1:])
         if code is not None:
             sys.exit(code)
-    from raycraft.lifecycle import Stopped
-    from raycraft.runner import TrainingError
+    from raycraft.errors import Stopped, TrainingError
 
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 

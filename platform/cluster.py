@@ -14,6 +14,7 @@ comes from `RAY_AUTH_TOKEN`, the file named by `RAY_AUTH_TOKEN_PATH`, or `~/.ray
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shlex
 import socket
@@ -273,6 +274,89 @@ def stop_job(address: str | None, job_id: str) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- commands
+# Ray Train's controller takes one queued report per poll, 2 s apart by default: a run of N short
+# epochs would wait about 2N s for its reports to drain. raycraft polls faster; a user's value wins.
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a private local Ray; never a stray cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
+    quiet = ray.LoggingConfig(log_level="WARNING")
+    if address:
+        from ray.exceptions import AuthenticationError
+
+        if address != "auto":  # an unreachable address would make ray.init retry for minutes
+            check_reachable(address, 10001 if address.startswith("ray://") else 6379)
+        try:
+            ray.init(address=address, logging_config=quiet, runtime_env={"env_vars": env})
+        except AuthenticationError as exc:
+            raise UserError(f"--address: Ray at {address!r} refused the token: {exc.message}. {AUTH_HELP}") from None
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+            raise UserError(f"--address: cannot connect to Ray at {address!r}: {exc}") from None
+    else:
+        # Local mode has no preemptible nodes: skip Ray Train's watcher actor (one process fewer).
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        # Ray Train's placement-group cleaner (which frees a run's CPUs when its controller dies, e.g. a
+        # sweep trial stopped early) finds its cluster by auto-detection, which fails when other Ray
+        # instances run on the machine: choose the GCS port, and tell every worker the address.
+        try:
+            for attempt in range(3):
+                port = free_port()  # a fresh port each attempt: a timed-out GCS may still hold the last one
+                env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+                try:
+                    # Every Ray server binds to the node IP: 127.0.0.1. So does the dashboard, which hosts
+                    # the state API that Ray Train's cleanup polls.
+                    with single_node_ray():
+                        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                                 logging_config=quiet, runtime_env={"env_vars": env})
+                    break
+                except Exception as exc:  # Ray waits a fixed 30 s for its raylet; an overloaded machine misses it
+                    if "timed out during startup" not in str(exc) or attempt == 2:
+                        raise
+                    ray.shutdown()
+        finally:
+            del os.environ["RAY_GCS_SERVER_PORT"]
+        keep_token_private()
+
+
+def keep_token_private() -> None:
+    """A local ray.init writes the cluster's token (if missing) with the default umask: make it 0600."""
+    token = Path.home() / ".ray" / "auth_token"
+    with contextlib.suppress(FileNotFoundError):
+        if token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
+            token.chmod(0o600)
+
+
+@contextlib.contextmanager
+def single_node_ray():
+    """Ray keeps a node IP of 127.0.0.1 only when it takes the machine for single-node (`ENABLE_RAY_CLUSTER`
+    false, its Windows/macOS default); otherwise it swaps in the routable address. Its env var is read once,
+    at Ray's import, so the module constant is set for the duration of one `ray.init`."""
+    from ray._private import ray_constants
+
+    before = ray_constants.ENABLE_RAY_CLUSTER
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = before
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
 import typer  # noqa: E402
 
 from raycraft.cli import app, console  # noqa: E402

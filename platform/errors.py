@@ -3,11 +3,25 @@
 from __future__ import annotations
 
 import difflib
+import signal
 from collections.abc import Iterable
 
 
 class UserError(Exception):
     """Bad input from the user. The message names the field, the bad value and the valid choices."""
+
+
+class TrainingError(RuntimeError):
+    """The job started but did not finish (a worker kept failing, or the loss became NaN/Inf)."""
+
+
+class Stopped(BaseException):
+    """SIGTERM or SIGINT arrived while a run was held. A BaseException, so no `except Exception` swallows it;
+    `run_id` is set by the code that ended the run."""
+
+    def __init__(self, signum: int, run_id: str | None = None) -> None:
+        self.signum, self.run_id = signum, run_id
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 def closest(name: str, choices: Iterable[str], n: int = 3) -> list[str]:

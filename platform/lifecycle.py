@@ -20,6 +20,10 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+import psutil
+
+from raycraft.errors import Stopped
+
 T = TypeVar("T")
 
 CLIENT_TAG = "raycraft.client"  # host:pid:process start time of the process that holds the run
@@ -27,15 +31,6 @@ HEARTBEAT_TAG = "raycraft.heartbeat"  # Unix time of the holder's latest heartbe
 HEARTBEAT_S = 30.0
 STALE_S = 4 * HEARTBEAT_S  # a holder on another host is taken for dead after this long without a beat
 PARENT_TAG = "mlflow.parentRunId"
-
-
-class Stopped(BaseException):
-    """SIGTERM or SIGINT arrived while a run was held. A BaseException, so no `except Exception` swallows it;
-    `run_id` is set by the code that ended the run."""
-
-    def __init__(self, signum: int, run_id: str | None = None) -> None:
-        self.signum, self.run_id = signum, run_id
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
 
 
 @contextlib.contextmanager
@@ -59,6 +54,11 @@ def stop_on_signals() -> Iterator[None]:
 
 
 _received: list[int] = []  # signals `stop_on_signals` caught: Ray may swallow the exception its handler raised
+
+
+def process_start_time() -> float:
+    """When this process started, in seconds since the epoch (the OS's record, so interpreter start counts)."""
+    return psutil.Process().create_time()
 
 
 def raise_if_stopped() -> None:
@@ -102,8 +102,6 @@ def ended_by(exc: BaseException) -> tuple[str, str]:
 
 
 def client_id() -> str:
-    from raycraft.warm import process_start_time
-
     return f"{socket.gethostname()}:{os.getpid()}:{process_start_time():.2f}"
 
 

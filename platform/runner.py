@@ -20,15 +20,12 @@ from pathlib import Path
 import yaml
 
 from raycraft import lifecycle
+from raycraft.cluster import init_ray
 from raycraft.config import flatten, to_dict
-from raycraft.errors import UserError
+from raycraft.errors import Stopped, TrainingError, UserError
 from raycraft.registry import check_compatible, dataset_spec, load_dataset, model_spec
 from raycraft.tracking import EPOCH_KEY
 from raycraft.train.config import TrainConfig
-
-
-class TrainingError(RuntimeError):
-    """The job started but did not finish (a worker kept failing, or the loss became NaN/Inf)."""
 
 
 @dataclass
@@ -37,91 +34,6 @@ class Outcome:
     metrics: dict[str, float]
     tracking_uri: str
     checkpoint_path: str | None = None
-
-
-# Ray Train's controller takes one queued report per poll, 2 s apart by default: a run of N short
-# epochs would wait about 2N s for its reports to drain. raycraft polls faster; a user's value wins.
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
-
-
-def init_ray(address: str | None = None) -> None:
-    """Join `address` (or RAY_ADDRESS) if given, else start a private local Ray; never a stray cluster."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
-    quiet = ray.LoggingConfig(log_level="WARNING")
-    if address:
-        from ray.exceptions import AuthenticationError
-
-        from raycraft.cluster import AUTH_HELP, check_reachable
-
-        if address != "auto":  # an unreachable address would make ray.init retry for minutes
-            check_reachable(address, 10001 if address.startswith("ray://") else 6379)
-        try:
-            ray.init(address=address, logging_config=quiet, runtime_env={"env_vars": env})
-        except AuthenticationError as exc:
-            raise UserError(f"--address: Ray at {address!r} refused the token: {exc.message}. {AUTH_HELP}") from None
-        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--address: cannot connect to Ray at {address!r}: {exc}") from None
-    else:
-        # Local mode has no preemptible nodes: skip Ray Train's watcher actor (one process fewer).
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Ray Train's placement-group cleaner (which frees a run's CPUs when its controller dies, e.g. a
-        # sweep trial stopped early) finds its cluster by auto-detection, which fails when other Ray
-        # instances run on the machine: choose the GCS port, and tell every worker the address.
-        try:
-            for attempt in range(3):
-                port = free_port()  # a fresh port each attempt: a timed-out GCS may still hold the last one
-                env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-                try:
-                    # Every Ray server binds to the node IP: 127.0.0.1. So does the dashboard, which hosts
-                    # the state API that Ray Train's cleanup polls.
-                    with single_node_ray():
-                        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                                 logging_config=quiet, runtime_env={"env_vars": env})
-                    break
-                except Exception as exc:  # Ray waits a fixed 30 s for its raylet; an overloaded machine misses it
-                    if "timed out during startup" not in str(exc) or attempt == 2:
-                        raise
-                    ray.shutdown()
-        finally:
-            del os.environ["RAY_GCS_SERVER_PORT"]
-        keep_token_private()
-
-
-def keep_token_private() -> None:
-    """A local ray.init writes the cluster's token (if missing) with the default umask: make it 0600."""
-    token = Path.home() / ".ray" / "auth_token"
-    with contextlib.suppress(FileNotFoundError):
-        if token.stat().st_uid == os.getuid() and token.stat().st_mode & 0o077:
-            token.chmod(0o600)
-
-
-@contextlib.contextmanager
-def single_node_ray():
-    """Ray keeps a node IP of 127.0.0.1 only when it takes the machine for single-node (`ENABLE_RAY_CLUSTER`
-    false, its Windows/macOS default); otherwise it swaps in the routable address. Its env var is read once,
-    at Ray's import, so the module constant is set for the duration of one `ray.init`."""
-    from ray._private import ray_constants
-
-    before = ray_constants.ENABLE_RAY_CLUSTER
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        yield
-    finally:
-        ray_constants.ENABLE_RAY_CLUSTER = before
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
 
 
 def prepare(cfg: TrainConfig, address: str | None = None) -> None:
@@ -323,7 +235,7 @@ def attempt_stopped(exc: BaseException, uri: str, run_id: str, before, paced_by_
     if run.info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
         tracking.end_attempt(uri, run_id, status, reason, before)
     if status == "KILLED":
-        raise lifecycle.Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
+        raise Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
     raise TrainingError(str(exc) or type(exc).__name__) from exc
 
 

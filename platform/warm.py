@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from raycraft.lifecycle import process_start_time
+
 client_started_at: float | None = None
 """In a warm child: when the caller's process started (the command's own start, for `startup_s`)."""
 
@@ -126,13 +128,6 @@ def run_in_warm(argv: list[str]) -> int | None:
             signal.signal(sig, lambda signum, frame: os.kill(pid, signum))
         last = lines.readline()
         return int(json.loads(last)["exit"]) if last else 1
-
-
-def process_start_time() -> float:
-    """When this process started, in seconds since the epoch (the OS's record, so interpreter start counts)."""
-    import psutil
-
-    return psutil.Process().create_time()
 
 
 def serve(path: Path) -> None:

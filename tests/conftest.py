@@ -38,7 +38,7 @@ def ray_session():
     """Start Ray once per test session, in local mode (never a cluster left on the machine)."""
     import ray
 
-    from raycraft.runner import init_ray
+    from raycraft.cluster import init_ray
 
     init_ray()
     yield ray

@@ -122,8 +122,8 @@ def _log_run(uri: str, tmp: Path, name: str, cfg, model, extra: dict[str, Path] 
 
 
 def _language_model_run(uri: str, tmp: Path) -> str:
-    from raycraft.registry import create_model
     from raycraft.models import tokenizers
+    from raycraft.registry import create_model
     from raycraft.text.step import TOKENIZER_FILE
     from raycraft.train.config import build_config
 

@@ -18,7 +18,7 @@ RAYCRAFT = Path(sys.executable).with_name("raycraft")
 CHILD = """
 import os, sys
 import ray
-from raycraft.runner import init_ray
+from raycraft.cluster import init_ray
 init_ray()
 print(os.getpid(), flush=True)
 sys.stdin.readline()

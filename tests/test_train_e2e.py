@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from raycraft.errors import TrainingError
 from raycraft.evaluate import evaluate_run
-from raycraft.runner import TrainingError, run_training
+from raycraft.runner import run_training
 from raycraft.tracking import RESTORES_TAG
 from raycraft.train.config import build_config
 

@@ -23,9 +23,9 @@ from torch.utils.data import Dataset
 
 from raycraft.data.base import DataConfig, DataSplits, cache_dir
 from raycraft.errors import UserError
+from raycraft.models import tokenizers
 from raycraft.models.tokenizers import BPETokenizer, CharTokenizer, Tokenizer
 from raycraft.registry import register_dataset
-from raycraft.models import tokenizers
 
 
 class TokenWindows(Dataset):

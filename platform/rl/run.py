@@ -28,7 +28,7 @@ import yaml
 
 from raycraft import checksums, lifecycle
 from raycraft.config import flatten, read_yaml, to_dict
-from raycraft.errors import UserError
+from raycraft.errors import Stopped, UserError
 from raycraft.rl.config import RLConfig
 
 CHECKPOINT_TAG = "raycraft.checkpoint"
@@ -244,8 +244,8 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
              tags: dict[str, str] | None = None) -> RLOutcome:
     """Train until `cfg.reached`, logging each iteration to MLflow; `run_name` and `tags` name a new run."""
     from raycraft import tracking
+    from raycraft.cluster import init_ray
     from raycraft.rl.ddpg import register
-    from raycraft.runner import init_ray
 
     prepared = prepare(cfg, model_cfg)
     uri = tracking.resolve_tracking_uri(tracking_uri)
@@ -280,7 +280,7 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
         if tracking.get_run(uri, run_id).info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
             tracking.end_attempt(uri, run_id, status, reason, before)
         if status == "KILLED":
-            raise lifecycle.Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
+            raise Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
         raise
     tracking.end_run(uri, run_id, "FINISHED")
     m = history[-1]

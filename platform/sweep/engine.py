@@ -245,7 +245,8 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
     """Start (or with `resume`, continue) the sweep, then record the best trial on the parent run."""
     from ray import tune
 
-    from raycraft.runner import TrainingError, init_ray
+    from raycraft.cluster import init_ray
+    from raycraft.errors import TrainingError
 
     cfg = sweep.config
     uri = tracking.resolve_tracking_uri(tracking_uri)
