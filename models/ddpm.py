@@ -29,10 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raycraft.errors import UserError, invalid_choice
-from raycraft.generative.step import GenerativeConfig, GenerativeModel
+from raycraft.models.generative import GenerativeConfig, GenerativeModel
 from raycraft.models.layers import image_shape
 from raycraft.registry import field_doc, register_model
-from raycraft.train.step import Sums, Update
 
 SAMPLERS = ("ancestral", "ddim")
 
@@ -164,19 +163,12 @@ class DDPM(GenerativeModel):
         return a.sqrt() * x0 + (1 - a).sqrt() * eps
 
     def loss(self, net: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Per-example ||eps - eps_theta(x_t, t)||^2 (mean over pixels), t uniform; x in [0, 1]."""
+        """L_simple per example: ||eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t)||^2 (mean over
+        pixels), t uniform, eps ~ N(0, I); x in [0, 1], x_0 = 2x - 1."""
         x0 = 2 * x - 1
         t = torch.randint(0, self.cfg.timesteps, (len(x),), device=x.device)
         eps = torch.randn_like(x0)
         return (net.unet(self.q_sample(x0, t, eps), t) - eps).pow(2).flatten(1).mean(1)
-
-    def train_batch(self, net: nn.Module, x: torch.Tensor, update: Update) -> Sums:
-        loss = self.loss(net, x)
-        update("main", loss.mean())
-        return {"loss": loss.detach().sum(), "n": x.new_tensor(len(x))}
-
-    def eval_batch(self, x: torch.Tensor) -> Sums:
-        return {"loss": self.loss(self, x).sum(), "n": x.new_tensor(len(x))}
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         return torch.randn(n, *self.shape, generator=generator, device=self.abar.device)

@@ -15,7 +15,8 @@ WGAN: a critic f (no sigmoid) estimates the Wasserstein-1 distance W = E_x[f(x)]
     generator    L_G = -E_z[f(G(z))]
 
 with `n_critic` critic steps per generator step, and after each critic step every critic weight clipped
-to [-c, c] (the Lipschitz constraint of the paper). The nets are DCGAN-style (Radford et al. 2016):
+to [-c, c] (the Lipschitz constraint of the paper); that alternation is the training procedure's
+(`raycraft.generative.objectives`), the losses are here. The nets are DCGAN-style (Radford et al. 2016):
 for an H x H image (H divisible by 4: 8, 28, 32) the generator maps z to 4w maps of H/4 x H/4 and
 doubles twice with transposed convolutions; the discriminator mirrors it with strided convolutions.
 """
@@ -30,10 +31,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from raycraft.errors import UserError
-from raycraft.generative.step import GenerativeConfig, GenerativeModel
+from raycraft.models.generative import GenerativeConfig, GenerativeModel
 from raycraft.models.layers import image_shape
 from raycraft.registry import field_doc, register_model
-from raycraft.train.step import Sums, Update
 
 
 def check_quarterable(shape: tuple[int, int, int], model: str) -> None:
@@ -123,19 +123,14 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
 
 
 class GAN(GenerativeModel):
-    """Generator and discriminator (or critic); images live in [-1, 1] inside, [0, 1] outside."""
+    """Generator and discriminator; images live in [-1, 1] inside, [0, 1] outside."""
 
-    players = ("generator", "discriminator")
     parts = ("generator", "discriminator")
 
     def __init__(self, cfg: GANConfig | WGANConfig, shape: tuple[int, int, int]) -> None:
         super().__init__(cfg, shape)
-        self.wasserstein = isinstance(cfg, WGANConfig)
         self.generator = ConvDecoder(cfg.latent_dim, cfg.width, shape, batch_norm=True)
         self.discriminator = ConvEncoder(shape, cfg.width, 1)
-
-    def player_parameters(self, name: str):
-        return getattr(self, name).parameters()
 
     def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         device = self.generator.project.weight.device
@@ -144,52 +139,43 @@ class GAN(GenerativeModel):
     def forward(self, z: torch.Tensor) -> torch.Tensor:  # (N, d) -> (N, C, H, W) in [0, 1]
         return (torch.tanh(self.generator(z)) + 1) / 2
 
-    def losses(self, net: nn.Module, real: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The discriminator's (critic's) loss on a real batch and as many fresh fakes; real in [-1, 1]."""
+    def logits(self, net: nn.Module, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """D's logits on a real batch and as many fresh fakes G(z) (no gradient to G), and the fakes."""
         with torch.no_grad():
             fake = torch.tanh(net.generator(self.noise(len(real))))
         logits = net.discriminator(torch.cat([real, fake])).squeeze(1)  # one call: one DDP forward
-        real_logit, fake_logit = logits[:len(real)], logits[len(real):]
-        if not self.wasserstein:
-            return {"d_loss": discriminator_loss(real_logit, fake_logit)}
+        return logits[:len(real)], logits[len(real):], fake
+
+    def fake_logit(self, net: nn.Module, n: int) -> torch.Tensor:
+        """D(G(z)) on n fresh z, with gradients to G."""
+        return net.discriminator(torch.tanh(net.generator(self.noise(n)))).squeeze(1)
+
+    def d_losses(self, net: nn.Module, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L_D = -log D(x) - log(1 - D(G(z))) on a real batch in [-1, 1] and as many fakes."""
+        real_logit, fake_logit, _ = self.logits(net, real)
+        return {"d_loss": discriminator_loss(real_logit, fake_logit)}
+
+    def g_loss(self, net: nn.Module, n: int) -> torch.Tensor:
+        """L_G on n fresh fakes: -log D(G(z)) (non-saturating) or log(1 - D(G(z))) (minimax)."""
+        return generator_loss(self.fake_logit(net, n), self.cfg.generator_loss)
+
+
+class WGAN(GAN):
+    """Generator and critic f: the discriminator's output is an unbounded score, not a logit."""
+
+    def d_losses(self, net: nn.Module, real: torch.Tensor) -> dict[str, torch.Tensor]:
+        """L_f = E[f(G(z))] - E[f(x)] = -W, plus lambda times the gradient penalty while gradients are on
+        (it is a training term; evaluation, under no_grad, reports -W); W itself as `wasserstein`."""
+        real_logit, fake_logit, fake = self.logits(net, real)
         w = real_logit.mean() - fake_logit.mean()
         loss = -w
-        if self.cfg.gradient_penalty and torch.is_grad_enabled():  # a training term; evaluation reports -W
+        if self.cfg.gradient_penalty and torch.is_grad_enabled():
             loss = loss + self.cfg.gradient_penalty * gradient_penalty(net.discriminator, real, fake)
         return {"d_loss": loss, "wasserstein": w}
 
     def g_loss(self, net: nn.Module, n: int) -> torch.Tensor:
-        fake_logit = net.discriminator(torch.tanh(net.generator(self.noise(n)))).squeeze(1)
-        if self.wasserstein:
-            return -fake_logit.mean()
-        return generator_loss(fake_logit, self.cfg.generator_loss)
-
-    def clip_critic(self) -> None:
-        with torch.no_grad():
-            for p in self.discriminator.parameters():
-                p.clamp_(-self.cfg.clip, self.cfg.clip)
-
-    def train_batch(self, net: nn.Module, x: torch.Tensor, update: Update) -> Sums:
-        real = 2 * x - 1
-        chunks = real.chunk(self.cfg.n_critic) if self.wasserstein else (real,)
-        sums: dict[str, torch.Tensor] = {}
-        for chunk in chunks:
-            d = self.losses(net, chunk)
-            update("discriminator", d["d_loss"])
-            if self.wasserstein and self.cfg.clip is not None:
-                self.clip_critic()
-            for k, v in d.items():
-                sums[k] = sums.get(k, 0) + v.detach() * len(chunk)
-        g = self.g_loss(net, len(chunks[-1]))
-        update("generator", g)
-        n = x.new_tensor(len(x))
-        return {**sums, "g_loss": g.detach() * n, "loss": g.detach() * n, "n": n}
-
-    def eval_batch(self, x: torch.Tensor) -> Sums:
-        d = self.losses(self, 2 * x - 1)
-        g = self.g_loss(self, len(x))
-        n = x.new_tensor(len(x))
-        return {**{k: v * n for k, v in d.items()}, "g_loss": g * n, "loss": g * n, "n": n}
+        """L_G = -E_z[f(G(z))]."""
+        return -self.fake_logit(net, n).mean()
 
 
 @register_model("gan", family="generative", config=GANConfig, task="generative",
@@ -205,8 +191,8 @@ def gan(cfg: GANConfig, data_info: dict) -> GAN:
 @register_model("wgan", family="generative", config=WGANConfig, task="generative",
                 recipe={"epochs": 30, "batch_size": 320,
                         "optim": {"name": "rmsprop", "lr": 5e-5, "schedule": "constant"}})
-def wgan(cfg: WGANConfig, data_info: dict) -> GAN:
+def wgan(cfg: WGANConfig, data_info: dict) -> WGAN:
     """WGAN: DCGAN generator and a weight-clipped critic (gradient penalty optional), n_critic steps per G step."""
     shape = image_shape(data_info)
     check_quarterable(shape, "wgan")
-    return GAN(cfg, shape)
+    return WGAN(cfg, shape)

@@ -14,6 +14,7 @@ active when Var_x(E_q[z_j|x]) > 0.01 (Burda et al. 2016): few active units revea
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -21,11 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from raycraft.errors import UserError
-from raycraft.generative.step import GenerativeConfig, GenerativeModel
 from raycraft.models.gan import ConvDecoder, ConvEncoder, check_quarterable
+from raycraft.models.generative import GenerativeConfig, GenerativeModel
 from raycraft.models.layers import image_shape
 from raycraft.registry import field_doc, register_model
-from raycraft.train.step import Sums, Update
 
 ACTIVE_THRESHOLD = 0.01
 
@@ -49,6 +49,11 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(dim=1)
 
 
+def active_units(variances: Iterable[float]) -> float:
+    """How many units j have Var_x(E_q[z_j|x]) > 0.01 (Burda et al. 2016), given those variances."""
+    return float(sum(v > ACTIVE_THRESHOLD for v in variances))
+
+
 class VAE(GenerativeModel):
     parts = ("encoder", "decoder")
 
@@ -59,6 +64,7 @@ class VAE(GenerativeModel):
         self.kl_weight = cfg.beta
 
     def start_epoch(self, epoch: int) -> None:
+        """KL annealing: beta_t = beta min(1, epoch / kl_warmup_epochs)."""
         warm = self.cfg.kl_warmup_epochs
         self.kl_weight = self.cfg.beta * (min(1.0, epoch / warm) if warm else 1.0)
 
@@ -69,7 +75,8 @@ class VAE(GenerativeModel):
         return torch.sigmoid(self.decoder(z))
 
     def terms(self, net: nn.Module, x: torch.Tensor, eps: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Per-example reconstruction -log p(x|z), KL and ELBO with z = mu + sigma * eps."""
+        """Per-example reconstruction -log p(x|z), KL and ELBO = log p(x|z) - KL, with one z = mu + sigma * eps;
+        also the posterior means mu (for active units)."""
         mu, logvar = net.encoder(x).chunk(2, dim=1)
         eps = torch.randn_like(mu) if eps is None else eps
         z = mu + torch.exp(0.5 * logvar) * eps
@@ -77,28 +84,9 @@ class VAE(GenerativeModel):
         kl = gaussian_kl(mu, logvar)
         return {"recon": recon, "kl": kl, "elbo": -recon - kl, "mu": mu}
 
-    def train_batch(self, net: nn.Module, x: torch.Tensor, update: Update) -> Sums:
-        t = self.terms(net, x)
-        loss = t["recon"] + self.kl_weight * t["kl"]
-        update("main", loss.mean())
-        return {"loss": loss.detach().sum(), **{k: t[k].detach().sum() for k in ("recon", "kl", "elbo")},
-                "kl_weight": x.new_tensor(self.kl_weight * len(x)), "n": x.new_tensor(len(x))}
-
-    def eval_batch(self, x: torch.Tensor) -> Sums:
-        t = self.terms(self, x)
-        mu = t["mu"]
-        moments = {f"_mu1_{j}": mu[:, j].sum() for j in range(mu.shape[1])}
-        moments |= {f"_mu2_{j}": mu[:, j].pow(2).sum() for j in range(mu.shape[1])}
-        return {"loss": (t["recon"] + self.cfg.beta * t["kl"]).sum(),
-                **{k: t[k].sum() for k in ("recon", "kl", "elbo")}, **moments, "n": x.new_tensor(len(x))}
-
-    def finalize(self, means: dict[str, float]) -> dict[str, float]:
-        """Turn the per-unit moments of E_q[z_j|x] into the count of active units."""
-        out = {k: v for k, v in means.items() if not k.startswith("_mu")}
-        if "_mu1_0" in means:
-            var = [means[f"_mu2_{j}"] - means[f"_mu1_{j}"] ** 2 for j in range(self.cfg.latent_dim)]
-            out["active_units"] = float(sum(v > ACTIVE_THRESHOLD for v in var))
-        return out
+    def loss(self, t: dict[str, torch.Tensor], kl_weight: float) -> torch.Tensor:
+        """The per-example loss minimised: -log p(x|z) + beta_t KL (the negative ELBO at beta_t = 1)."""
+        return t["recon"] + kl_weight * t["kl"]
 
     def epoch_images(self, real: torch.Tensor | None, generator: torch.Generator) -> dict[str, torch.Tensor]:
         images = {"samples": self.sample(self.cfg.grid_samples, generator)}

@@ -12,15 +12,19 @@ from torch.distributions import Bernoulli, Normal, kl_divergence
 from raycraft.data.base import cache_dir
 from raycraft.errors import UserError
 from raycraft.generative.metrics import classifier_for, frechet_distance, mode_coverage
+from raycraft.generative.objectives import Adversarial, Variational, Wasserstein, objective_for
 from raycraft.generative.step import GenerativeStep
 from raycraft.models.ddpm import DDPM, DDPMConfig, beta_schedule
 from raycraft.models.gan import (
+    GAN,
+    WGAN,
     GANConfig,
     WGANConfig,
     discriminator_loss,
     generator_loss,
     gradient_penalty,
 )
+from raycraft.models.generative import GenerativeModel
 from raycraft.models.vae import VAE, VAEConfig, gaussian_kl
 from raycraft.registry import create_model
 from raycraft.train.config import build_config
@@ -92,6 +96,35 @@ def test_kl_annealing_ramps_the_kl_weight():
         vae.start_epoch(epoch)
         weights.append(vae.kl_weight)
     assert weights == [0.0, 0.5, 1.0, 1.5, 2.0, 2.0]
+
+
+def test_vae_trains_on_the_annealed_kl_weight_and_evaluates_on_beta():
+    torch.manual_seed(0)
+    cfg, model_cfg = build_config({"model": "vae", "dataset": "digits"},
+                                  ["width=4", "latent_dim=3", "beta=2.0", "kl_warmup_epochs=4"])
+    vae = create_model("vae", model_cfg, DIGITS)
+    step = GenerativeStep()
+    step.start_epoch(vae, 1)  # beta_1 = 2 * 1/4
+    x = torch.rand(6, 1, 8, 8)
+    train = step.train_batch(vae, (x,), Updater(step, vae, cfg, 10, torch.device("cpu")))
+    assert train["kl_weight"].item() == pytest.approx(0.5 * 6)
+    assert train["loss"].item() == pytest.approx((train["recon"] + 0.5 * train["kl"]).item(), rel=1e-5)
+    ev = step.eval_batch(vae, (x,))
+    assert ev["loss"].item() == pytest.approx((ev["recon"] + 2.0 * ev["kl"]).item(), rel=1e-5)
+    means = step.finalize({k: (v / ev["n"]).item() for k, v in ev.items() if k != "n"})
+    assert 0 <= means["active_units"] <= 3 and not any(k.startswith("_mu") for k in means)
+
+
+def test_each_model_kind_gets_its_objective_and_an_unknown_one_is_named():
+    gan, wgan = GAN(GANConfig(width=4), (1, 8, 8)), WGAN(WGANConfig(width=4), (1, 8, 8))
+    assert type(objective_for(gan)) is Adversarial and type(objective_for(wgan)) is Wasserstein
+
+    class BetaVAE(VAE):  # a subclass trains as its base does
+        pass
+
+    assert type(objective_for(BetaVAE(VAEConfig(width=4), (1, 8, 8)))) is Variational
+    with pytest.raises(TypeError, match="Plain: no generative objective"):
+        objective_for(type("Plain", (GenerativeModel,), {})(GANConfig(), (1, 8, 8)))
 
 
 def test_gan_losses_match_their_formulas():

@@ -57,10 +57,10 @@ def non_generative_run(mlflow_uri):
     import yaml
 
     from raycraft.config import to_dict
-    from raycraft.tracking import start_run
+    from raycraft.tracking import Run
 
     cfg, _ = build_config({"model": "lenet5", "dataset": "digits"})
-    return start_run(mlflow_uri, "cli", "lenet", {}, {}, yaml.safe_dump(to_dict(cfg)))
+    return Run.start(mlflow_uri, "cli", "lenet", {}, {}, yaml.safe_dump(to_dict(cfg))).run_id
 
 
 @pytest.mark.parametrize("args,words", [

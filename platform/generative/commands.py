@@ -10,10 +10,19 @@ import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 
-from raycraft.cli import TrackingOpt, app, console, progress_bar
+from raycraft import tracking
+from raycraft.console import TrackingOpt, console, progress_bar
 from raycraft.errors import UserError, check_count, invalid_choice
+from raycraft.evaluate import rebuild_model, run_config
+from raycraft.generative.images import save_grid
+from raycraft.generative.metrics import classifier_for, fid_key
+from raycraft.models.ddpm import SAMPLERS
+from raycraft.registry import load_dataset
+
+app = typer.Typer()
 
 MAX_SAMPLES = 100_000  # all samples are held in memory: 100,000 CIFAR-size images are 1.2 GB of float32
 BATCH = 500  # samples drawn per model call; progress shows once there is more than one batch
@@ -21,10 +30,6 @@ BATCH = 500  # samples drawn per model call; progress shows once there is more t
 
 def load_generative_run(run_id: str, tracking_uri: str | None):
     """(model in eval mode, TrainConfig, data info) of a finished generative run."""
-    from raycraft import tracking
-    from raycraft.evaluate import rebuild_model, run_config
-    from raycraft.registry import load_dataset
-
     uri = tracking.resolve_tracking_uri(tracking_uri)
     cfg, spec = run_config(uri, run_id, "generative", "`raycraft sample`")
     info = load_dataset(cfg.dataset, cfg.data).info
@@ -34,8 +39,6 @@ def load_generative_run(run_id: str, tracking_uri: str | None):
 def generate(model, n: int, seed: int, sampler: str | None, steps: int | None, batch: int = BATCH,
              eta: float | None = None, progress=None):
     """n samples in batches, and the seconds they took; `progress(k)` is called after each batch of k."""
-    import torch
-
     g = torch.Generator().manual_seed(seed)
     kwargs = {k: v for k, v in {"sampler": sampler, "steps": steps, "eta": eta}.items() if v is not None}
     start = time.perf_counter()
@@ -63,11 +66,6 @@ def sample(
     tracking_uri: TrackingOpt = None,
 ):
     """Draw --n samples from RUN_ID's generative model into a PNG grid; --metrics scores them."""
-    import torch
-
-    from raycraft.generative.images import save_grid
-    from raycraft.models.ddpm import SAMPLERS
-
     torch.set_num_threads(1)
     check_count("--n", n, MAX_SAMPLES)
     if out.suffix.lower() != ".png":
@@ -90,8 +88,6 @@ def sample(
     save_grid(images[:256], out)
     console.print(f"wrote {min(n, 256)} of {n} samples to {out} ({seconds:.1f} s sampling)")
     if metrics:
-        from raycraft.generative.metrics import classifier_for, fid_key
-
         clf = classifier_for(info["dataset"], info.get("data_dir"))
         scores = clf.score(images)
         fid = scores[fid_key(cfg.dataset)]

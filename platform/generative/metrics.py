@@ -23,7 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raycraft.data.base import cache_dir
+from raycraft.data.base import DataConfig, cache_dir
+from raycraft.models.lenet import LeNetConfig
+from raycraft.registry import create_model, load_dataset
 
 COVERAGE_SHARE = 0.2
 CLASSIFIER_EPOCHS = 8
@@ -89,10 +91,6 @@ def _key(dataset: str, data_dir: str | None) -> str:
 
 def classifier_for(dataset: str, data_dir: str | None = None) -> FeatureClassifier:
     """The cached classifier of `dataset`, trained here on first use (a few seconds to a minute on CPU)."""
-    from raycraft.data.base import DataConfig
-    from raycraft.models.lenet import LeNetConfig
-    from raycraft.registry import create_model, load_dataset
-
     path = cache_dir() / "fid" / f"{_key(dataset, data_dir)}.pt"
     splits = None
     if path.is_file():

@@ -1,75 +1,23 @@
-"""What every generative model offers the one loop, and the `generative` task's Step.
+"""The `generative` task's Step: each model's objective, data-parallel parts, sample grids and FID.
 
-A generative model is an `nn.Module` whose `forward(noise)` maps noise to images in [0, 1] (the logged
-model), and which knows its own objective: `train_batch(net, x, update)` takes `net`, the module to call
-parts through (the model itself, or under data parallelism a view whose parts are DDP-wrapped), so
-gradients of every part are synchronised across workers. Pixels arrive in [0, 1].
+The Step dispatches to the model's objective (`raycraft.generative.objectives`); the models themselves
+(`GenerativeModel`, in `raycraft.models.generative`) hold their equations and map noise to images in [0, 1].
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from raycraft.errors import UserError
-from raycraft.registry import field_doc
+from raycraft.generative.images import save_grid
+from raycraft.generative.metrics import QUALITY_METRICS, fid_key, sample_quality
+from raycraft.generative.objectives import objective_for
+from raycraft.models.generative import GenerativeModel
 from raycraft.train.step import Step, Sums, Update
-
-
-@dataclass
-class GenerativeConfig:
-    """Fields every generative model has."""
-
-    quality_samples: int = field_doc(1000, "Samples drawn at the end of a run for the FID and mode-coverage "
-                                           "metrics (0 skips them).", minimum=0)
-    grid_samples: int = field_doc(64, "Samples in each epoch's image grid.")
-
-    def __post_init__(self) -> None:
-        if self.quality_samples < 0 or self.grid_samples < 1:
-            raise UserError(f"quality_samples: {self.quality_samples} must be >= 0 and grid_samples: "
-                            f"{self.grid_samples} >= 1.")
-
-
-class GenerativeModel(nn.Module):
-    players: tuple[str, ...] = ("main",)
-    """Optimizer names; `player_parameters(name)` says which parameters each one steps."""
-    parts: tuple[str, ...] = ()
-    """Submodules called directly in `train_batch`; each is DDP-wrapped on its own."""
-
-    def __init__(self, cfg: GenerativeConfig, shape: tuple[int, int, int]) -> None:
-        super().__init__()
-        self.cfg, self.shape = cfg, tuple(shape)
-
-    def player_parameters(self, name: str) -> Iterable[nn.Parameter]:
-        return self.parameters()
-
-    def train_batch(self, net: nn.Module, x: torch.Tensor, update: Update) -> Sums:
-        raise NotImplementedError
-
-    def eval_batch(self, x: torch.Tensor) -> Sums:
-        raise NotImplementedError
-
-    def finalize(self, means: dict[str, float]) -> dict[str, float]:
-        return means
-
-    def start_epoch(self, epoch: int) -> None:
-        """Annealing schedules read the epoch here."""
-
-    def noise(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def sample(self, n: int, generator: torch.Generator | None = None, **sampler: Any) -> torch.Tensor:
-        """n images in [0, 1], shaped (n, C, H, W)."""
-        return self(self.noise(n, generator))
-
-    def epoch_images(self, real: torch.Tensor, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        """Image grids for this epoch, by file stem: samples, plus reconstructions etc. where they exist."""
-        return {"samples": self.sample(self.cfg.grid_samples, generator)}
 
 
 class Parts(nn.Module):
@@ -102,10 +50,11 @@ class GenerativeStep(Step):
         self.model: GenerativeModel | None = None  # the last model seen, for `finalize`
 
     def optimizer_names(self, model: nn.Module) -> tuple[str, ...]:
-        return base_model(model).players
+        return objective_for(base_model(model)).players
 
     def parameters(self, model: nn.Module, optimizer: str) -> Iterable[nn.Parameter]:
-        return base_model(model).player_parameters(optimizer)
+        base = base_model(model)
+        return objective_for(base).parameters(base, optimizer)
 
     def distribute(self, model: nn.Module, wrap: Callable[[nn.Module], nn.Module]) -> nn.Module:
         return Parts(model, wrap)
@@ -115,17 +64,17 @@ class GenerativeStep(Step):
 
     def train_batch(self, model: nn.Module, batch: Any, update: Update) -> Sums:
         self.model = base_model(model)
-        return self.model.train_batch(model, batch[0], update)
+        return objective_for(self.model).train_batch(self.model, model, batch[0], update)
 
     @torch.no_grad()
     def eval_batch(self, model: nn.Module, batch: Any) -> Sums:
         if self.preview is None:  # real images for reconstructions in the epoch grids
             self.preview = batch[0][:32].detach().cpu()
         self.model = base_model(model)
-        return self.model.eval_batch(batch[0])
+        return objective_for(self.model).eval_batch(self.model, batch[0])
 
     def finalize(self, means: dict[str, float]) -> dict[str, float]:
-        return self.model.finalize(means) if self.model is not None else means
+        return objective_for(self.model).finalize(self.model, means) if self.model is not None else means
 
     def example_input(self, batch: Any) -> torch.Tensor:
         """The logged model maps noise to images: its example input is noise, not a data batch."""
@@ -133,8 +82,6 @@ class GenerativeStep(Step):
 
     @torch.no_grad()
     def epoch_artifacts(self, model: nn.Module, epoch: int, info: dict[str, Any], out_dir: Path) -> None:
-        from raycraft.generative.images import save_grid
-
         was_training = model.training
         model.eval()
         device = next(model.parameters()).device
@@ -144,16 +91,11 @@ class GenerativeStep(Step):
         model.train(was_training)
 
     def artifact_metrics(self, model: nn.Module, info: dict[str, Any]) -> set[str]:
-        from raycraft.generative.metrics import QUALITY_METRICS, fid_key
-
         return {fid_key(info["dataset"]), *QUALITY_METRICS} if model.cfg.quality_samples else set()
 
     @torch.no_grad()
     def artifacts(self, model: nn.Module, test_batches: Iterable[Any], info: dict[str, Any],
                   out_dir: Path) -> dict[str, float] | None:
-        from raycraft.generative.images import save_grid
-        from raycraft.generative.metrics import sample_quality
-
         self.model = model
         device = next(model.parameters()).device
         save_grid(model.sample(model.cfg.grid_samples, torch.Generator(device).manual_seed(1)),
