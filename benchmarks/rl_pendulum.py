@@ -27,7 +27,7 @@ def pendulum_heuristic(obs: np.ndarray) -> np.ndarray:
 
 
 def rollout(env_name: str, policy, episodes: int, seed: int) -> float:
-    from raycraft.envs import make
+    from raycraft.rl.environments import make
 
     env = make(env_name)
     total = []
@@ -42,7 +42,7 @@ def rollout(env_name: str, policy, episodes: int, seed: int) -> float:
 
 
 def learned_policy(module, env_name: str):
-    from raycraft.envs import make
+    from raycraft.rl.environments import make
     from raycraft.rl.run import policy_actions
 
     space = make(env_name).action_space
@@ -52,8 +52,8 @@ def learned_policy(module, env_name: str):
 def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, uri: str, storage: str) -> None:
     from ray.rllib.core.rl_module.rl_module import RLModule
 
-    from raycraft.envs import make
     from raycraft.rl.config import build_rl_config
+    from raycraft.rl.environments import make
     from raycraft.rl.run import train_rl
 
     cfg, model_cfg = build_rl_config({"algo": "ddpg", "env": env_name, "seed": seed, "storage_path": storage}, [])

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raycraft.models.kalman import Band
 from raycraft.registry import field_doc, register_model
 
 
@@ -42,7 +42,7 @@ def gaussian_kl(mu_q: torch.Tensor, var_q: torch.Tensor, mu_p: torch.Tensor, var
 
 
 class DeepKalmanFilter(nn.Module):
-    """forward(y (N, T, p)) -> (negative ELBO per step (N, T), counted (N, T))."""
+    """forward(y (N, T, p)) -> (ELBO per step (N, T): `elbo_terms`' log-likelihood minus KL, counted (N, T))."""
 
     def __init__(self, cfg: DeepKalmanConfig, obs_dim: int, mean: list[float], std: list[float]) -> None:
         super().__init__()
@@ -85,16 +85,23 @@ class DeepKalmanFilter(nn.Module):
                 lst.append(v)
         return tuple(torch.stack(v, 1) for v in (mus, vars_, zs, prior_mus, prior_vars))
 
-    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def elbo_terms(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ELBO's two terms per step, each (N, T), from one reparameterised path z ~ q:
+
+            E_q[ log N(y_t; F(z_t), σ_y²) ]          (0 where y_t is missing; of y in its own units:
+                                                     log p(y) = log p(y_std) - Σ log std over observed values)
+            KL( q(z_t | z_{t-1}, y_{t:T}) || p(z_t | z_{t-1}) )"""
         y0, observed = self._standardise(y)
         mu, var, z, prior_mu, prior_var = self._infer(y, sample=True)
         var_y = self.log_var_y.exp()
         log_lik = -0.5 * (math.log(2 * math.pi) + self.log_var_y + (y0 - self.emission(z)) ** 2 / var_y)
         log_lik = torch.where(observed, log_lik, torch.zeros_like(log_lik)).sum(-1)
-        # the likelihood is of standardised data: log p(y) = log p(y_std) - Σ log std over observed values
         log_lik = log_lik - (observed * torch.log(self.std)).sum(-1)
-        kl = gaussian_kl(mu, var, prior_mu, prior_var)
-        return kl - log_lik, torch.ones_like(kl, dtype=torch.bool)
+        return log_lik, gaussian_kl(mu, var, prior_mu, prior_var)
+
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_lik, kl = self.elbo_terms(y)
+        return log_lik - kl, torch.ones_like(kl, dtype=torch.bool)
 
     @torch.no_grad()
     def posterior_mean(self, y: torch.Tensor) -> torch.Tensor:
@@ -105,19 +112,21 @@ class DeepKalmanFilter(nn.Module):
         return {}
 
     @torch.no_grad()
-    def write_plots(self, y: torch.Tensor, info: dict, out_dir: Path) -> None:
-        """latent.png: posterior means of z with bands; reconstruction.png: F(E[z]) against the data."""
-        from raycraft.ssm.plots import bands_png
-
+    def latent_bands(self, y: torch.Tensor) -> dict[str, Band]:
+        """The posterior of each latent coordinate of the first series along its posterior-mean path,
+        `z[i]`: μ_t,i ± sqrt(σ²_t,i) for q(z_t | z_{t-1} = μ_{t-1}, y_{t:T})."""
         mu, var, *_ = self._infer(y[:1], sample=False)
         t = torch.arange(y.shape[1])
-        bands_png(torch.full((y.shape[1],), float("nan")),
-                  {f"z[{i}]": (t, mu[0, :, i], var[0, :, i].sqrt()) for i in range(self.latent_dim)},
-                  out_dir / "latent.png", f"{info.get('name', 'series')}: posterior latent state")
+        return {f"z[{i}]": Band(t, mu[0, :, i], var[0, :, i].sqrt()) for i in range(self.latent_dim)}
+
+    @torch.no_grad()
+    def reconstruction(self, y: torch.Tensor) -> Band:
+        """The first series' first column as the emission reads it from the posterior means, in data units:
+        F(E_q[z_t]) · std + mean ± σ_y · std."""
+        mu = self._infer(y[:1], sample=False)[0]
         recon = self.emission(mu[0]) * self.std + self.mean
-        sd = (self.log_var_y.exp().sqrt() * self.std)[0].expand(len(t))
-        bands_png(y[0, :, 0], {"F(E[z])": (t, recon[:, 0], sd)}, out_dir / "reconstruction.png",
-                  info.get("name", "series"))
+        sd = (self.log_var_y.exp().sqrt() * self.std)[0].expand(y.shape[1])
+        return Band(torch.arange(y.shape[1]), recon[:, 0], sd)
 
 
 @register_model("deep_kalman", family="state-space", config=DeepKalmanConfig, task="time-series",

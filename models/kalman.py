@@ -28,8 +28,9 @@ so it stays positive definite), or keeps any of them fixed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -38,6 +39,14 @@ from raycraft.errors import UserError, invalid_choice
 from raycraft.registry import field_doc, register_model
 
 MATRICES = ("A", "C", "Q", "R")
+
+
+class Band(NamedTuple):
+    """An estimate through time for the plots: its mean and standard deviation at the steps t."""
+
+    t: torch.Tensor
+    mean: torch.Tensor
+    sd: torch.Tensor
 
 
 @dataclass
@@ -132,6 +141,76 @@ def _gaussian_loglik(v: torch.Tensor, F: torch.Tensor) -> torch.Tensor:
     return -0.5 * (p * math.log(2 * math.pi) + logdet_F + mahalanobis)
 
 
+@dataclass
+class Covariances:
+    """The covariance recursion, one entry per step t (each (m, m), or (N, m, m) when the series' missing
+    patterns differ): P_{t|t-1}, P_{t|t}, F_t, K_t and I - K_t C (the matrix the means are updated with)."""
+
+    P_pred: list[torch.Tensor] = field(default_factory=list)
+    P_filt: list[torch.Tensor] = field(default_factory=list)
+    F: list[torch.Tensor] = field(default_factory=list)
+    K: list[torch.Tensor] = field(default_factory=list)
+    I_KC: list[torch.Tensor] = field(default_factory=list)
+
+
+def predict_covariance(P: torch.Tensor, A: torch.Tensor, Q: torch.Tensor, matmul: Callable) -> torch.Tensor:
+    """P_{t|t-1} = A P_{t-1|t-1} A^T + Q."""
+    return matmul(matmul(A, P), A.T) + Q
+
+
+def update_covariance(P: torch.Tensor, C: torch.Tensor, R: torch.Tensor, seen: torch.Tensor, matmul: Callable
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(F_t, K_t, P_{t|t}) from P = P_{t|t-1}:  F_t = C P C^T + R,  K_t = P C^T F_t^{-1} times `seen`
+    (1, or 0 where y_t is missing: no update),  P_{t|t} = P - K_t C P, symmetrised against round-off."""
+    CP = matmul(C, P)
+    F = matmul(CP, C.T) + R
+    K = _gain(F, CP) * seen
+    P_upd = P - matmul(K, CP)
+    return F, K, 0.5 * (P_upd + P_upd.transpose(-1, -2))
+
+
+def covariance_pass(P: torch.Tensor, A: torch.Tensor, C: torch.Tensor, Q: torch.Tensor, R: torch.Tensor,
+                    seen: list[torch.Tensor], matmul: Callable) -> Covariances:
+    """Predict and update the covariances from P = P_{1|0} for each step's `seen` flag. They depend on which
+    y_t are observed, not on their values, so one recursion serves every series with the same pattern."""
+    out, I = Covariances(), torch.eye(A.shape[-1], dtype=P.dtype)
+    for t, seen_t in enumerate(seen):
+        if t > 0:
+            P = predict_covariance(P, A, Q, matmul)
+        F, K, P_filt = update_covariance(P, C, R, seen_t, matmul)
+        for seq, value in ((out.P_pred, P), (out.F, F), (out.K, K), (out.I_KC, I - matmul(K, C)),
+                           (out.P_filt, P_filt)):
+            seq.append(value)
+        P = P_filt
+    return out
+
+
+def mean_pass(x: torch.Tensor, A: torch.Tensor, K_y: list[torch.Tensor], Bu: list[torch.Tensor] | None,
+              cov: Covariances, shared: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x̂_{t|t-1}, x̂_{t|t}), each (N, T, m), from the means x = x̂_{1|0} (N, m):
+
+        predict  x̂_{t|t-1} = A x̂_{t-1|t-1} + B u_t
+        update   x̂_{t|t}   = x̂_{t|t-1} + K_t (y_t - C x̂_{t|t-1} - D u_t) = (I - K_t C) x̂_{t|t-1} + K_t (y_t - D u_t)
+
+    with K_y[t] = K_t (y_t - D u_t) and Bu[t] = B u_t (N, m) computed for all t at once. With `shared`
+    covariances the update is one matrix product over the batch, x (I - K_t C)^T."""
+    A_T = A.T
+    I_KC_T = torch.stack(cov.I_KC).transpose(-1, -2).unbind(0) if shared else None
+    x_pred, x_filt = [], []
+    for t in range(len(K_y)):
+        if t > 0:
+            x = x @ A_T if Bu is None else torch.addmm(Bu[t], x, A_T)
+        x_pred.append(x)
+        x = torch.addmm(K_y[t], x, I_KC_T[t]) if shared else mv(cov.I_KC[t], x) + K_y[t]
+        x_filt.append(x)
+    return torch.stack(x_pred, 1), torch.stack(x_filt, 1)
+
+
+def _per_series(seq: list[torch.Tensor], N: int, shared: bool) -> torch.Tensor:
+    """T x ([N,] ...) -> (N, T, ...): a shared covariance is broadcast over the batch, not copied."""
+    return torch.stack(seq).expand(N, len(seq), *seq[0].shape) if shared else torch.stack(seq, 1)
+
+
 def kalman_filter(y: torch.Tensor, A: torch.Tensor, C: torch.Tensor, Q: torch.Tensor, R: torch.Tensor, *,
                   B: torch.Tensor | None = None, D: torch.Tensor | None = None, u: torch.Tensor | None = None,
                   x0: torch.Tensor | None = None, P0: torch.Tensor | None = None, kappa: float = 1e6,
@@ -143,58 +222,26 @@ def kalman_filter(y: torch.Tensor, A: torch.Tensor, C: torch.Tensor, Q: torch.Te
     Three passes: the covariances (P, F, K), then the means, then every log-likelihood term at once."""
     N, T, p = y.shape
     m = A.shape[-1]
-    dtype = y.dtype
-    burn = m if burn is None else burn
     observed = ~torch.isnan(y).any(-1)  # (N, T)
     y0 = torch.nan_to_num(y)
-
-    # 1. covariances: one (m, m) recursion shared by the batch, or one per series (N, m, m)
     shared = bool((observed == observed[:1]).all())  # one missing pattern: P, F and K are the same for all
-    matmul = torch.matmul if shared else mm
-    A_T, C_T, I = A.T, C.T, torch.eye(m, dtype=dtype)
-    P = kappa * torch.eye(m, dtype=dtype) if P0 is None else P0
-    P = P if shared else P.expand(N, m, m)
-    seen = observed[0] if shared else observed.T[..., None, None]                      # 1 seen, 0 missing
-    update = seen.to(dtype).unbind(0)                                                 # T x () or T x (N, 1, 1)
-    P_pred, P_filt, F, K, I_KC = [], [], [], [], []
-    for t in range(T):
-        if t > 0:
-            P = matmul(matmul(A, P), A_T) + Q                    # P_{t|t-1} ([N,] m, m)
-        CP = matmul(C, P)                                        # ([N,] p, m)
-        F_t = matmul(CP, C_T) + R                                # ([N,] p, p)
-        kalman_gain = _gain(F_t, CP) * update[t]                 # ([N,] m, p); 0: no update
-        P_upd = P - matmul(kalman_gain, CP)                      # P - K C P (= P where missing)
-        P_pred.append(P)
-        F.append(F_t)
-        K.append(kalman_gain)
-        I_KC.append(I - matmul(kalman_gain, C))
-        P = 0.5 * (P_upd + P_upd.transpose(-1, -2))
-        P_filt.append(P)
+    P = kappa * torch.eye(m, dtype=y.dtype) if P0 is None else P0
+    seen = observed[0] if shared else observed.T[..., None, None]  # T x () or T x (N, 1, 1): 1 seen, 0 missing
+    cov = covariance_pass(P if shared else P.expand(N, m, m), A, C, Q, R, seen.to(y.dtype).unbind(0),
+                          torch.matmul if shared else mm)
 
-    # 2. means: x̂_{t|t} = x̂_{t|t-1} + K_t (y_t - C x̂_{t|t-1} - D u_t) = (I - K_t C) x̂_{t|t-1} + K_t (y_t - D u_t)
-    y_free = y0 if D is None else y0 - mv(D, u)                  # y_t - D u_t (N, T, p)
-    K_y = mv(torch.stack(K).reshape(T, -1, m, p), y_free.transpose(0, 1)).unbind(0)  # T x K_t (y_t - D u_t) (N, m)
-    Bu = None if B is None else mv(B, u.transpose(0, 1)).unbind(0)                  # T x B u_t (N, m)
-    if shared:  # x (I - K_t C)^T: one matrix product over the batch
-        I_KC_T = torch.stack(I_KC).transpose(-1, -2).unbind(0)
-    x = (torch.zeros(m, dtype=dtype) if x0 is None else x0).expand(N, m)
-    x_pred, x_filt = [], []
-    for t in range(T):
-        if t > 0:
-            x = x @ A_T if Bu is None else torch.addmm(Bu[t], x, A_T)             # x̂_{t|t-1} (N, m)
-        x_pred.append(x)
-        x = torch.addmm(K_y[t], x, I_KC_T[t]) if shared else mv(I_KC[t], x) + K_y[t]  # x̂_{t|t}
-        x_filt.append(x)
+    y_free = y0 if D is None else y0 - mv(D, u)                                      # y_t - D u_t (N, T, p)
+    K_y = mv(torch.stack(cov.K).reshape(T, -1, m, p), y_free.transpose(0, 1)).unbind(0)  # T x (N, m)
+    Bu = None if B is None else mv(B, u.transpose(0, 1)).unbind(0)                     # T x (N, m)
+    x = (torch.zeros(m, dtype=y.dtype) if x0 is None else x0).expand(N, m)
+    x_pred, x_filt = mean_pass(x, A, K_y, Bu, cov, shared)
 
-    def per_series(seq: list[torch.Tensor]) -> torch.Tensor:  # T x ([N,] ...) -> (N, T, ...)
-        return torch.stack(seq).expand(N, T, *seq[0].shape) if shared else torch.stack(seq, 1)
-
-    x_pred_all, F_all = torch.stack(x_pred, 1), per_series(F)
-    y_pred = mv(C, x_pred_all) if D is None else mv(C, x_pred_all) + mv(D, u)   # ŷ_{t|t-1} (N, T, p)
-    ll = _gaussian_loglik(y0 - y_pred, F_all)                 # 3. all log-likelihood terms (N, T)
-    counted = observed & (torch.arange(T) >= burn)
-    return KalmanResult(x_pred_all, per_series(P_pred), torch.stack(x_filt, 1), per_series(P_filt), y_pred, F_all,
-                        torch.where(observed, ll, torch.zeros_like(ll)), counted)
+    F = _per_series(cov.F, N, shared)
+    y_pred = mv(C, x_pred) if D is None else mv(C, x_pred) + mv(D, u)               # ŷ_{t|t-1} (N, T, p)
+    ll = _gaussian_loglik(y0 - y_pred, F)
+    counted = observed & (torch.arange(T) >= (m if burn is None else burn))
+    return KalmanResult(x_pred, _per_series(cov.P_pred, N, shared), x_filt, _per_series(cov.P_filt, N, shared),
+                        y_pred, F, torch.where(observed, ll, torch.zeros_like(ll)), counted)
 
 
 def rts_smoother(result: KalmanResult, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -260,7 +307,7 @@ class CovarianceParam(nn.Module):
 
 
 class KalmanModel(nn.Module):
-    """forward(y (N, T, p)) -> (negative log-likelihood terms (N, T), counted (N, T))."""
+    """forward(y (N, T, p)) -> (log p(y_t | y_{1:t-1}) (N, T), counted (N, T)): `log_likelihood_terms`."""
 
     def __init__(self, cfg: KalmanConfig, obs_dim: int, scale: float = 1.0) -> None:
         super().__init__()
@@ -285,9 +332,18 @@ class KalmanModel(nn.Module):
     def filter(self, y: torch.Tensor) -> KalmanResult:
         return kalman_filter(y.double(), self.A, self.C, self.Q(), self.R(), kappa=self.kappa, burn=self.burn)
 
-    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def log_likelihood_terms(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prediction-error decomposition of the likelihood, one term per step (N, T), and which
+        terms count (N, T): observed and past the diffuse burn-in,
+
+            log p(y_{1:T}) = Σ_t log p(y_t | y_{1:t-1}) = Σ_t -1/2 (p log 2π + log|F_t| + v_t^T F_t^{-1} v_t),
+
+        v_t = y_t - ŷ_{t|t-1} the innovation and F_t its covariance, both from the filter."""
         res = self.filter(y)
-        return -res.loglik_terms, res.counted
+        return res.loglik_terms, res.counted
+
+    def forward(self, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.log_likelihood_terms(y)
 
     def param_metrics(self) -> dict[str, torch.Tensor]:
         """The fitted variances (diagonals of Q and R), logged as metrics each epoch."""
@@ -296,26 +352,25 @@ class KalmanModel(nn.Module):
                 **{f"var_obs_{i}": R[i, i] for i in range(len(R))}}
 
     @torch.no_grad()
-    def write_plots(self, y: torch.Tensor, info: dict, out_dir: Path) -> None:
-        """states.png: filtered and smoothed C x̂ with 95% bands against the data; forecast.png: one-step
-        forecasts with their bands, then forecasts beyond the last observation."""
-        from raycraft.ssm.plots import bands_png
+    def estimates(self, y: torch.Tensor, horizon: int) -> dict[str, Band]:
+        """What the filter and smoother say about the first series' first column, each a band (t, mean, sd):
 
+            filtered   C x̂_{t|t} ± sqrt(C P_{t|t} C^T)        smoothed   C x̂_{t|T} ± sqrt(C P_{t|T} C^T)
+            one_step   ŷ_{t|t-1} ± sqrt(F_t)                   ahead      C A^h x̂_{T|T} ± sqrt(C P_{T+h|T} C^T + R)
+
+        for t = 1..T, and h = 1..horizon past the last observation."""
         res = self.filter(y[:1])
         x_s, P_s = rts_smoother(res, self.A)
-        T, h = y.shape[1], max(1, y.shape[1] // 5)
-        f_mean, f_cov = forecast(res, self.A, self.C, self.Q(), self.R(), h)
-        t, ahead = torch.arange(T), torch.arange(T, T + h)
+        f_mean, f_cov = forecast(res, self.A, self.C, self.Q(), self.R(), horizon)
+        T = y.shape[1]
+        t = torch.arange(T)
 
-        def observed(x, P):  # first series, first column: C x and sqrt(C P C^T)
-            return (x[0] @ self.C.T)[:, 0], (self.C @ P[0] @ self.C.T)[:, 0, 0].sqrt()
+        def observed(x: torch.Tensor, P: torch.Tensor) -> Band:  # C x and sqrt(C P C^T)
+            return Band(t, (x[0] @ self.C.T)[:, 0], (self.C @ P[0] @ self.C.T)[:, 0, 0].sqrt())
 
-        name = info.get("name", "series")
-        bands_png(y[0, :, 0], {"filtered": (t, *observed(res.x_filt, res.P_filt)),
-                               "smoothed": (t, *observed(x_s, P_s))}, out_dir / "states.png", name)
-        bands_png(y[0, :, 0], {"one-step forecast": (t, res.y_pred[0, :, 0], res.F[0, :, 0, 0].sqrt()),
-                               f"{h}-step forecast": (ahead, f_mean[0, :, 0], f_cov[0, :, 0, 0].sqrt())},
-                  out_dir / "forecast.png", name)
+        return {"filtered": observed(res.x_filt, res.P_filt), "smoothed": observed(x_s, P_s),
+                "one_step": Band(t, res.y_pred[0, :, 0], res.F[0, :, 0, 0].sqrt()),
+                "ahead": Band(torch.arange(T, T + horizon), f_mean[0, :, 0], f_cov[0, :, 0, 0].sqrt())}
 
 
 @register_model("kalman", family="state-space", config=KalmanConfig, task="time-series",

@@ -1,4 +1,4 @@
-"""PNG plots logged to MLflow: learning curves and confusion matrices."""
+"""PNG plots logged to MLflow: learning curves, confusion matrices, lines against a variable."""
 
 from __future__ import annotations
 
@@ -50,6 +50,28 @@ def confusion_matrix_png(y_true, y_pred, class_names: Sequence[str] | None, path
                 ax.text(j, i, cm[i, j], ha="center", va="center", fontsize=7,
                         color="white" if cm[i, j] > cm.max() / 2 else "black")
     ax.set_title(f"test accuracy {np.trace(cm) / max(cm.sum(), 1):.3f}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def lines_png(x, series: dict, path: Path, xlabel: str, ylabel: str, title: str, logy: bool = False) -> None:
+    """One line per `name: values` against x."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for name, values in series.items():
+        ax.plot(x, values, marker="o", ms=3, label=name)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    save(fig, ax, title, path)
+
+
+def save(fig, ax, title: str, path: Path) -> None:
+    """Title, legend and grid on `ax`; `fig` written to `path` and closed."""
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

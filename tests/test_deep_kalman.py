@@ -24,7 +24,8 @@ def test_elbo_terms_are_kl_minus_the_emission_log_likelihood():
     y = torch.randn(4, 7, 2, dtype=torch.float64)
     y[0, 3] = float("nan")
     torch.manual_seed(2)
-    nll, counted = model(y)
+    elbo, counted = model(y)
+    nll = -elbo
     assert nll.shape == (4, 7) and counted.all() and torch.isfinite(nll).all()
     # recompute step (1, 5) by hand from the same random path
     torch.manual_seed(2)
@@ -39,3 +40,19 @@ def test_elbo_terms_are_kl_minus_the_emission_log_likelihood():
     # a missing step keeps only its KL term
     assert torch.allclose(nll[0, 3], gaussian_kl(mu[0, 3], var[0, 3], prior_mu[0, 3], prior_var[0, 3]), atol=1e-5)
     assert math.isclose(prior_var[:, 0].mean().item(), 1.0)  # z_1 ~ N(0, I)
+
+
+def test_plotted_bands_are_the_posterior_and_its_reconstruction():
+    torch.manual_seed(3)
+    model = DeepKalmanFilter(DeepKalmanConfig(latent_dim=2, hidden=8), 1, [5.0], [2.0])
+    y = torch.randn(2, 9, 1)
+    mu = model.posterior_mean(y)
+    bands = model.latent_bands(y)
+    assert list(bands) == ["z[0]", "z[1]"] and bands["z[1]"].t.tolist() == list(range(9))
+    torch.testing.assert_close(bands["z[1]"].mean, mu[0, :, 1])
+    assert (bands["z[0]"].sd > 0).all()
+    recon = model.reconstruction(y)
+    with torch.no_grad():
+        want = model.emission(mu[0])[:, 0] * 2.0 + 5.0  # back in data units: F(E[z]) std + mean
+    torch.testing.assert_close(recon.mean, want)
+    torch.testing.assert_close(recon.sd, (model.log_var_y.exp().sqrt() * 2.0).expand(9))

@@ -169,9 +169,8 @@ def test_oversmoothing_command_logs_a_run(mlflow_uri):
     from mlflow.tracking import MlflowClient
     from typer.testing import CliRunner
 
-    from raycraft.cli import _load_commands, app
+    from raycraft.cli import app
 
-    _load_commands()
     result = CliRunner().invoke(app, ["oversmoothing", "--depths", "1,2,8", "--tracking-uri", mlflow_uri])
     assert result.exit_code == 0, result.output
     run_id = result.output.split("MLflow run ")[1].split()[0]

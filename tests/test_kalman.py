@@ -110,8 +110,19 @@ def test_bad_systems_are_user_errors(kwargs, match):
 
 
 def test_check_system_accepts_a_consistent_system():
-    check_system(A=[[1.0, 1.0], [0.0, 1.0]], C=[[1.0, 0.0]], Q=[[1.0, 0.0], [0.0, 1.0]], R=[[2.0]],
-                 B=[[1.0], [0.0]], D=[[0.0]])
+    """What check_system accepts, the filter runs; the same system with one shape off is refused (so the
+    acceptance is not a check that passes anything)."""
+    system = {"A": [[1.0, 1.0], [0.0, 1.0]], "C": [[1.0, 0.0]], "Q": [[1.0, 0.0], [0.0, 1.0]], "R": [[2.0]],
+              "B": [[1.0], [0.0]], "D": [[0.0]]}
+    check_system(**system)
+    torch.manual_seed(0)
+    y, u = torch.randn(2, 5, 1, dtype=torch.float64), torch.randn(2, 5, 1, dtype=torch.float64)
+    res = kalman_filter(y, **{k: _m(v) for k, v in system.items()}, u=u)
+    assert res.x_filt.shape == (2, 5, 2) and torch.isfinite(res.loglik).all()
+    with pytest.raises(UserError, match="input dimensions differ"):
+        check_system(**{**system, "D": [[0.0, 1.0]]})
+    with pytest.raises(UserError, match="does not chain"):
+        check_system(**{**system, "B": [[1.0]]})
 
 
 def test_mle_by_gradient_ascent_matches_statsmodels_mle():
@@ -122,8 +133,8 @@ def test_mle_by_gradient_ascent_matches_statsmodels_mle():
     model = KalmanModel(KalmanConfig(), 1, splits.info["diff_var"] / 2)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
     for _ in range(250):
-        nll, counted = model(y)
-        loss = nll[counted & mask].mean()
+        log_lik, counted = model(y)
+        loss = -log_lik[counted & mask].mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -172,3 +183,21 @@ def test_shared_covariance_path_equals_per_series_path():
         if n != 2:
             assert torch.allclose(shared.x_filt[n], alone.x_filt[0], rtol=1e-12, atol=0)
     assert shared.P_filt.shape == (4, 12, 2, 2) and not torch.equal(mixed.P_filt[2], mixed.P_filt[0])
+
+
+def test_estimates_are_filter_smoother_and_forecast_seen_through_C():
+    """The bands the plots draw: statsmodels' filtered and smoothed states, one-step forecasts and the forecast
+    beyond the last observation, each with its standard deviation."""
+    ref = _local_level(_nile())
+    model = KalmanModel(KalmanConfig(Q=[[SIGMA2_ETA]], R=[[SIGMA2_EPS]], fit=()), 1)
+    est = model.estimates(torch.tensor(_nile()).reshape(1, -1, 1), 3)
+    np.testing.assert_allclose(est["filtered"].mean, ref.filtered_state[0], rtol=1e-9)
+    np.testing.assert_allclose(est["filtered"].sd ** 2, ref.filtered_state_cov[0, 0], rtol=1e-9)
+    np.testing.assert_allclose(est["smoothed"].mean, ref.smoothed_state[0], rtol=1e-9)
+    np.testing.assert_allclose(est["smoothed"].sd ** 2, ref.smoothed_state_cov[0, 0], rtol=1e-7)
+    np.testing.assert_allclose(est["one_step"].mean[1:], ref.forecasts[0, 1:], rtol=1e-9)
+    np.testing.assert_allclose(est["one_step"].sd[1:] ** 2, ref.forecasts_error_cov[0, 0, 1:], rtol=1e-9)
+    f = ref.get_forecast(3)
+    assert est["ahead"].t.tolist() == [100, 101, 102] and est["filtered"].t.tolist() == list(range(100))
+    np.testing.assert_allclose(est["ahead"].mean, f.predicted_mean, rtol=1e-9)
+    np.testing.assert_allclose(est["ahead"].sd ** 2, f.var_pred_mean, rtol=1e-9)

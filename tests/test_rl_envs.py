@@ -1,4 +1,5 @@
-"""raycraft.envs: the portfolio environment's dynamics and reward, Atari preprocessing, env-id errors."""
+"""raycraft.envs and raycraft.rl.environments: the portfolio environment's dynamics and reward, Atari
+preprocessing, env-id errors."""
 
 from __future__ import annotations
 
@@ -8,9 +9,10 @@ import gymnasium as gym
 import numpy as np
 import pytest
 
-from raycraft.envs import PORTFOLIO, check_env, make
+from raycraft.envs import PORTFOLIO
 from raycraft.envs.portfolio import PortfolioEnv, equal_weight_policy
 from raycraft.errors import UserError
+from raycraft.rl.environments import check_env, make
 
 
 def test_portfolio_is_registered_with_gymnasium():

@@ -6,18 +6,21 @@ recompute each quantity from the survey's formula with the module's networks.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import gymnasium as gym
 import numpy as np
 import pytest
 import torch
+from ray.rllib.algorithms.dqn import DQNConfig
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
-from raycraft.config import to_dict
 from raycraft.models.rl import DDPGMLPConfig, QMLPConfig
 from raycraft.rl.ddpg import DDPGConfig
-from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, QMLPModule
+from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, QModule, module_config
 
 MID = "default_policy"
 OBS = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)
@@ -45,12 +48,11 @@ def perturb_targets(module) -> None:
 
 
 def dqn_learner(double_q: bool, dueling: bool, gamma: float = 0.9):
-    from ray.rllib.algorithms.dqn import DQNConfig
-
     model = QMLPConfig(hiddens=(8,), head_hiddens=(8,), double_q=double_q, dueling=dueling)
     config = (DQNConfig().training(gamma=gamma, double_q=double_q, dueling=dueling, td_error_loss_fn="mse",
                                    tau=1.0)
-              .rl_module(rl_module_spec=RLModuleSpec(module_class=QMLPModule, model_config=to_dict(model))))
+              .rl_module(rl_module_spec=RLModuleSpec(module_class=QModule,
+                                                     model_config=module_config("q_mlp", model))))
     return config, config.build_learner(spaces={MID: (OBS, gym.spaces.Discrete(4))})
 
 
@@ -78,8 +80,8 @@ def test_dqn_td_target_and_loss(double_q):
 
 
 def test_dueling_head_is_value_plus_centred_advantage():
-    module = QMLPModule(observation_space=OBS, action_space=gym.spaces.Discrete(4),
-                        model_config=to_dict(QMLPConfig(hiddens=(8,), head_hiddens=(8,))))
+    module = QModule(observation_space=OBS, action_space=gym.spaces.Discrete(4),
+                     model_config=module_config("q_mlp", QMLPConfig(hiddens=(8,), head_hiddens=(8,))))
     obs = torch.randn(5, 3)
     h = module.torso(obs)
     v, a = module.value(h), module.advantage(h)
@@ -89,7 +91,8 @@ def test_dueling_head_is_value_plus_centred_advantage():
 def ddpg_learner(tau: float = 0.005, gamma: float = 0.9):
     model = DDPGMLPConfig(actor_hiddens=(8,), critic_hiddens=(8,))
     config = (DDPGConfig().training(gamma=gamma, tau=tau)
-              .rl_module(rl_module_spec=RLModuleSpec(module_class=DDPGModule, model_config=to_dict(model))))
+              .rl_module(rl_module_spec=RLModuleSpec(module_class=DDPGModule,
+                                                     model_config=module_config("ddpg_mlp", model))))
     return config, config.build_learner(spaces={MID: (OBS, gym.spaces.Box(-2.0, 2.0, (2,), np.float32))})
 
 
@@ -158,7 +161,8 @@ def test_soft_target_update_is_polyak_average():
 def test_ddpg_noise_only_in_exploration():
     for noise in ("gaussian", "ou"):
         module = DDPGModule(observation_space=OBS, action_space=gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
-                            model_config={**to_dict(DDPGMLPConfig(actor_hiddens=(8,), critic_hiddens=(8,))),
+                            model_config={**module_config("ddpg_mlp", DDPGMLPConfig(actor_hiddens=(8,),
+                                                                                    critic_hiddens=(8,))),
                                           "noise": noise, "noise_sigma": 0.5})
         obs = {Columns.OBS: torch.randn(64, 3)}
         mu = module.actor(obs[Columns.OBS])
@@ -171,8 +175,9 @@ def test_ddpg_noise_only_in_exploration():
 
 
 def test_dqn_epsilon_greedy_only_in_exploration():
-    module = QMLPModule(observation_space=OBS, action_space=gym.spaces.Discrete(4),
-                        model_config={**to_dict(QMLPConfig(hiddens=(8,))), "epsilon": [(0, 1.0), (100, 0.0)]})
+    module = QModule(observation_space=OBS, action_space=gym.spaces.Discrete(4),
+                     model_config={**module_config("q_mlp", QMLPConfig(hiddens=(8,))),
+                                   "epsilon": [(0, 1.0), (100, 0.0)]})
     obs = {Columns.OBS: torch.randn(256, 3)}
     greedy = module.compute_q_values(obs)[QF_PREDS].argmax(-1)
     assert torch.equal(module.forward_inference(obs)[Columns.ACTIONS], greedy)
@@ -183,9 +188,34 @@ def test_dqn_epsilon_greedy_only_in_exploration():
 
 def test_module_checkpoint_round_trip_gives_identical_actions(tmp_path):
     module = DDPGModule(observation_space=OBS, action_space=gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
-                        model_config=to_dict(DDPGMLPConfig(actor_hiddens=(8,), critic_hiddens=(8,))))
+                        model_config=module_config("ddpg_mlp", DDPGMLPConfig(actor_hiddens=(8,), critic_hiddens=(8,))))
     module.save_to_path(str(tmp_path / "m"))
     loaded = RLModule.from_checkpoint(str(tmp_path / "m"))
     obs = {Columns.OBS: torch.randn(16, 3)}
     assert type(loaded) is DDPGModule
     assert torch.equal(module.forward_inference(obs)[Columns.ACTIONS], loaded.forward_inference(obs)[Columns.ACTIONS])
+
+
+def test_networks_build_without_rllib_and_name_the_policy_tensors():
+    """The registered networks are plain torch: building each imports no RLlib. Their parts are the RLModule's
+    own, so the tensors of a logged policy keep the names that `rl-eval` loads strictly."""
+    code = ("import sys, gymnasium as gym, numpy as np\n"
+            "from raycraft.registry import create_model\n"
+            "box = gym.spaces.Box(-1.0, 1.0, (3,), np.float32)\n"
+            "q = create_model('q_mlp', None, {'observation_space': box, 'action_space': gym.spaces.Discrete(4)})\n"
+            "cnn = create_model('q_nature_cnn', None, {'observation_space': gym.spaces.Box(-1.0, 1.0, (84, 84, 4)),"
+            " 'action_space': gym.spaces.Discrete(6)})\n"
+            "ac = create_model('ddpg_mlp', None, {'observation_space': box, 'action_space': box})\n"
+            "print(type(q).__name__, type(cnn).__name__, type(ac).__name__,"
+            " sorted(m for m in sys.modules if m.startswith('ray.rllib')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.split() == ["QNetwork", "QNetwork", "ActorCritic", "[]"]
+
+    q = QModule(observation_space=OBS, action_space=gym.spaces.Discrete(4),
+                model_config=module_config("q_mlp", QMLPConfig(hiddens=(8,), head_hiddens=(8,))))
+    assert sorted(q.get_state(inference_only=True)) == [
+        f"{part}.{i}.{p}" for part, i in (("advantage", 0), ("advantage", 2), ("torso.1", 0), ("value", 0),
+                                          ("value", 2)) for p in ("bias", "weight")]
+    ddpg = DDPGModule(observation_space=OBS, action_space=gym.spaces.Box(-1.0, 1.0, (2,), np.float32),
+                      model_config=module_config("ddpg_mlp", DDPGMLPConfig(actor_hiddens=(8,), critic_hiddens=(8,))))
+    assert sorted(ddpg.get_state(inference_only=True)) == [f"actor.{i}.{p}" for i in (0, 2) for p in ("bias", "weight")]

@@ -8,6 +8,8 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from raycraft.data.timeseries import simulate_nonlinear
+from raycraft.registry import create_model, load_dataset
 from raycraft.runner import run_training
 from raycraft.train.config import build_config
 from raycraft.train.loop import load_state
@@ -21,8 +23,6 @@ def _artifacts(uri: str, run_id: str, folder: str) -> set[str]:
 
 def _trained(out, uri: str, tmp_path, model_cfg: tuple):
     """The run's final model, rebuilt from the checkpoint it logged to MLflow."""
-    from raycraft.registry import create_model, load_dataset
-
     local = MlflowClient(uri).download_artifacts(out.run_id, "checkpoint", str(tmp_path))
     cfg, mcfg = model_cfg
     model = create_model(cfg.model, mcfg, load_dataset(cfg.dataset, cfg.data).info)
@@ -51,8 +51,6 @@ def test_gcn_classifies_the_karate_club(ray_session, mlflow_uri, storage):
 
 
 def test_deep_kalman_recovers_a_nonlinear_latent_state(ray_session, mlflow_uri, storage, tmp_path):
-    from raycraft.data.timeseries import simulate_nonlinear
-
     built = build_config({"model": "deep_kalman", "dataset": "nonlinear_latent", "storage_path": storage,
                           "epochs": 15}, ["latent_dim=1"])
     out = run_training(built[0], tracking_uri=mlflow_uri)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset, Subset, TensorDataset
 
 from raycraft.errors import UserError, check_count
 from raycraft.registry import field_doc
@@ -56,6 +56,12 @@ class DataSplits:
     test: Dataset
     info: dict[str, Any] = field(default_factory=dict)
     """Shapes for the model: 'input_shape' (C, H, W) for images, 'num_classes', 'class_names'."""
+
+    def keep_train_fraction(self, fraction: float) -> None:
+        """Train on the first `fraction` of the training split (at least one example): the data size D of a
+        scaling-law run. A Subset keeps batch indexing `ds[tensor]`."""
+        if fraction < 1.0:
+            self.train = Subset(self.train, torch.arange(max(1, int(round(fraction * len(self.train))))))
 
 
 def split_tensors(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig,

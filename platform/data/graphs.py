@@ -95,12 +95,17 @@ def graph_splits(graphs: list[Graph], cfg: DataConfig, class_names: list[str]) -
     return DataSplits(train, val, test, info)
 
 
+def _networkx():
+    """networkx, on first use: it is the `ssm` extra, and registering the graph datasets must not need it."""
+    import networkx  # the `ssm` extra, which a core install lacks
+
+    return networkx
+
+
 def karate_graph() -> tuple[Graph, list[str]]:
     """Zachary's karate club: 34 members, 78 friendships weighted by shared activities, label = the club
     each member joined after the split; features are one-hot member ids (as in Kipf & Welling 2017)."""
-    import networkx as nx
-
-    G = nx.karate_club_graph()
+    G = _networkx().karate_club_graph()
     clubs = sorted({G.nodes[v]["club"] for v in G})
     y = torch.tensor([clubs.index(G.nodes[v]["club"]) for v in G])
     pairs = torch.tensor(list(G.edges()))
@@ -121,8 +126,7 @@ def karate(cfg: DataConfig) -> DataSplits:
 def regular_graph(n: int, degree: int, seed: int, split_cycle: bool = False) -> Graph:
     """An unlabelled `degree`-regular graph on n nodes, constant features; with degree 2, one n-cycle or
     (split_cycle) two n/2-cycles: 1-WL gives every node of both the same colour at every round."""
-    import networkx as nx
-
+    nx = _networkx()
     if degree == 2:
         G = nx.disjoint_union(nx.cycle_graph(n // 2), nx.cycle_graph(n // 2)) if split_cycle else nx.cycle_graph(n)
     else:

@@ -10,6 +10,7 @@ is a simulated nonlinear system whose true state is known, for the deep Kalman f
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from torch.utils.data import TensorDataset
 
 from raycraft.data.base import DataConfig, DataSplits
 from raycraft.data.vision import package_file
-from raycraft.errors import UserError
+from raycraft.errors import UserError, invalid_choice
 from raycraft.registry import register_dataset
 
 
@@ -50,8 +51,6 @@ def series_splits(y: np.ndarray, cfg: DataConfig, name: str, **info) -> DataSpli
 
 def read_csv_column(path: str | Path, column: str | None = None) -> np.ndarray:
     """One numeric column of a CSV file with a header row (default: the last); empty cells and 'NA' are NaN."""
-    import csv
-
     path = Path(path)
     with open(path, newline="") as f:
         rows = list(csv.reader(f))
@@ -60,8 +59,6 @@ def read_csv_column(path: str | Path, column: str | None = None) -> np.ndarray:
     header = [h.strip() for h in rows[0]]
     column = column or header[-1]
     if column not in header:
-        from raycraft.errors import invalid_choice
-
         raise invalid_choice(f"{path.name}: column", column, header)
     j = header.index(column)
     values = []

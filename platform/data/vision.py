@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from raycraft.data.base import DataConfig, DataSplits, split_tensors
 from raycraft.errors import UserError
@@ -178,8 +179,6 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 def read_image(path: Path, size: int) -> np.ndarray:
     """One image file as (3, size, size) RGB floats in [0, 1]."""
-    from PIL import Image
-
     try:
         with Image.open(path) as img:
             rgb = img.convert("RGB").resize((size, size))

@@ -24,9 +24,11 @@ from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.core.rl_module.apis import QNetAPI, TargetNetworkAPI
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import ALL_MODULES, TD_ERROR_KEY
+from ray.tune.registry import register_trainable
 
+from raycraft.models.rl import DDPGMLPConfig
 from raycraft.rl.dqn import DQN, DQNConfig
-from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, DeterministicActorCriticAPI
+from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, DeterministicActorCriticAPI, module_config
 
 QF_LOSS_KEY = "qf_loss"
 ALGO_NAME = "raycraft-DDPG"
@@ -65,8 +67,7 @@ class DDPGConfig(DQNConfig):
             self._value_error(f"`noise` must be 'gaussian' or 'ou', got {self.noise!r}")
 
     def get_default_rl_module_spec(self) -> RLModuleSpec:
-        return RLModuleSpec(module_class=DDPGModule, model_config={"actor_hiddens": [256, 256],
-                                                                   "critic_hiddens": [256, 256]})
+        return RLModuleSpec(module_class=DDPGModule, model_config=module_config("ddpg_mlp", DDPGMLPConfig()))
 
     def get_default_learner_class(self) -> type:
         return DDPGTorchLearner
@@ -139,6 +140,4 @@ def ddpg_losses(batch: dict[str, Any], fwd_out: dict[str, Any], gamma: float
 
 def register() -> None:
     """Make DDPG nameable by Tune (`tune.Tuner("raycraft-DDPG", ...)`)."""
-    from ray.tune.registry import register_trainable
-
     register_trainable(ALGO_NAME, DDPG)

@@ -1,4 +1,10 @@
-"""raycraft's RLModules for RLlib's new API stack: DQN Q-networks and the DDPG actor-critic.
+"""raycraft's RLModules for RLlib's new API stack: DQN around a `QNetwork`, DDPG around an `ActorCritic`.
+
+The networks are plain torch modules registered in `raycraft.models.rl`. An RLModule builds the one its
+`model_config["model"]` names (`network`) and adds what RLlib's learners need: the target copies θ⁻, the
+forward passes of training, exploration and inference, and the APIs the learners check. The network's
+parts become the module's own attributes (`torso`, `advantage`, `value`; `actor`, `critic`), so the
+tensors of a logged policy (`policy/weights.pt`) and of a checkpoint keep their names.
 
 DQN (Mnih et al., 2015) fits Q(s, a; θ) to the TD target with a target network θ⁻ (RLlib's DQN learner
 computes it from `compute_q_values` and `forward_target`):
@@ -14,19 +20,22 @@ to μ(s) in `_forward_exploration` only; inference acts with μ(s) itself.
 from __future__ import annotations
 
 import abc
+import dataclasses
 from typing import Any
 
-import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.utils import make_target_network
 from ray.rllib.core.rl_module.apis import InferenceOnlyAPI, QNetAPI, TargetNetworkAPI
-from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.core.rl_module.rl_module import RLModule
 from ray.rllib.core.rl_module.torch.torch_rl_module import TorchRLModule
 from ray.rllib.utils.schedules.scheduler import Scheduler
 from torch import nn
 
 from raycraft.config import to_dict
+from raycraft.errors import UserError
+from raycraft.models.rl import ActorCritic, QNetwork, critic_value, q_values
+from raycraft.registry import create_model, model_spec
 
 QF_PREDS = "qf_preds"  # the keys RLlib's DQN learner reads (ray.rllib.algorithms.dqn.dqn_learner)
 QF_NEXT_PREDS = "qf_next_preds"
@@ -35,56 +44,34 @@ Q_TARGET_NEXT = "q_target_next"  # DDPG: Q(s', μ(s'; φ⁻); θ⁻)
 Q_MU = "q_mu"  # DDPG: Q(s, μ(s; φ); θ) with the critic frozen, for the actor's loss
 
 
-def build(module_class: type, cfg: Any, info: dict[str, Any]) -> TorchRLModule:
-    """An RLModule of `module_class` for the spaces in `info`, configured by dataclass `cfg`
-    (plus `info["model_config"]`, the algorithm's own keys such as the epsilon schedule)."""
-    return RLModuleSpec(module_class=module_class, observation_space=info["observation_space"],
-                        action_space=info["action_space"],
-                        model_config={**info.get("model_config", {}), **to_dict(cfg)}).build()
+def module_config(model: str, cfg: Any) -> dict[str, Any]:
+    """An RLModule's `model_config` for the registered network `model` with config dataclass `cfg`
+    (RLlib adds the algorithm's own keys, such as the ε schedule or the noise, when it builds the module)."""
+    return {"model": model, **to_dict(cfg)}
 
 
-def mlp(sizes: list[int], activation: type[nn.Module], out_activation: nn.Module | None = None) -> nn.Sequential:
-    """Linear layers of `sizes` with `activation` between them (none after the last, unless given)."""
-    layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        layers.append(nn.Linear(a, b))
-        if i < len(sizes) - 2:
-            layers.append(activation())
-    if out_activation is not None:
-        layers.append(out_activation)
-    return nn.Sequential(*layers)
-
-
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+def network(module: RLModule) -> nn.Module:
+    """The registered network that `module.model_config` names, built for the module's spaces from the
+    config fields found there (the algorithm's keys are not the network's)."""
+    cfg = module.model_config
+    spec = model_spec(cfg["model"])
+    args = spec.config_cls(**{f.name: cfg[f.name] for f in dataclasses.fields(spec.config_cls) if f.name in cfg})
+    return create_model(spec.name, args, {"observation_space": module.observation_space,
+                                          "action_space": module.action_space})
 
 
 class QModule(TorchRLModule, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):
-    """Q(s, ·) for a discrete action space: a torso (subclass) and a plain or dueling head; ε-greedy exploration."""
-
-    @abc.abstractmethod
-    def make_torso(self) -> tuple[nn.Module, int]:
-        """The feature extractor and its output width."""
+    """DQN's RLModule around a `QNetwork` Q(s, ·): its target copy, ε-greedy exploration, greedy inference."""
 
     def setup(self) -> None:
-        cfg = self.model_config
-        self.dueling, self.double_q = bool(cfg["dueling"]), bool(cfg["double_q"])
-        self.epsilon = Scheduler(cfg.get("epsilon", 0.0), framework="torch")
-        n_actions = self.action_space.n
-        self.torso, width = self.make_torso()
-        head = [width, *cfg.get("head_hiddens", ())]
-        act = ACTIVATIONS[cfg.get("activation", "relu")]
-        self.advantage = mlp([*head, n_actions], act)
-        self.value = mlp([*head, 1], act) if self.dueling else None
-
-    def _q(self, obs: torch.Tensor, torso: nn.Module, advantage: nn.Module, value: nn.Module | None) -> torch.Tensor:
-        h = torso(obs.float())                                 # (B, width)
-        a = advantage(h)                                       # (B, |A|)
-        if value is None:
-            return a
-        return value(h) + a - a.mean(dim=-1, keepdim=True)     # V(s) + A(s,a) − mean A
+        self.double_q = bool(self.model_config["double_q"])
+        self.epsilon = Scheduler(self.model_config.get("epsilon", 0.0), framework="torch")
+        q: QNetwork = network(self)
+        self.torso, self.advantage, self.value = q.torso, q.advantage, q.value
+        self.dueling = self.value is not None
 
     def compute_q_values(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {QF_PREDS: self._q(batch[Columns.OBS], self.torso, self.advantage, self.value)}
+        return {QF_PREDS: q_values(batch[Columns.OBS], self.torso, self.advantage, self.value)}
 
     def make_target_networks(self) -> None:
         self._target_torso = make_target_network(self.torso)
@@ -96,8 +83,8 @@ class QModule(TorchRLModule, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):
         return pairs + ([(self.value, self._target_value)] if self.dueling else [])
 
     def forward_target(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {QF_PREDS: self._q(batch[Columns.OBS], self._target_torso, self._target_advantage,
-                                  self._target_value)}
+        return {QF_PREDS: q_values(batch[Columns.OBS], self._target_torso, self._target_advantage,
+                                   self._target_value)}
 
     def get_non_inference_attributes(self) -> list[str]:
         return ["_target_torso", "_target_advantage", "_target_value"]
@@ -125,36 +112,6 @@ class QModule(TorchRLModule, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):
         return out
 
 
-class QMLPModule(QModule):
-    """Q-network for vector observations: an MLP torso (`hiddens`, `activation`)."""
-
-    def make_torso(self) -> tuple[nn.Module, int]:
-        cfg = self.model_config
-        sizes = [int(np.prod(self.observation_space.shape)), *cfg["hiddens"]]
-        act = ACTIVATIONS[cfg["activation"]]
-        return nn.Sequential(nn.Flatten(), mlp(sizes, act, act())), sizes[-1]
-
-
-class NatureCNNQModule(QModule):
-    """Q-network of Mnih et al. (2015) for (84, 84, 4) frames: conv 8×8/4 → 4×4/2 → 3×3/1, then 512 units."""
-
-    def make_torso(self) -> tuple[nn.Module, int]:
-        h, w, c = self.observation_space.shape
-        convs = nn.Sequential(nn.Conv2d(c, 32, 8, stride=4), nn.ReLU(), nn.Conv2d(32, 64, 4, stride=2), nn.ReLU(),
-                              nn.Conv2d(64, 64, 3, stride=1), nn.ReLU(), nn.Flatten())
-        with torch.no_grad():
-            flat = convs(torch.zeros(1, c, h, w)).shape[-1]    # 64·7·7 = 3136 for 84×84
-        hidden = int(self.model_config.get("hidden", 512))
-        return nn.Sequential(ChannelsFirst(), convs, nn.Linear(flat, hidden), nn.ReLU()), hidden
-
-
-class ChannelsFirst(nn.Module):
-    """(B, H, W, C) frames, as gymnasium gives them, to (B, C, H, W) for Conv2d."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(0, 3, 1, 2)
-
-
 class DeterministicActorCriticAPI(abc.ABC):
     """What DDPG's learner needs: a deterministic actor and a critic, each an nn.Module of its own."""
 
@@ -164,14 +121,12 @@ class DeterministicActorCriticAPI(abc.ABC):
 
 
 class DDPGModule(TorchRLModule, DeterministicActorCriticAPI, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):
-    """DDPG actor μ(s) = tanh(MLP(s)) in the normalised action box [−1, 1]ᵈ and critic Q(s, a) = MLP([s, a])."""
+    """DDPG's RLModule around an `ActorCritic`: target copies of μ and Q, exploration noise on μ(s)."""
 
     def setup(self) -> None:
         cfg = self.model_config
-        obs_dim = int(np.prod(self.observation_space.shape))
-        self.act_dim = int(np.prod(self.action_space.shape))
-        self.actor = mlp([obs_dim, *cfg["actor_hiddens"], self.act_dim], nn.ReLU, nn.Tanh())
-        self.critic = mlp([obs_dim + self.act_dim, *cfg["critic_hiddens"], 1], nn.ReLU)
+        nets: ActorCritic = network(self)
+        self.actor, self.critic = nets.actor, nets.critic
         self.noise = cfg.get("noise", "gaussian")
         self.noise_sigma = float(cfg.get("noise_sigma", 0.1))
         self.ou_theta = float(cfg.get("ou_theta", 0.15))
@@ -180,12 +135,8 @@ class DDPGModule(TorchRLModule, DeterministicActorCriticAPI, QNetAPI, TargetNetw
     def actor_and_critic(self) -> tuple[nn.Module, nn.Module]:
         return self.actor, self.critic
 
-    @staticmethod
-    def _q(critic: nn.Module, obs: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
-        return critic(torch.cat([obs.flatten(1).float(), actions.flatten(1).float()], dim=-1)).squeeze(-1)  # (B,)
-
     def compute_q_values(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        return {QF_PREDS: self._q(self.critic, batch[Columns.OBS], batch[Columns.ACTIONS])}
+        return {QF_PREDS: critic_value(self.critic, batch[Columns.OBS], batch[Columns.ACTIONS])}
 
     def make_target_networks(self) -> None:
         self._target_actor = make_target_network(self.actor)
@@ -197,7 +148,7 @@ class DDPGModule(TorchRLModule, DeterministicActorCriticAPI, QNetAPI, TargetNetw
     def forward_target(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         obs = batch[Columns.OBS]
         mu_target = self._target_actor(obs.flatten(1).float())
-        return {QF_PREDS: self._q(self._target_critic, obs, mu_target)}
+        return {QF_PREDS: critic_value(self._target_critic, obs, mu_target)}
 
     def get_non_inference_attributes(self) -> list[str]:
         return ["critic", "_target_actor", "_target_critic"]
@@ -228,7 +179,20 @@ class DDPGModule(TorchRLModule, DeterministicActorCriticAPI, QNetAPI, TargetNetw
         # (the learner also collects each optimizer's gradients separately, as RLlib's SAC does).
         for p in self.critic.parameters():
             p.requires_grad_(False)
-        out[Q_MU] = self._q(self.critic, obs, self.actor(obs.flatten(1).float()))
+        out[Q_MU] = critic_value(self.critic, obs, self.actor(obs.flatten(1).float()))
         for p in self.critic.parameters():
             p.requires_grad_(True)
         return out
+
+
+MODULES: dict[type, type[TorchRLModule]] = {QNetwork: QModule, ActorCritic: DDPGModule}
+"""The RLModule that trains each kind of network."""
+
+
+def module_class(net: nn.Module) -> type[TorchRLModule]:
+    """The RLModule class for a network built by a registered RL model."""
+    for kind, cls in MODULES.items():
+        if isinstance(net, kind):
+            return cls
+    raise UserError(f"--model: {type(net).__name__} is none of the networks raycraft's RL algorithms train "
+                    f"({', '.join(k.__name__ for k in MODULES)}).")

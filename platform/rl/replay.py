@@ -28,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from raycraft.errors import UserError
+
 EPS = 1e-6
 """ε of p_i = |δ_i| + ε: keeps every row drawable."""
 JSON_FILE = "replay_buffer.json"
@@ -183,8 +185,6 @@ class TransitionReplay:
     def load(self, folder: Path) -> bool:
         """Restore what `save` wrote into `folder`, if it holds a buffer; True if it did. The .npz is read
         with `allow_pickle=False`: a checkpoint from elsewhere cannot run code."""
-        from raycraft.errors import UserError
-
         if not (folder / JSON_FILE).is_file():
             return False
         doc = json.loads((folder / JSON_FILE).read_text())

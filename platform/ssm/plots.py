@@ -1,7 +1,12 @@
-"""PNG plots of the state-space and graph families: estimates with bands against data, curves against depth."""
+"""PNG plots of the state-space family: estimates with bands against data.
+
+`write_plots` draws a time-series model's end-of-run figures from the estimates the model computes
+(`KalmanModel.estimates`, `DeepKalmanFilter.latent_bands` and `reconstruction`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib
@@ -9,6 +14,12 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from raycraft.models.deep_kalman import DeepKalmanFilter  # noqa: E402
+from raycraft.models.kalman import KalmanModel  # noqa: E402
+from raycraft.plots import save  # noqa: E402
 
 
 def bands_png(y, curves: dict, path: Path, title: str) -> None:
@@ -21,25 +32,30 @@ def bands_png(y, curves: dict, path: Path, title: str) -> None:
         ax.plot(t, mean, lw=1.2, label=name)
         ax.fill_between(t, mean - 1.96 * sd, mean + 1.96 * sd, alpha=0.2)
     ax.set_xlabel("t")
-    _save(fig, ax, title, path)
+    save(fig, ax, title, path)
 
 
-def lines_png(x, series: dict, path: Path, xlabel: str, ylabel: str, title: str, logy: bool = False) -> None:
-    """One line per `name: values` against x."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name, values in series.items():
-        ax.plot(x, values, marker="o", ms=3, label=name)
-    if logy:
-        ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    _save(fig, ax, title, path)
+def kalman_plots(model: KalmanModel, y: torch.Tensor, name: str, out_dir: Path) -> None:
+    """states.png: filtered and smoothed C x̂ with 95% bands against the data; forecast.png: one-step
+    forecasts with their bands, then forecasts a fifth of the series' length beyond the last observation."""
+    h = max(1, y.shape[1] // 5)
+    est = model.estimates(y, h)
+    bands_png(y[0, :, 0], {"filtered": est["filtered"], "smoothed": est["smoothed"]}, out_dir / "states.png", name)
+    bands_png(y[0, :, 0], {"one-step forecast": est["one_step"], f"{h}-step forecast": est["ahead"]},
+              out_dir / "forecast.png", name)
 
 
-def _save(fig, ax, title: str, path: Path) -> None:
-    ax.set_title(title)
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+def deep_kalman_plots(model: DeepKalmanFilter, y: torch.Tensor, name: str, out_dir: Path) -> None:
+    """latent.png: posterior means of z with bands; reconstruction.png: F(E[z]) against the data."""
+    bands_png(torch.full((y.shape[1],), float("nan")), model.latent_bands(y), out_dir / "latent.png",
+              f"{name}: posterior latent state")
+    bands_png(y[0, :, 0], {"F(E[z])": model.reconstruction(y)}, out_dir / "reconstruction.png", name)
+
+
+PLOTS: dict[type, Callable[..., None]] = {KalmanModel: kalman_plots, DeepKalmanFilter: deep_kalman_plots}
+"""Each time-series model's end-of-run plots."""
+
+
+def write_plots(model: nn.Module, y: torch.Tensor, info: dict, out_dir: Path) -> None:
+    """The end-of-run plots of `model` for the series y (N, T, p) (the first one is drawn)."""
+    PLOTS[type(model)](model, y, info.get("name", "series"), out_dir)
