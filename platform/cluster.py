@@ -1,4 +1,5 @@
-"""Run raycraft commands on a Ray cluster through the Ray Jobs API: `raycraft submit`, `raycraft jobs`.
+"""Ray for raycraft: starting a private local Ray or joining a cluster (`init_ray`), and the Ray Jobs API
+client behind `raycraft submit` and `raycraft jobs` (whose commands are in `raycraft.cluster_commands`).
 
 `submit` packs the project folder (minus virtualenvs, MLflow stores, checkpoints and caches) into the
 job's `runtime_env` working_dir, passes the MLflow tracking URI on, runs `python -m raycraft.cli <command>`
@@ -22,11 +23,18 @@ import sys
 import tempfile
 import time
 import zipfile
+from collections.abc import Collection
 from pathlib import Path
-from typing import Optional
 from urllib.parse import urlparse
 
+import ray
+from ray._private import ray_constants
+from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE, create_package
+from ray.exceptions import AuthenticationError
+from ray.job_submission import JobSubmissionClient
+
 from raycraft.errors import UserError, invalid_choice
+from raycraft.tracking import is_local_store, resolve_tracking_uri
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 3.0
@@ -79,9 +87,6 @@ def dashboard_address(address: str | None) -> str:
 
 def client(address: str | None):
     """A Jobs API client, after the reachability check; authentication failures become UserErrors."""
-    from ray.exceptions import AuthenticationError
-    from ray.job_submission import JobSubmissionClient
-
     url = dashboard_address(address)
     check_reachable(url, 8265)
     try:
@@ -94,8 +99,6 @@ def client(address: str | None):
 
 def _calling(fn, *args):
     """Call the Jobs API; turn its auth and lookup failures into UserErrors."""
-    from ray.exceptions import AuthenticationError
-
     try:
         return fn(*args)
     except AuthenticationError as exc:
@@ -107,19 +110,15 @@ def _calling(fn, *args):
 
 
 # ---------------------------------------------------------------------------------------------- the command
-def split_command(command: list[str]) -> list[str]:
-    """The raycraft command to run remotely, without a leading 'raycraft'; its name must exist."""
-    import typer
-
-    from raycraft.cli import _load_commands, app
-
+def split_command(command: list[str], commands: Collection[str]) -> list[str]:
+    """The raycraft command to run remotely, without a leading 'raycraft'; its name must be one of the
+    command line's `commands` other than submit and jobs (which talk to the cluster from here)."""
     if command and command[0] == "raycraft":
         command = command[1:]
     if not command:
         raise UserError("submit: give the raycraft command to run after `--`, e.g. "
                         "`raycraft submit -- train lenet5 --dataset digits`.")
-    _load_commands()
-    names = set(typer.main.get_command(app).commands) - {"submit", "jobs"}
+    names = [name for name in commands if name not in ("submit", "jobs")]
     if command[0] not in names:
         raise invalid_choice("submit COMMAND", command[0], names)
     return command
@@ -144,8 +143,6 @@ def cluster_nodes(jobs_client) -> int:
 
 def check_tracking_uri(uri: str, dashboard_url: str, nodes: int) -> None:
     """A local MLflow store (SQLite file, folder) works only when every Ray node shares this machine."""
-    from raycraft.tracking import is_local_store
-
     host = urlparse(dashboard_url).hostname or ""
     local_cluster = host in ("127.0.0.1", "localhost", "::1") and nodes == 1
     if is_local_store(uri) and not local_cluster:
@@ -162,16 +159,12 @@ def check_tracking_uri(uri: str, dashboard_url: str, nodes: int) -> None:
 
 
 def package_limit() -> int:
-    from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE
-
     return int(os.environ.get("RAY_max_grpc_message_size", GCS_STORAGE_MAX_SIZE))
 
 
 def package_project(project: Path, out_dir: Path) -> Path:
     """Zip `project` for the job's working_dir (honouring .gitignore/.rayignore and EXCLUDES); refuse one
     larger than the Jobs API accepts, naming the biggest files."""
-    from ray._private.runtime_env.packaging import create_package
-
     if not project.is_dir():
         raise UserError(f"--working-dir: {str(project)!r} is not a folder.")
     zip_path = out_dir / f"raycraft-{project.name or 'project'}.zip"
@@ -201,12 +194,11 @@ def with_option(command: list[str], name: str, value: str) -> list[str]:
     return [*out, name, value]
 
 
-def submit(command: list[str], *, address: str | None, working_dir: Path, wait: bool,
+def submit(command: list[str], commands: Collection[str], *, address: str | None, working_dir: Path, wait: bool,
            echo=print) -> tuple[str, int]:
-    """Submit `raycraft <command>`; returns (job id, exit code: the job's when waited for, else 0)."""
-    from raycraft.tracking import resolve_tracking_uri
-
-    command = split_command(command)
+    """Submit `raycraft <command>` (one of the command line's `commands`); returns (job id, exit code: the
+    job's when waited for, else 0)."""
+    command = split_command(command, commands)
     explicit = option_value(command, "--tracking-uri")
     jobs = client(address)
     url = dashboard_address(address)
@@ -273,7 +265,7 @@ def stop_job(address: str | None, job_id: str) -> bool:
     return _calling(client(address).stop_job, job_id)
 
 
-# ---------------------------------------------------------------------------------------------- commands
+# ---------------------------------------------------------------------------------------------- Ray itself
 # Ray Train's controller takes one queued report per poll, 2 s apart by default: a run of N short
 # epochs would wait about 2N s for its reports to drain. raycraft polls faster; a user's value wins.
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
@@ -281,49 +273,53 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 def init_ray(address: str | None = None) -> None:
     """Join `address` (or RAY_ADDRESS) if given, else start a private local Ray; never a stray cluster."""
-    import ray
-
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
     quiet = ray.LoggingConfig(log_level="WARNING")
     if address:
-        from ray.exceptions import AuthenticationError
-
-        if address != "auto":  # an unreachable address would make ray.init retry for minutes
-            check_reachable(address, 10001 if address.startswith("ray://") else 6379)
-        try:
-            ray.init(address=address, logging_config=quiet, runtime_env={"env_vars": env})
-        except AuthenticationError as exc:
-            raise UserError(f"--address: Ray at {address!r} refused the token: {exc.message}. {AUTH_HELP}") from None
-        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-            raise UserError(f"--address: cannot connect to Ray at {address!r}: {exc}") from None
+        _join(address, env, quiet)
     else:
-        # Local mode has no preemptible nodes: skip Ray Train's watcher actor (one process fewer).
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        # Ray Train's placement-group cleaner (which frees a run's CPUs when its controller dies, e.g. a
-        # sweep trial stopped early) finds its cluster by auto-detection, which fails when other Ray
-        # instances run on the machine: choose the GCS port, and tell every worker the address.
-        try:
-            for attempt in range(3):
-                port = free_port()  # a fresh port each attempt: a timed-out GCS may still hold the last one
-                env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
-                os.environ["RAY_GCS_SERVER_PORT"] = str(port)
-                try:
-                    # Every Ray server binds to the node IP: 127.0.0.1. So does the dashboard, which hosts
-                    # the state API that Ray Train's cleanup polls.
-                    with single_node_ray():
-                        ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                                 logging_config=quiet, runtime_env={"env_vars": env})
-                    break
-                except Exception as exc:  # Ray waits a fixed 30 s for its raylet; an overloaded machine misses it
-                    if "timed out during startup" not in str(exc) or attempt == 2:
-                        raise
-                    ray.shutdown()
-        finally:
-            del os.environ["RAY_GCS_SERVER_PORT"]
+        _start_local(env, quiet)
         keep_token_private()
+
+
+def _join(address: str, env: dict[str, str], quiet) -> None:
+    if address != "auto":  # an unreachable address would make ray.init retry for minutes
+        check_reachable(address, 10001 if address.startswith("ray://") else 6379)
+    try:
+        ray.init(address=address, logging_config=quiet, runtime_env={"env_vars": env})
+    except AuthenticationError as exc:
+        raise UserError(f"--address: Ray at {address!r} refused the token: {exc.message}. {AUTH_HELP}") from None
+    except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+        raise UserError(f"--address: cannot connect to Ray at {address!r}: {exc}") from None
+
+
+def _start_local(env: dict[str, str], quiet) -> None:
+    """A Ray of this machine only. Ray Train's placement-group cleaner (which frees a run's CPUs when its
+    controller dies, e.g. a sweep trial stopped early) finds its cluster by auto-detection, which fails when
+    other Ray instances run on the machine: choose the GCS port, and tell every worker the address."""
+    # Local mode has no preemptible nodes: skip Ray Train's watcher actor (one process fewer).
+    env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    try:
+        for attempt in range(3):
+            port = free_port()  # a fresh port each attempt: a timed-out GCS may still hold the last one
+            env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+            os.environ["RAY_GCS_SERVER_PORT"] = str(port)
+            try:
+                # Every Ray server binds to the node IP: 127.0.0.1. So does the dashboard, which hosts
+                # the state API that Ray Train's cleanup polls.
+                with single_node_ray():
+                    ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
+                             logging_config=quiet, runtime_env={"env_vars": env})
+                return
+            except Exception as exc:  # Ray waits a fixed 30 s for its raylet; an overloaded machine misses it
+                if "timed out during startup" not in str(exc) or attempt == 2:
+                    raise
+                ray.shutdown()
+    finally:
+        del os.environ["RAY_GCS_SERVER_PORT"]
 
 
 def keep_token_private() -> None:
@@ -339,8 +335,6 @@ def single_node_ray():
     """Ray keeps a node IP of 127.0.0.1 only when it takes the machine for single-node (`ENABLE_RAY_CLUSTER`
     false, its Windows/macOS default); otherwise it swaps in the routable address. Its env var is read once,
     at Ray's import, so the module constant is set for the duration of one `ray.init`."""
-    from ray._private import ray_constants
-
     before = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
     try:
@@ -350,59 +344,6 @@ def single_node_ray():
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
-
-
-import typer  # noqa: E402
-
-from raycraft.cli import app, console  # noqa: E402
-
-AddressOpt = typer.Option("--address", help="The Ray dashboard's Jobs API, http://HOST:8265 (default: "
-                          "$RAY_API_SERVER_ADDRESS, else an http $RAY_ADDRESS, else http://127.0.0.1:8265).")
-
-jobs_app = typer.Typer(no_args_is_help=True, help="Jobs on a Ray cluster: list, logs, stop.")
-app.add_typer(jobs_app, name="jobs")
-JobIdArg = typer.Argument(help="Job id (as `raycraft submit` printed it, or from `raycraft jobs list`).")
-
-
-@app.command("submit", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def submit_cmd(
-    ctx: typer.Context,
-    address: Optional[str] = AddressOpt,
-    wait: bool = typer.Option(True, "--wait/--no-wait", help="Stream the job's logs until it ends."),
-    working_dir: Path = typer.Option(Path("."), "--working-dir", help="Project folder shipped with the job."),
-):
-    """Run a raycraft command on a Ray cluster: `raycraft submit [--address URL] -- train lenet5 ...`.
-
-    --address is the Ray dashboard (http://HOST:8265; default $RAY_API_SERVER_ADDRESS, else localhost).
-    Exits with the job's exit code."""
-    _, code = submit(list(ctx.args), address=address, working_dir=working_dir, wait=wait, echo=console.print)
-    raise typer.Exit(code)
-
-
-@jobs_app.command("list")
-def jobs_list(address: Optional[str] = AddressOpt):
-    """Every job on the cluster, oldest first: id, status, start time, command (one line each)."""
-    for job in list_jobs(address):
-        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(job.start_time / 1000)) if job.start_time else "-"
-        print(f"{job.submission_id or job.job_id}  {job.status.value:<9}  {started}  {job.entrypoint}")
-
-
-@jobs_app.command("logs")
-def jobs_logs(job_id: str = JobIdArg, address: Optional[str] = AddressOpt,
-              follow_logs: bool = typer.Option(False, "--follow", "-f", help="Stream until the job ends.")):
-    """The job's driver output."""
-    text, code = job_logs(address, job_id, follow_logs)
-    sys.stdout.write(text)
-    raise typer.Exit(code)
-
-
-@jobs_app.command("stop")
-def jobs_stop(job_id: str = JobIdArg, address: Optional[str] = AddressOpt):
-    """Stop a running job."""
-    stopped = stop_job(address, job_id)
-    console.print(f"job {job_id}: " + ("stop requested" if stopped else "was not running"))

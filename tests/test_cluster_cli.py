@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO
+from raycraft.cli import command_table
 from raycraft.cluster import (
     EXCLUDES,
     check_reachable,
@@ -25,15 +26,17 @@ from raycraft.cluster import (
 )
 from raycraft.errors import UserError
 
+COMMANDS = list(command_table())
+
 
 def test_command_must_be_a_raycraft_command():
-    assert split_command(["raycraft", "train", "lenet5"]) == ["train", "lenet5"]
+    assert split_command(["raycraft", "train", "lenet5"], COMMANDS) == ["train", "lenet5"]
     with pytest.raises(UserError, match="give the raycraft command"):
-        split_command([])
+        split_command([], COMMANDS)
     with pytest.raises(UserError, match="Did you mean 'train'"):
-        split_command(["trian"])
+        split_command(["trian"], COMMANDS)
     with pytest.raises(UserError, match="'submit' is not valid"):
-        split_command(["submit", "--", "train"])
+        split_command(["submit", "--", "train"], COMMANDS)
 
 
 def test_tracking_option_is_replaced_not_duplicated():

@@ -226,11 +226,10 @@ def test_rayjob_commands_parse_with_the_real_cli():
 
     import typer.main
 
-    from raycraft.cli import _load_commands, app
+    from raycraft.cli import app
     from raycraft.sweep.config import load_sweep
     from raycraft.train.config import build_config
 
-    _load_commands()
     group = typer.main.get_command(app)
     for _, doc in manifests():
         if doc["kind"] != "RayJob":

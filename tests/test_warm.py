@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from raycraft.warm import code_snapshot
+from raycraft.warm.server import code_snapshot
 
 RAYCRAFT = str(Path(sys.executable).parent / "raycraft")
 

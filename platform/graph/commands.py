@@ -19,8 +19,15 @@ from typing import Annotated
 import torch
 import typer
 
-from raycraft.cli import TrackingOpt, app, console
+from raycraft import tracking
+from raycraft.console import TrackingOpt, console
+from raycraft.data.base import DataConfig
 from raycraft.errors import UserError
+from raycraft.models.gnn import GNNConfig
+from raycraft.plots import lines_png
+from raycraft.registry import check_compatible, create_model, load_dataset, model_spec
+
+app = typer.Typer()
 
 
 def dirichlet_energy(h: torch.Tensor, edge_index: torch.Tensor) -> float:
@@ -34,10 +41,6 @@ def dirichlet_energy(h: torch.Tensor, edge_index: torch.Tensor) -> float:
 def oversmoothing_curve(model: str, dataset: str, depths: list[int], residual: bool, seed: int = 0,
                         hidden: int = 16) -> list[float]:
     """Relative Dirichlet energy of the node states of `model` stacks of each depth, at initialisation."""
-    from raycraft.data.base import DataConfig
-    from raycraft.models.gnn import GNNConfig
-    from raycraft.registry import create_model, load_dataset
-
     splits = load_dataset(dataset, DataConfig())
     x, edge_index, edge_attr, *_ = splits.train[torch.arange(len(splits.train))]
     energies = []
@@ -58,12 +61,6 @@ def oversmoothing(
     tracking_uri: TrackingOpt = None,
 ):
     """Dirichlet energy of node states against depth, with and without residual links, logged to MLflow."""
-    from mlflow.entities import Metric
-
-    from raycraft import tracking
-    from raycraft.registry import check_compatible, model_spec
-    from raycraft.ssm.plots import lines_png
-
     if model_spec(model).family != "graph":
         raise UserError(f"--model: {model!r} is not a graph model; use gcn, mpnn or gin.")
     check_compatible(model, dataset)
@@ -77,16 +74,15 @@ def oversmoothing(
               for name, residual in (("plain", False), ("residual", True))}
     uri = tracking.resolve_tracking_uri(tracking_uri)
     params = {"model": model, "dataset": dataset, "depths": ",".join(map(str, ds))}
-    run_id = tracking.start_run(uri, experiment, f"oversmoothing-{model}-{dataset}", params,
-                                {"raycraft.kind": "oversmoothing"}, "")
-    metrics = [Metric(f"dirichlet_energy_{name}", e, 0, d)
-               for name, es in curves.items() for d, e in zip(ds, es, strict=True)]
-    tracking._client(uri).log_batch(run_id, metrics=metrics)
+    run = tracking.Run.start(uri, experiment, f"oversmoothing-{model}-{dataset}", params,
+                             {"raycraft.kind": "oversmoothing"}, "")
+    for i, d in enumerate(ds):
+        run.log_metrics({f"dirichlet_energy_{name}": es[i] for name, es in curves.items()}, step=d)
     with tempfile.TemporaryDirectory() as tmp:
         lines_png(ds, curves, Path(tmp) / "oversmoothing.png", "depth (layers)", "relative Dirichlet energy",
                   f"over-smoothing: {model} on {dataset}", logy=True)
-        tracking.log_dir(uri, run_id, tmp, "plots")
-    tracking.end_run(uri, run_id, "FINISHED")
+        run.log_artifacts(tmp, "plots")
+    run.end()
     for d, *es in zip(ds, *curves.values(), strict=True):
         console.print(f"depth {d:3d}  plain {es[0]:.3e}  residual {es[1]:.3e}")
-    console.print(f"MLflow run {run_id}")
+    console.print(f"MLflow run {run.run_id}")

@@ -7,8 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from raycraft.cli import AddressOpt, SetOpt, TrackingOpt, app, console
+from raycraft.console import AddressOpt, SetOpt, TrackingOpt, console
 from raycraft.errors import UserError
+from raycraft.extras import require_extra
+from raycraft.sweep.config import load_sweep
+from raycraft.sweep.engine import resume_sweep, run_sweep
+from raycraft.tracking import resolve_tracking_uri, ui_command
+
+app = typer.Typer()
 
 
 @app.command("tune")
@@ -25,10 +31,6 @@ def tune(
 
     `--set key=value` changes the sweep (name, metric, scheduler.name, ...) or, for any other key, the job
     (optim.lr, epochs, dropout, lr, dqn.target_update_freq, ...)."""
-    from raycraft.sweep.config import load_sweep
-    from raycraft.sweep.engine import resume_sweep, run_sweep
-    from raycraft.tracking import ui_command
-
     if resume:
         storage = load_sweep(file, set_ or []).config.storage_path if file else "ray_results"
         outcome = resume_sweep(resume, storage, tracking_uri=tracking_uri, address=address, echo=console.print)
@@ -42,8 +44,6 @@ def tune(
     if outcome.best_run_id:
         console.print(f"best run {outcome.best_run_id}: {outcome.best_metric:.4g} with " +
                       ", ".join(f"{k}={v}" for k, v in outcome.best_params.items()))
-    from raycraft.tracking import resolve_tracking_uri
-
     console.print(f"MLflow UI: {ui_command(resolve_tracking_uri(tracking_uri))}")
 
 
@@ -54,10 +54,8 @@ def scaling(
     address: AddressOpt = None,
 ):
     """Train a grid of model sizes x data amounts, fit L(N), L(D) and L(N, D), predict the held-out runs."""
-    from raycraft.extras import require_extra
-
     require_extra("tune", "raycraft scaling")
-    from raycraft.sweep.scaling_job import load_scaling, run_scaling
+    from raycraft.sweep.scaling_job import load_scaling, run_scaling  # scipy: the `tune` extra, checked above
 
     cfg, points = load_scaling(file)
     parent, result = run_scaling(cfg, points, tracking_uri=tracking_uri, address=address, echo=console.print)

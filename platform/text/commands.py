@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Optional
 
+import torch
 import typer
 
-from raycraft.cli import TrackingOpt, app, console, progress_bar
-from raycraft.errors import UserError, check_count
+from raycraft import tracking
+from raycraft.console import TrackingOpt, console, progress_bar
+from raycraft.data.base import DataConfig
+from raycraft.data.text import DOCUMENTS, train_text
+from raycraft.errors import UserError, check_count, invalid_choice
+from raycraft.evaluate import rebuild_model, run_config
+from raycraft.models import tokenizers
+from raycraft.text.step import TOKENIZER_FILE, generate
 
+app = typer.Typer()
 tokenizer_app = typer.Typer(no_args_is_help=True, help="Train and inspect BPE tokenizers.")
 app.add_typer(tokenizer_app, name="tokenizer")
 MAX_TOKENS = 1_000_000  # hours of sampling on a CPU, one token per forward pass; more is a typo, not a plan
@@ -20,13 +29,6 @@ PROGRESS_TOKENS = 1_000  # from here generation takes long enough to want a prog
 def load_language_model(run_id: str, uri: str):
     """Rebuild a run's model from its config.yaml and final checkpoint (weights_only), with its tokenizer.
     LoRA adapters are merged into the weights."""
-    import tempfile
-
-    from raycraft import tracking
-    from raycraft.evaluate import rebuild_model, run_config
-    from raycraft.models import tokenizers
-    from raycraft.text.step import TOKENIZER_FILE
-
     cfg, spec = run_config(uri, run_id, "language-model", "`raycraft generate`")
     with tempfile.TemporaryDirectory() as tmp:
         tok = tokenizers.load(tracking.download_artifact(uri, run_id, f"plots/{TOKENIZER_FILE}", tmp))
@@ -48,11 +50,6 @@ def generate_cmd(
     tracking_uri: TrackingOpt = None,
 ):
     """Print PROMPT continued by TOKENS tokens sampled from the model logged by RUN_ID."""
-    import torch
-
-    from raycraft.text.step import generate
-    from raycraft.tracking import resolve_tracking_uri
-
     check_count("--tokens", tokens, MAX_TOKENS)
     if temperature < 0:
         raise UserError(f"--temperature: {temperature} must be >= 0.")
@@ -61,7 +58,7 @@ def generate_cmd(
     if not prompt:
         raise UserError("--prompt: give at least one character to start from.")
     torch.set_num_threads(1)
-    model, tok, context = load_language_model(run_id, resolve_tracking_uri(tracking_uri))
+    model, tok, context = load_language_model(run_id, tracking.resolve_tracking_uri(tracking_uri))
     with progress_bar(f"generating {tokens:,} tokens", tokens, show=tokens >= PROGRESS_TOKENS) as advance:
         ids = generate(model, tok.encode(prompt), tokens, context, temperature, top_k,
                        torch.Generator().manual_seed(seed), advance)
@@ -76,11 +73,6 @@ def tokenizer_train(
     out: Annotated[Optional[Path], typer.Option("--out", help="Write the tokenizer JSON here.")] = None,
 ):
     """Learn BPE merges on the dataset's training split; print the first merges and the compression."""
-    from raycraft.data.base import DataConfig
-    from raycraft.data.text import DOCUMENTS, train_text
-    from raycraft.errors import invalid_choice
-    from raycraft.models import tokenizers
-
     if dataset not in DOCUMENTS:
         raise invalid_choice("--dataset", dataset, DOCUMENTS)
     if dataset == "text_folder" and not (data_dir and Path(data_dir).is_dir()):
