@@ -1,23 +1,28 @@
 """Typed configuration: dataclasses with defaults and docstrings, loaded from YAML and `--set key=value`.
 
 Every config in raycraft is a dataclass. `from_dict` builds one from plain data (a YAML file), checking
-each key and coercing each value to the declared type; `apply_overrides` applies `--set a.b=value`
-strings on top. Field documentation lives in each field's `metadata["help"]` via `field_doc`, so the CLI
-can print it and errors can point at it. Errors are `UserError`s naming the key, the value and the choices.
+each key and coercing each value to the declared type. A job's config (train, rl, a sweep's trials, a
+scaling run's points) is built by one function, `build`, from its layers: the model's recipe, a YAML file,
+flags and `--set` strings, all taking the same keys, routed by one rule (`route`) and merged by one deep
+merge. Field documentation lives in each field's `metadata["help"]` via `field_doc`, so the CLI can print it
+and errors can point at it. Errors are `UserError`s naming the key, the value and the choices.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
-from raycraft.errors import UserError, invalid_choice
+from raycraft.errors import UserError, closest, invalid_choice
+from raycraft.registry import ModelSpec, model_spec
 
 C = TypeVar("C")
 MODEL_PACKAGE = "raycraft.models."  # whose config dataclasses `least_value` bounds by their defaults
@@ -46,61 +51,81 @@ def coerce(key: str, value: Any, tp: Any) -> Any:
             return None
         raise UserError(f"{key}: a value is required (got null).")
     if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise UserError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
-                            f"got {value!r}.")
-        return from_dict(tp, value, prefix=f"{key}.")
+        return _to_dataclass(key, value, tp)
     origin = get_origin(tp)
     if origin is Literal:
-        choices = get_args(tp)
-        if value not in choices:
-            raise invalid_choice(key, value, [str(c) for c in choices])
+        if value not in get_args(tp):
+            raise invalid_choice(key, value, [str(c) for c in get_args(tp)])
         return value
     if origin in (tuple, list):
-        if isinstance(value, str):
-            value = read_yaml(value, key)
-        if not isinstance(value, (list, tuple)):
-            raise UserError(f"{key}: expected a list, got {value!r}.")
-        args = get_args(tp)
-        item_tp = args[0] if args else Any
-        items = [coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _to_sequence(key, value, tp)
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise UserError(f"{key}: expected a mapping, got {value!r}.")
         return dict(value)
     if tp is Any:
         return value
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise UserError(f"{key}: expected true or false, got {value!r}.")
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise UserError(f"{key}: expected an integer, got {value!r}.")
-        return value
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise UserError(f"{key}: expected a number, got {value!r}.")
-        if not math.isfinite(value):
-            raise UserError(f"{key}: expected a finite number, got {value!r}.")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise UserError(f"{key}: expected a string, got {value!r}.")
-        return value
+    if tp in _SCALARS:
+        return _SCALARS[tp](key, value)
     if isinstance(tp, type) and isinstance(value, tp):
         return value
     raise UserError(f"{key}: cannot use {value!r} as {tp}.")
+
+
+def _to_dataclass(key: str, value: Any, tp: type) -> Any:
+    if isinstance(value, tp):
+        return value
+    if not isinstance(value, dict):
+        raise UserError(f"{key}: expected a mapping of {sorted(f.name for f in dataclasses.fields(tp))}, "
+                        f"got {value!r}.")
+    return from_dict(tp, value, prefix=f"{key}.")
+
+
+def _to_sequence(key: str, value: Any, tp: Any) -> list | tuple:
+    """A list or tuple of `tp`'s item type; a string (from `--set`) is read as a YAML list first."""
+    if isinstance(value, str):
+        value = read_yaml(value, key)
+    if not isinstance(value, (list, tuple)):
+        raise UserError(f"{key}: expected a list, got {value!r}.")
+    args = get_args(tp)
+    items = [coerce(f"{key}[{i}]", v, args[0] if args else Any) for i, v in enumerate(value)]
+    return tuple(items) if get_origin(tp) is tuple else items
+
+
+def _to_bool(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    raise UserError(f"{key}: expected true or false, got {value!r}.")
+
+
+def _to_int(key: str, value: Any) -> int:
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise UserError(f"{key}: expected an integer, got {value!r}.")
+    return value
+
+
+def _to_float(key: str, value: Any) -> float:
+    if isinstance(value, str):  # YAML 1.1 reads '3e-4' (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise UserError(f"{key}: expected a number, got {value!r}.")
+    if not math.isfinite(value):
+        raise UserError(f"{key}: expected a finite number, got {value!r}.")
+    return float(value)
+
+
+def _to_str(key: str, value: Any) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{key}: expected a string, got {value!r}.")
+    return value
+
+
+_SCALARS = {bool: _to_bool, int: _to_int, float: _to_float, str: _to_str}
 
 
 def from_dict(cls: type[C], data: dict[str, Any] | None, prefix: str = "") -> C:
@@ -203,15 +228,142 @@ def set_path(data: dict[str, Any], key: str, value: Any) -> None:
 
 def has_path(cls: type, key: str) -> bool:
     """Whether dotted `key` names a field of dataclass `cls` (descending into nested dataclasses)."""
+    return field_at(cls, key) is not None
+
+
+def field_at(cls: type, key: str) -> tuple[dataclasses.Field, Any] | None:
+    """The field that dotted `key` names in dataclass `cls` (descending into nested dataclasses) and its type,
+    Optional removed (`data.data_dir` -> DataConfig's field, str); None when `cls` has no such field."""
     node: Any = cls
-    for p in key.split("."):
-        if not dataclasses.is_dataclass(node):
-            return False
-        hints = _hints(node)
-        if p not in hints:
-            return False
-        node = _is_optional(hints[p])[1]
-    return True
+    found = None
+    for part in key.split("."):
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return None
+        found, node = fields[part], _is_optional(_hints(node)[part])[1]
+    return found, node
+
+
+MODEL_ARGS = "model_args"  # the job field that holds its model's own keys
+MAX_DEPTH = 32  # how deep a config's mappings may nest: real ones nest 3 deep (model_args.lora.rank)
+
+
+class JobConfig:
+    """What the configs of jobs (`TrainConfig`, `RLConfig`) share: a `model`, named in the registry, whose own
+    keys sit in `model_args` as plain data (what config.yaml and the MLflow params `model_args.<key>` hold),
+    and, as `model_config`, as the model's typed config dataclass. A subclass may change what lies under the
+    user's keys (`layer_under`), which models fit its jobs (`registered_model`) and how errors name the
+    model's keys (`model_prefix`)."""
+
+    @classmethod
+    def layer_under(cls, keys: dict[str, Any]) -> dict[str, Any]:
+        """The layer under the keys the user gave (merged by `merge_layers`): the recipe of the model they name."""
+        return model_spec(str(keys["model"])).recipe if "model" in keys else {}
+
+    def registered_model(self) -> ModelSpec:
+        return model_spec(self.model)
+
+    def model_prefix(self) -> str:
+        return f"{self.model}."
+
+    @functools.cached_property
+    def model_config(self) -> Any:
+        """`model_args` as the model's typed config, validated on first use (`build` uses it) and kept: it
+        travels with this config, pickled, to Ray Train workers and Tune trials."""
+        model_cls = self.registered_model().config_cls
+        self._check_misplaced_keys(model_cls)
+        return from_dict(model_cls, self.model_args, prefix=self.model_prefix())
+
+    def _check_misplaced_keys(self, model_cls: type) -> None:
+        """A key routed to the model that looks like none of its keys but like one of the job's (`epoch: 3`)
+        is a typo of the job's key: name both configs' keys, as a sweep's space check does."""
+        model_names = [f.name for f in dataclasses.fields(model_cls) if f.init]
+        job_names = [f.name for f in dataclasses.fields(self)]
+        for key in self.model_args:
+            if key not in model_names and not closest(key, model_names) and closest(key, job_names):
+                raise invalid_choice("key", key, job_names + model_names)
+
+
+J = TypeVar("J", bound=JobConfig)
+
+
+def build(cls: type[J], layers: Iterable[dict[str, Any] | None], overrides: Iterable[str] = ()) -> tuple[J, Any]:
+    """(job config, model config), validated, from a job's layers, lowest first: what `cls.layer_under` gives
+    (the model's recipe), `layers` (say a resumed run's config.yaml, a YAML file, the flags given), then
+    `--set key=value` strings. Every layer takes the same keys (`merge_layers`). The model's config is
+    validated once, here; `cfg.model_config` keeps it and `cfg.model_args` holds it as plain data."""
+    keys = merge_layers(cls, layers, overrides)
+    tree = nest(cls, cls.layer_under(keys).items())
+    deep_merge(tree, keys)
+    cfg = from_dict(cls, tree)
+    cfg.model_args = to_dict(cfg.model_config)
+    return cfg, cfg.model_config
+
+
+def merge_layers(cls: type, layers: Iterable[dict[str, Any] | None], overrides: Iterable[str] = ()) -> dict[str, Any]:
+    """The keys a user gave a job of config class `cls`: `layers` (mappings, lowest first), then `--set`
+    strings, as one nested mapping. Each layer takes the keys `--set` takes, dotted (`optim.lr: 0.005`) or
+    nested (`optim: {lr: 0.005}`); a key whose head is not a field of `cls` is the model's (`route`). A
+    mapping merges key by key into the one under it; any other value replaces what it lands on."""
+    tree: dict[str, Any] = {}
+    for pairs in [*((layer or {}).items() for layer in layers), map(parse_override, overrides)]:
+        deep_merge(tree, nest(cls, pairs))
+    return tree
+
+
+def route(cls: type, key: str) -> str:
+    """The path of `key` in a job of config class `cls`: a key whose head is not one of its fields is the
+    model's, so model keys never need the prefix (`dropout` is `model_args.dropout`)."""
+    return key if key.split(".")[0] in {f.name for f in dataclasses.fields(cls)} else f"{MODEL_ARGS}.{key}"
+
+
+def nest(cls: type, pairs: Iterable[tuple[Any, Any]]) -> dict[str, Any]:
+    """(key, value) pairs as one nested mapping of fresh dicts: each key routed, then split at its dots."""
+    tree: dict[str, Any] = {}
+    for key, value in pairs:
+        path = route(cls, str(key))
+        deep_merge(tree, _at(path, _split(path, value)))
+    return tree
+
+
+def _split(key: str, value: Any, depth: int = 0) -> Any:
+    """`value` with its mappings copied and their dotted keys split: {'lora.rank': 8} -> {'lora': {'rank': 8}}."""
+    if not isinstance(value, dict):
+        return value
+    if depth == MAX_DEPTH:
+        raise UserError(f"{key}: mappings nested more than {MAX_DEPTH} deep; a config nests a few levels.")
+    out: dict[Any, Any] = {}
+    for k, v in value.items():
+        sub = _split(f"{key}.{k}", v, depth + 1)
+        deep_merge(out, _at(k, sub) if isinstance(k, str) else {k: sub})
+    return out
+
+
+def _at(path: str, value: Any) -> dict[str, Any]:
+    """{'a': {'b': value}} for the path 'a.b'."""
+    for part in reversed(path.split(".")):
+        value = {part: value}
+    return value
+
+
+def deep_merge(tree: dict[Any, Any], top: dict[Any, Any]) -> None:
+    """Merge `top` into `tree` in place, nested mappings key by key; what else `top` holds replaces what it
+    lands on. Both are `nest`'s fresh dicts, so nothing the caller holds (a recipe, a preset) changes, and
+    merging costs one step per key of `top`."""
+    for k, v in top.items():
+        if isinstance(v, dict) and isinstance(tree.get(k), dict):
+            deep_merge(tree[k], v)
+        else:
+            tree[k] = v
+
+
+def check_keys(cls: type, model_cls: type, keys: Iterable[str]) -> None:
+    """Reject routed `keys` that neither `cls` nor the model's config `model_cls` has, naming both configs'
+    keys (a sweep checks its space this way before it starts)."""
+    for key in keys:
+        if not (has_path(cls, key) or has_path(model_cls, key.removeprefix(f"{MODEL_ARGS}."))):
+            names = [f.name for f in dataclasses.fields(cls)] + [f.name for f in dataclasses.fields(model_cls)]
+            raise invalid_choice("key", key, names)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -1,20 +1,20 @@
 """The typed config of one RL run (`raycraft rl ALGO --env ENV`): every hyperparameter documented here.
 
-Precedence, lowest first: these defaults, the preset for (algo, env) in `PRESETS`, the model's
-registered recipe, a YAML file (`--config`), flags, then `--set key=value`. Keys whose head is not a
-field of `RLConfig` go to the model's config (`--set dueling=false` == `--set model_args.dueling=false`).
-Everything is checked in `validate` before Ray starts.
+Precedence, lowest first: these defaults, the preset for (algo, env) in `PRESETS`, a YAML file
+(`--config`), flags, then `--set key=value`, merged by `config.build`. Keys whose head is not a field of
+`RLConfig` go to the model's config (`--set dueling=false` == `--set model_args.dueling=false`), in YAML as
+with `--set`. Everything is checked before Ray starts (here, then in `rl.run.prepare`).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from raycraft.config import from_dict, has_path, parse_override, set_path
+from raycraft.config import MODEL_ARGS, JobConfig, build
+from raycraft.envs import ATARI_PREFIX
 from raycraft.errors import UserError, check_count, invalid_choice
-from raycraft.registry import field_doc
+from raycraft.registry import ModelSpec, field_doc, model_spec, models
 
 ALGOS = ("dqn", "ddpg")
 DEFAULT_MODEL = {"dqn": "q_mlp", "ddpg": "ddpg_mlp"}
@@ -55,7 +55,7 @@ class DDPGArgs:
 
 
 @dataclass
-class RLConfig:
+class RLConfig(JobConfig):
     algo: Literal["dqn", "ddpg"] = field_doc("dqn", "Algorithm: dqn (discrete actions) or ddpg (continuous).")
     env: str = field_doc("CartPole-v1", "Environment id: any gymnasium id, ALE/<Game>-v5, raycraft/Portfolio-v0.")
     env_config: dict = field_doc(None, "Keyword arguments for the environment's constructor.", factory=dict)
@@ -86,6 +86,8 @@ class RLConfig:
     storage_path: str = field_doc("ray_results", "Folder of checkpoints (one subfolder per run).")
 
     def __post_init__(self) -> None:
+        if not self.model:
+            self.model = ATARI_MODEL if self.env.startswith(ATARI_PREFIX) else DEFAULT_MODEL[self.algo]
         for key in ("timesteps", "batch_size", "n_step", "steps_per_iter", "eval_episodes", "eval_interval",
                     "checkpoint_every", "envs_per_worker"):
             if getattr(self, key) < 1:
@@ -97,6 +99,28 @@ class RLConfig:
             raise UserError(f"gamma: must be in (0, 1], got {self.gamma}.")
         if not 0.0 < self.ddpg.tau <= 1.0:
             raise UserError(f"ddpg.tau: must be in (0, 1], got {self.ddpg.tau}.")
+
+    @classmethod
+    def layer_under(cls, keys: dict[str, Any]) -> dict[str, Any]:
+        """The preset for the (algo, env) the user named; its `model_args` only for the default model."""
+        algo, env = keys.get("algo", "dqn"), str(keys.get("env", "CartPole-v1"))
+        if algo not in ALGOS:
+            raise invalid_choice("ALGO", algo, ALGOS)
+        preset = ATARI_PRESET if env.startswith(ATARI_PREFIX) and algo == "dqn" else PRESETS.get((algo, env), {})
+        if keys.get("model") and keys["model"] != DEFAULT_MODEL[algo]:
+            preset = {k: v for k, v in preset.items() if k != MODEL_ARGS}  # those keys are the default model's
+        return preset
+
+    def registered_model(self) -> ModelSpec:
+        spec = model_spec(self.model)
+        if spec.task != "rl":
+            fits = sorted(n for n, s in models().items() if s.task == "rl")
+            raise UserError(f"--model: {self.model!r} is a {spec.task} model, not an RL policy. RL models: "
+                            f"{', '.join(fits)}.")
+        return spec
+
+    def model_prefix(self) -> str:
+        return f"{MODEL_ARGS}."
 
     def reached(self, m: dict[str, float]) -> bool:
         """Whether an iteration's metrics end the run: `timesteps` sampled or `stop_reward` reached."""
@@ -132,40 +156,6 @@ ATARI_PRESET: dict[str, Any] = {  # Nature DQN, scaled for a single machine; see
 }
 
 
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def build_rl_config(base: dict[str, Any], overrides: list[str]) -> tuple[RLConfig, Any]:
-    """(RLConfig, model config dataclass) from a YAML-like mapping and `--set` strings, validated."""
-    from raycraft.envs import ATARI_PREFIX
-    from raycraft.registry import model_spec
-
-    algo = base.get("algo", "dqn")
-    if algo not in ALGOS:
-        raise invalid_choice("ALGO", algo, ALGOS)
-    env = base.get("env", "CartPole-v1")
-    preset = ATARI_PRESET if str(env).startswith(ATARI_PREFIX) and algo == "dqn" else PRESETS.get((algo, env), {})
-    if base.get("model") and base["model"] != DEFAULT_MODEL[algo]:
-        preset = {k: v for k, v in preset.items() if k != "model_args"}  # those keys are the default model's
-    data = _merge(copy.deepcopy(preset), copy.deepcopy(base))  # --set must not edit PRESETS
-    for text in overrides:
-        key, value = parse_override(text)
-        if not has_path(RLConfig, key.split(".")[0]):
-            key = f"model_args.{key}"
-        set_path(data, key, value)
-    if not data.get("model"):
-        data["model"] = ATARI_MODEL if str(env).startswith(ATARI_PREFIX) else DEFAULT_MODEL[algo]
-    cfg = from_dict(RLConfig, data)
-    spec = model_spec(cfg.model)
-    if spec.task != "rl":
-        from raycraft.registry import models
-
-        fits = sorted(n for n, s in models().items() if s.task == "rl")
-        raise UserError(f"--model: {cfg.model!r} is a {spec.task} model, not an RL policy. RL models: "
-                        f"{', '.join(fits)}.")
-    model_cfg = from_dict(spec.config_cls, cfg.model_args, prefix="model_args.")
-    return cfg, model_cfg
+    """(RLConfig, model config) from one mapping of keys (YAML, flags) and `--set` strings: `config.build`."""
+    return build(RLConfig, [base], overrides)

@@ -30,16 +30,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from raycraft.config import from_dict, load_yaml, parse_override, set_path
+from raycraft.config import check_keys, from_dict, load_yaml, merge_layers, parse_override, set_path
 from raycraft.errors import UserError, invalid_choice
+from raycraft.extras import require_extra
 from raycraft.registry import field_doc
 from raycraft.sweep.jobs import JobKind, kind_of
-from raycraft.train.config import TrainConfig, check_override_keys
+from raycraft.sweep.probe import parameter_shapes
+from raycraft.train.config import TrainConfig
 
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCHES = ("random", "grid", "optuna", "hyperopt")
 SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")
-LOOP_METRICS = ("epoch", "lr", "epoch_time", "samples_per_s")
 
 
 @dataclass
@@ -107,8 +108,6 @@ class SweepConfig:
         if self.search not in SEARCHES:
             raise invalid_choice("search", self.search, SEARCHES)
         if self.search in ("optuna", "hyperopt"):
-            from raycraft.extras import require_extra
-
             require_extra("tune", f"search: {self.search}")
         if self.samples < 1 or self.concurrency < 1:
             raise UserError("samples and concurrency must be at least 1.")
@@ -125,7 +124,7 @@ class Domain:
     values: tuple[Any, ...]
 
     def tune(self) -> Any:
-        from ray import tune
+        from ray import tune  # deferred: Ray takes seconds to import; sweep files are checked without it
 
         if self.kind == "choice":
             return tune.choice(list(self.values))
@@ -204,10 +203,7 @@ class Sweep:
 
     def trial_job(self, params: dict[str, Any]) -> dict[str, Any]:
         """The base job with one trial's sampled values set."""
-        data = copy.deepcopy(self.job)
-        for key, value in params.items():
-            set_path(data, self.key(key), value)
-        return data
+        return merge_layers(self.kind.config_cls, [self.job, params])
 
     def param_space(self) -> dict[str, Any]:
         return {k: d.tune() for k, d in self.space.items()}
@@ -229,8 +225,27 @@ def split_overrides(overrides: list[str]) -> tuple[list[tuple[str, Any]], list[s
 def load_sweep(path: str | Path | None = None, overrides: list[str] = (), samples: int | None = None,
                data: dict[str, Any] | None = None) -> Sweep:
     """Read, override and validate a sweep file (or an already-read mapping `data`)."""
+    cfg, job_sets = read_sweep(path, list(overrides), samples, data)
+    kind = kind_of(cfg.job)
+    job = base_job(cfg, kind, job_sets)
+    base, model_cfg = kind.build(job)
+    kind.check(base, model_cfg)
+    space = {k: parse_domain(k, v) for k, v in flatten_space(cfg.space).items()}
+    check_keys(kind.config_cls, type(model_cfg), [kind.key(k) for k in space])
+    sweep = Sweep(cfg, job, space, kind.length(base))
+    check_values(sweep)
+    check_search(cfg, space)
+    check_metric(cfg, *kind.metrics(base))
+    if cfg.scheduler.name == "pbt":
+        check_pbt(sweep, base)
+    return sweep
+
+
+def read_sweep(path: str | Path | None, overrides: list[str], samples: int | None,
+               data: dict[str, Any] | None) -> tuple[SweepConfig, list[str]]:
+    """The sweep's own config, with the `--set` strings for its fields applied, and the rest, the job's."""
     raw = copy.deepcopy(data) if data is not None else load_yaml(path)
-    sweep_sets, job_sets = split_overrides(list(overrides))
+    sweep_sets, job_sets = split_overrides(overrides)
     for key, value in sweep_sets:
         set_path(raw, key, value)
     if samples is not None:
@@ -240,37 +255,33 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] = (), sample
     cfg = from_dict(SweepConfig, raw)
     if not cfg.name:
         raise UserError("name: the sweep needs a name (it names the Tune experiment to resume).")
-    kind = kind_of(cfg.job)
+    return cfg, job_sets
+
+
+def base_job(cfg: SweepConfig, kind: JobKind, job_sets: list[str]) -> dict[str, Any]:
+    """The job every trial starts from, as nested keys: the file's job, its `--set` strings, then `resources`."""
     if any(k not in cfg.job for k in kind.required):
         raise UserError("job: name a model and a dataset (a `raycraft train --config` job) or an algo and an env "
                         "(a `raycraft rl --config` job).")
-    job = copy.deepcopy(cfg.job)
-    for text in job_sets:
-        key, value = parse_override(text)
-        set_path(job, kind.key(key), value)
+    resources = {}
     for name in ("workers", "cpus_per_worker", "gpu"):
         value = getattr(cfg.resources, name)
         if value is not None and name not in kind.resource_keys:
             raise UserError(f"resources.{name}: {kind.name} jobs have no such resource (they take "
                             f"{', '.join(kind.resource_keys)}).")
         if value is not None:
-            job[name] = value
-    base, model_cfg = kind.build(job)
-    kind.check(base, model_cfg)
-    space = {k: parse_domain(k, v) for k, v in flatten_space(cfg.space).items()}
-    check_override_keys(kind.config_cls, type(model_cfg), [kind.key(k) for k in space])
-    sweep = Sweep(cfg, job, space, kind.length(base))
-    for key, domain in space.items():
+            resources[name] = value
+    return merge_layers(kind.config_cls, [cfg.job], job_sets) | resources
+
+
+def check_values(sweep: Sweep) -> None:
+    """Every value a domain can give (each option, both ends of a range) must make a valid job."""
+    for key, domain in sweep.space.items():
         for value in domain.examples():
             try:
-                kind.build(sweep.trial_job({key: value}))
+                sweep.kind.build(sweep.trial_job({key: value}))
             except UserError as exc:
                 raise UserError(f"space.{key}: value {value!r} is not valid for the job: {exc}") from None
-    check_search(cfg, space)
-    check_metric(cfg, *kind.metrics(base))
-    if cfg.scheduler.name == "pbt":
-        check_pbt(sweep, base)
-    return sweep
 
 
 def check_pbt(sweep: Sweep, base: TrainConfig) -> None:
@@ -306,48 +317,6 @@ def check_search(cfg: SweepConfig, space: dict[str, Domain]) -> None:
     elif grid and cfg.search != "random":
         raise UserError(f"space.{grid[0]}: search {cfg.search!r} samples its own points; use choice "
                         "instead of grid (or search: grid / random).")
-
-
-def job_model(cfg: TrainConfig) -> tuple[Any, Any]:
-    """(the job's model, freshly initialised, the dataset's splits)."""
-    from raycraft.config import from_dict
-    from raycraft.registry import create_model, load_dataset, model_spec
-
-    splits = load_dataset(cfg.dataset, cfg.data)
-    return create_model(cfg.model, from_dict(model_spec(cfg.model).config_cls, cfg.model_args), splits.info), splits
-
-
-def parameter_shapes(cfg: TrainConfig) -> dict[str, tuple[int, ...]]:
-    """The shapes of the weights the job's model has on its dataset."""
-    return {k: tuple(v.shape) for k, v in job_model(cfg)[0].state_dict().items()}
-
-
-def reported_metrics(cfg: TrainConfig) -> tuple[set[str], set[str]]:
-    """(per-epoch, end-of-run) metric names of a train job, found by evaluating its model on the first two
-    validation examples. `test_*` and sample-quality metrics come only after the last epoch, too late to
-    rank or stop trials, but a sweep may plot them."""
-    import contextlib
-
-    from torch.utils.data import Dataset
-
-    from raycraft.registry import model_spec, step_for
-    from raycraft.train.loop import Batches, evaluate
-
-    class First(Dataset):  # a view of the first examples of any of the loop's datasets
-        def __init__(self, data: Dataset) -> None:
-            self.data = data
-
-        def __len__(self) -> int:
-            return min(2, len(self.data))
-
-        def __getitem__(self, idx):
-            return self.data[idx]
-
-    model, splits = job_model(cfg)
-    step = step_for(model_spec(cfg.model).task)
-    names = evaluate(step, model, Batches(First(splits.val), 2, shuffle=False), contextlib.nullcontext)
-    epoch = {f"{split}_{k}" for k in names for split in ("train", "val")} | set(LOOP_METRICS)
-    return epoch, epoch | {f"test_{k}" for k in names} | step.artifact_metrics(model, splits.info)
 
 
 def check_metric(sweep: SweepConfig, names: set[str], final: set[str]) -> None:

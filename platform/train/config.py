@@ -1,15 +1,16 @@
-"""The trainer's configuration: one typed dataclass per concern, loaded from YAML and `--set`."""
+"""The trainer's configuration: one typed dataclass per concern, built by `config.build` from the model's
+recipe, YAML, flags and `--set`."""
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
-from raycraft.config import from_dict, has_path, parse_override, set_path, to_dict
+from raycraft import tracking
+from raycraft.config import JobConfig, build, load_yaml, read_yaml
 from raycraft.data.base import DataConfig
-from raycraft.errors import UserError, check_count, invalid_choice
+from raycraft.errors import UserError, check_count
 from raycraft.registry import field_doc
 from raycraft.train.guard import GuardConfig
 
@@ -71,8 +72,9 @@ class PruneConfig:
 
 
 @dataclass
-class TrainConfig:
-    """A training job: which model on which data, for how long, on what resources, tracked where."""
+class TrainConfig(JobConfig):
+    """A training job: which model on which data, for how long, on what resources, tracked where. Under the
+    user's keys lies the model's recipe (`ModelSpec.recipe`); `model_config` is the model's typed config."""
 
     model: str = field_doc("lenet5", "Registered model name (`raycraft models`).")
     dataset: str = field_doc("digits", "Registered dataset name (`raycraft datasets`).")
@@ -125,41 +127,16 @@ class TrainConfig:
 
 
 def build_config(base: dict[str, Any] | None = None, overrides: list[str] = ()) -> tuple[TrainConfig, Any]:
-    """Merge a YAML mapping and `--set` overrides into a validated (TrainConfig, model config) pair.
-
-    A `--set` key whose first part is not a trainer field is taken as a model field
-    (`lora.rank=8` means `model_args.lora.rank=8`), so model keys never need the prefix.
-    """
-    from raycraft.registry import model_spec
-
-    data = copy.deepcopy(dict(base or {}))  # overrides below write into nested mappings
-    if "model" in data:  # the model's recipe sits under everything the user wrote
-        data = deep_merge(copy.deepcopy(model_spec(str(data["model"])).recipe), data)
-    data.setdefault("model_args", {})
-    for text in overrides:
-        key, value = parse_override(text)
-        head = key.split(".")[0]
-        if head not in {f.name for f in dataclasses.fields(TrainConfig)}:
-            key = f"model_args.{key}"
-        set_path(data, key, value)
-    cfg = from_dict(TrainConfig, data)
-    spec = model_spec(cfg.model)
-    model_cfg = from_dict(spec.config_cls, cfg.model_args, prefix=f"{cfg.model}.")
-    cfg.model_args = to_dict(model_cfg)
-    return cfg, model_cfg
+    """(TrainConfig, model config) from one mapping of keys (YAML, flags) and `--set` strings: `config.build`."""
+    return build(TrainConfig, [base], overrides)
 
 
-def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    """`top` over `base`, merging nested mappings key by key."""
-    out = dict(base)
-    for k, v in top.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def check_override_keys(cfg_cls: type, model_cls: type, keys: list[str]) -> None:
-    """Reject keys neither config knows, naming both configs' keys (used by sweeps before they start)."""
-    for key in keys:
-        if not (has_path(cfg_cls, key) or has_path(model_cls, key.removeprefix("model_args."))):
-            names = [f.name for f in dataclasses.fields(cfg_cls)] + [f.name for f in dataclasses.fields(model_cls)]
-            raise invalid_choice("key", key, names)
+def config_layers(uri: str, config: Path | None, resume: str | None, flags: dict[str, Any]) -> list[dict[str, Any]]:
+    """A command's layers of config keys for `config.build`, lowest first: the resumed run's config.yaml, the
+    --config file, then the flags given (`train`, `rl`)."""
+    file = load_yaml(config) if config else {}
+    resumed = {}
+    if resume:
+        tracking.get_run(uri, resume)
+        resumed = read_yaml(tracking.download_text(uri, resume, "config.yaml"), f"run {resume}'s config.yaml")
+    return [resumed, file, {k: v for k, v in flags.items() if v is not None}]
