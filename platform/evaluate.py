@@ -34,7 +34,7 @@ def rebuild_model(uri: str, run_id: str, cfg: TrainConfig, spec: ModelSpec, info
     unlike the logged torch.export graph it takes any sampler, step count or input length."""
     with tempfile.TemporaryDirectory() as tmp:
         state = load_state(tracking.download_artifact(uri, run_id, f"checkpoint/{CHECKPOINT_FILE}", tmp).parent)
-    model = create_model(cfg.model, from_dict(spec.config_cls, cfg.model_args), info)
+    model = create_model(cfg.model, cfg.model_config, info)
     model.load_state_dict(state["model"])
     return model.eval()
 

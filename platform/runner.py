@@ -1,30 +1,29 @@
 """The driver: validate a job, start (or join) Ray, run the one loop with Ray Train, finish the MLflow run.
 
-Everything that can be wrong with the user's input is checked in `prepare` before Ray starts.
+Everything that can be wrong with the user's input is checked in `prepare` before Ray starts. Ray Train's side
+of the run (the trainer, the workers' loop, the progress they send back) is `raycraft.train.worker`.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import logging
 import os
 import signal
-import sys
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import yaml
 
-from raycraft import lifecycle
+from raycraft import lifecycle, tracking
 from raycraft.cluster import init_ray
 from raycraft.config import flatten, to_dict
 from raycraft.errors import Stopped, TrainingError, UserError
 from raycraft.registry import check_compatible, dataset_spec, load_dataset, model_spec
-from raycraft.tracking import EPOCH_KEY
 from raycraft.train.config import TrainConfig
 
 
@@ -49,7 +48,7 @@ def prepare(cfg: TrainConfig, address: str | None = None) -> None:
         raise UserError(f"--address: an --in-process run trains in this process and joins no cluster; drop "
                         f"--address {address} or --in-process.")
     if cfg.gpu and (cfg.in_process or not (address or os.environ.get("RAY_ADDRESS"))):
-        import torch
+        import torch  # deferred: 1 s to import, and only --gpu needs it before Ray starts
 
         if not torch.cuda.is_available():
             raise UserError("--gpu: no CUDA GPU is visible on this machine; drop --gpu to train on CPU, "
@@ -67,13 +66,12 @@ def check_data(cfg: TrainConfig) -> None:
                         f"({', '.join(info.get('class_names', []))}); {cfg.model!r} classifies, which needs "
                         "at least 2 classes.")
     if model.check:
-        from raycraft.config import from_dict
-
-        model.check(from_dict(model.config_cls, cfg.model_args), info)
+        model.check(cfg.model_config, info)
 
 
 def check_cluster_resources(cfg: TrainConfig) -> None:
-    import ray
+    """Once Ray is up: a UserError unless the cluster has the GPUs or CPUs for the run's workers."""
+    import ray  # deferred: this module is imported before the input is checked; by now Ray is running
 
     total = ray.cluster_resources()
     if cfg.gpu and total.get("GPU", 0) < cfg.workers:
@@ -85,200 +83,130 @@ def check_cluster_resources(cfg: TrainConfig) -> None:
                         f"the cluster has {total.get('CPU', 0):g}. Lower --workers or cpus_per_worker.")
 
 
-RUN_LEVEL_METRICS = {"startup_s", "ray_init_s", "sparsity", "imp_rounds"}
-"""Logged once per run (`RunLogger.log_once`), not per epoch: kept out of the epoch lines, as are the
-lottery-ticket rounds' `imp_*` metrics (their steps count pruning rounds, not epochs)."""
+@dataclass
+class Trial:
+    """A run as one trial of a sweep, which `raycraft.sweep` builds: Ray Train `callbacks` (Tune's report of
+    each epoch), rank 0's `hooks` (the wait for the scheduler's verdict after each epoch), and a PBT exploit's
+    `clone` = (n, checkpoint), which continues the run from another trial's checkpoint as Ray Train run
+    `<name>-pbt<n>` (whose own checkpoints then take precedence). The sweep, not the run, ends a run whose
+    trial its scheduler stopped; a trial torn down after its run completed ends FINISHED."""
+
+    callbacks: list = field(default_factory=list)
+    hooks: tuple = ()
+    clone: tuple[int, str] | None = None
 
 
-class Progress:
-    """Reads new epochs from MLflow (where rank 0 logs them) and hands each to `on_epoch` once."""
-
-    def __init__(self, uri: str, run_id: str, on_epoch: Callable[[dict[str, float]], None]) -> None:
-        from raycraft.tracking import _client
-
-        self.client, self.run_id, self.on_epoch = _client(uri), run_id, on_epoch
-        self.seen: set[int] = set()
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._loop, daemon=True)
-
-    def poll(self) -> None:
-        steps = sorted(int(m.step) for m in self.client.get_metric_history(self.run_id, EPOCH_KEY))
-        new = [s for s in steps if s not in self.seen]
-        if not new:
-            return
-        keys = [k for k in self.client.get_run(self.run_id).data.metrics if k not in RUN_LEVEL_METRICS
-                and not k.startswith(("test_", "imp_"))]
-        hist = {k: {int(m.step): m.value for m in self.client.get_metric_history(self.run_id, k)} for k in keys}
-        for s in new:
-            self.on_epoch({k: h[s] for k, h in hist.items() if s in h})
-            self.seen.add(s)
-
-    def _loop(self) -> None:
-        while not self.stop.wait(0.5):
-            try:
-                self.poll()
-            except Exception:  # progress display must never break training
-                continue
-
-    def __enter__(self) -> Progress:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        self.thread.join()
-        if exc[0] is None:
-            self.poll()
-
-
-def _while_ray_starts(uri: str, experiment: str) -> None:
-    from raycraft import tracking
-
+def _while_ray_starts(uri: str, experiment: str) -> ModuleType:
+    """MLflow's import, a new store's schema and Ray Train's import take seconds: they run on a thread while
+    Ray starts (docs/overhead.md). Returns `raycraft.train.worker`, the run's Ray Train side."""
     tracking.experiment_id(uri, experiment)
-    import ray.train.torch  # noqa: F401
+    from raycraft.train import worker  # deferred: Ray Train and torch, imported here beside ray.init
 
-    import raycraft.train.loop  # noqa: F401
+    return worker
 
 
-def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: str | None = None,
-                 resume_run_id: str | None = None, run_name: str | None = None,
-                 on_epoch: Callable[[dict[str, float]], None] | None = None,
-                 on_start: Callable[[str], None] | None = None, started_at: float | None = None,
-                 tags: dict[str, str] | None = None, callbacks: list | None = None,
-                 paced_by_tune: bool = False, clone: tuple[int, str] | None = None) -> Outcome:
-    """Run `cfg` on Ray Train. `started_at` (Unix time, default now) is when the user's command began: the
-    run logs `startup_s`, from then to the first training batch, and `ray_init_s`, the part spent starting Ray.
-    `tags` are added to a new MLflow run (a sweep's `mlflow.parentRunId`); `callbacks` are Ray Train
-    callbacks (Tune's `TuneReportCallback` when this runs as a sweep trial); `paced_by_tune` makes a sweep
-    trial wait for its scheduler after each epoch, and leaves the run as the sweep ended it when it stops.
-    With `cfg.in_process` the loop runs in this process (Ray Train's local mode) and Ray is not started.
-    `clone` = (n, checkpoint): a PBT trial's n-th exploit, which continues the resumed run from another
-    trial's checkpoint as Ray Train run `<name>-pbt<n>` (whose own checkpoints then take precedence)."""
-    from raycraft import tracking
-
-    started_at = started_at or time.time()
-    prepare(cfg, address)
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    if cfg.init_from:
-        tracking.get_run(uri, cfg.init_from)
-    # MLflow's import, a new store's schema and Ray Train's import take seconds: they run while Ray starts.
+def start_ray(cfg: TrainConfig, uri: str, address: str | None) -> tuple[ModuleType, float]:
+    """Start (or join) Ray unless the run is --in-process, with `_while_ray_starts` beside it: (its
+    `raycraft.train.worker`, the seconds ray.init took)."""
     store_ready = concurrent.futures.ThreadPoolExecutor(1).submit(_while_ray_starts, uri, cfg.experiment)
     ray_init_s = 0.0
     if not cfg.in_process:
         ray_start = time.time()
         init_ray(address)
         ray_init_s = time.time() - ray_start
-    store_ready.result()
+    worker = store_ready.result()
     if not cfg.in_process:
         check_cluster_resources(cfg)
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
+    return worker, ray_init_s
 
-    from raycraft.train.loop import newest_checkpoint, train_loop_per_worker
 
+def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: str | None = None,
+                 resume_run_id: str | None = None, run_name: str | None = None,
+                 on_epoch: Callable[[dict[str, float]], None] | None = None,
+                 on_start: Callable[[str], None] | None = None, started_at: float | None = None,
+                 tags: dict[str, str] | None = None, trial: Trial | None = None) -> Outcome:
+    """Run `cfg` on Ray Train. `started_at` (Unix time, default now) is when the user's command began: the
+    run logs `startup_s`, from then to the first training batch, and `ray_init_s`, the part spent starting Ray.
+    `on_epoch` gets each epoch's metrics as rank 0 logs them; `tags` are added to a new MLflow run (a sweep's
+    `mlflow.parentRunId`); `trial`: the run is a sweep's trial. With `cfg.in_process` the loop runs in this
+    process (Ray Train's local mode) and Ray is not started."""
+    started_at = started_at or time.time()
+    prepare(cfg, address)
+    uri = tracking.resolve_tracking_uri(tracking_uri)
+    if cfg.init_from:
+        tracking.get_run(uri, cfg.init_from)
+    worker, ray_init_s = start_ray(cfg, uri, address)
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
-    run_id, ray_name, before = open_run(cfg, uri, storage, resume_run_id, run_name, tags, clone is not None)
-    if clone:
-        ray_name = f"{ray_name}-pbt{clone[0]}"
+    if resume_run_id and not (trial and trial.clone):
+        worker.check_resumable(resume_run_id, local_run_dir(storage, ray_name_of(uri, resume_run_id)))
+    run, ray_name = open_run(cfg, uri, storage, resume_run_id, run_name, tags, trial)
     if on_start:
-        on_start(run_id)
-
+        on_start(run.run_id)
     run_dir = local_run_dir(storage, ray_name)
-    if cfg.in_process:  # its own start line says where it runs; Ray Train's would repeat it
-        logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "run_id": run_id, "tracking_uri": uri,
-                           "started_at": started_at, "ray_init_s": ray_init_s, "paced_by_tune": paced_by_tune,
-                           "start_from": clone[1] if clone else None,
-                           "run_dir": run_dir},
-        scaling_config=ray.train.ScalingConfig(num_workers=0 if cfg.in_process else cfg.workers, use_gpu=cfg.gpu,
-                                               resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=ray.train.RunConfig(
-            name=ray_name, storage_path=storage,
-            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-            callbacks=callbacks,
-            logging_config=ray.LoggingConfig(log_level="WARNING")),  # per-report INFO lines drown progress
-    )
-    progress = Progress(uri, run_id, on_epoch) if on_epoch else contextlib.nullcontext()
-    heartbeat = lifecycle.Heartbeat(uri, run_id, enabled=lifecycle.PARENT_TAG not in (tags or {}))
+    progress = worker.Progress(on_epoch, cfg.in_process) if on_epoch else None
+    args = worker.WorkerArgs(cfg, run.run_id, uri, run_dir, started_at, ray_init_s,
+                             start_from=trial.clone[1] if trial and trial.clone else None,
+                             hooks=(*(trial.hooks if trial else ()), *([progress.hook] if progress else [])))
+    fit = worker.trainer(args, ray_name, storage, trial.callbacks if trial else []).fit
     try:
-        with heartbeat, lifecycle.stop_on_signals(), progress:
-            result = trainer.fit() if cfg.in_process else lifecycle.watched(trainer.fit)
+        with run.heartbeat(), lifecycle.stop_on_signals(), progress or contextlib.nullcontext():
+            result = fit() if cfg.in_process else lifecycle.watched(fit)
     except BaseException as exc:
-        return attempt_stopped(exc, uri, run_id, before, paced_by_tune)
-    run = tracking.get_run(uri, run_id)
+        return attempt_stopped(exc, run, trial)
     # Ray Train's local mode returns the last report's checkpoint, which is the final report's: none
-    latest = newest_checkpoint(None if cfg.in_process else result.checkpoint, run_dir)[0]
-    if tracking.DIVERGED_TAG in run.data.tags:
-        msg = f"{run.data.tags[tracking.DIVERGED_TAG]}: training stopped. {kept_checkpoint(latest)}"
-        tracking.end_attempt(uri, run_id, "FAILED", msg, before)
+    latest = worker.newest_checkpoint(None if cfg.in_process else result.checkpoint, run_dir)[0]
+    return attempt_ended(run, latest, trial)
+
+
+def attempt_ended(run: tracking.Run, latest: Any, trial: Trial | None) -> Outcome:
+    """After Ray Train's run returned: a diverged attempt fails, saying what is left to resume from; a
+    completed run ends FINISHED. A trial that its scheduler stopped did not complete: its sweep ends it."""
+    now = run.fetch()
+    if tracking.DIVERGED_TAG in now.data.tags:
+        msg = f"{now.data.tags[tracking.DIVERGED_TAG]}: training stopped. {kept_checkpoint(latest)}"
+        run.end("FAILED", msg)
         raise TrainingError(msg)
-    checkpoint_path = latest.path if latest else None
-    if not paced_by_tune or run.info.status == "RUNNING":  # a sweep ends the runs its scheduler stopped
-        tracking.end_run(uri, run_id, "FINISHED")
-    return Outcome(run_id, dict(run.data.metrics), uri, checkpoint_path)
+    if trial is None or (tracking.COMPLETED_TAG in now.data.tags and now.info.status == "RUNNING"):
+        run.end("FINISHED")
+    return Outcome(run.run_id, dict(now.data.metrics), run.uri, latest.path if latest else None)
 
 
-def attempt_stopped(exc: BaseException, uri: str, run_id: str, before, paced_by_tune: bool) -> Outcome:
+def attempt_stopped(exc: BaseException, run: tracking.Run, trial: Trial | None) -> Outcome:
     """End the attempt that `exc` stopped (KILLED for a signal, else FAILED) and raise what the CLI reports;
     a sweep trial that Tune tore down after its run was complete ends FINISHED instead."""
-    from raycraft import tracking
-
-    run = tracking.get_run(uri, run_id)
-    if paced_by_tune and tracking.COMPLETED_TAG in run.data.tags:
-        tracking.end_run(uri, run_id, "FINISHED")
-        return Outcome(run_id, dict(run.data.metrics), uri, None)
-    status, reason = lifecycle.ended_by(exc)
-    if run.info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
-        tracking.end_attempt(uri, run_id, status, reason, before)
-    if status == "KILLED":
-        raise Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
+    now = run.fetch()
+    if trial is not None and tracking.COMPLETED_TAG in now.data.tags:
+        run.end("FINISHED")
+        return Outcome(run.run_id, dict(now.data.metrics), run.uri, None)
+    if run.end_with(exc) == "KILLED":
+        raise Stopped(getattr(exc, "signum", signal.SIGINT), run.run_id) from None
     raise TrainingError(str(exc) or type(exc).__name__) from exc
 
 
-def open_run(cfg: TrainConfig, uri: str, storage: str, resume_run_id: str | None, run_name: str | None,
-             tags: dict[str, str] | None, cloned: bool) -> tuple[str, str, object]:
-    """(MLflow run id, Ray Train run name, the resumed run's RunInfo before this attempt or None): a new run,
-    or the resumed one, reopened once `check_resumable` found its checkpoints usable."""
-    from raycraft import tracking
+def ray_name_of(uri: str, run_id: str) -> str:
+    """The Ray Train run (its checkpoint folder's name) of an MLflow run."""
+    return tracking.get_run(uri, run_id).data.tags.get("raycraft.ray_name", f"raycraft-{run_id}")
 
-    before = None  # a resumed run's RunInfo before this attempt
+
+def open_run(cfg: TrainConfig, uri: str, storage: str, resume_run_id: str | None, run_name: str | None,
+             tags: dict[str, str] | None, trial: Trial | None) -> tuple[tracking.Run, str]:
+    """(the MLflow run, its Ray Train run's name): a new run, or the resumed one, reopened."""
     if resume_run_id:
-        run_id = resume_run_id
-        ray_name = tracking.get_run(uri, run_id).data.tags.get("raycraft.ray_name", f"raycraft-{run_id}")
-        if not cloned:
-            check_resumable(run_id, local_run_dir(storage, ray_name))
-        before = tracking.reopen_run(uri, run_id)
+        run, ray_name = tracking.Run.resume(uri, resume_run_id), ray_name_of(uri, resume_run_id)
     else:
         name = run_name or f"{cfg.model}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
-                                    {"raycraft.model": cfg.model, "raycraft.dataset": cfg.dataset,
-                                     "raycraft.storage_path": storage, **(tags or {})},
-                                    yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        ray_name = f"raycraft-{run_id}"
-        tracking.set_tags(uri, run_id, {"raycraft.ray_name": ray_name})
-    return run_id, ray_name, before
+        run = tracking.Run.start(uri, cfg.experiment, name, flatten(to_dict(cfg)),
+                                 {"raycraft.model": cfg.model, "raycraft.dataset": cfg.dataset,
+                                  "raycraft.storage_path": storage, **(tags or {})},
+                                 yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        ray_name = f"raycraft-{run.run_id}"
+        run.set_tags({"raycraft.ray_name": ray_name})
+    return run, f"{ray_name}-pbt{trial.clone[0]}" if trial and trial.clone else ray_name
 
 
 def local_run_dir(storage: str, ray_name: str) -> str | None:
     """A run's checkpoint folder when storage is a local path (None for remote storage)."""
     return None if "://" in storage else str(Path(storage) / ray_name)
-
-
-def check_resumable(run_id: str, run_dir: str | None) -> None:
-    """Before a resume changes anything: a UserError if the run has checkpoints but none intact; a note on
-    stderr for each newer one that will be skipped."""
-    from raycraft.train.loop import newest_checkpoint
-
-    chosen, skipped = newest_checkpoint(None, run_dir)
-    if skipped and not chosen:
-        raise UserError(f"--resume: run {run_id} has no intact checkpoint in {run_dir}: {'; '.join(skipped)}. "
-                        "It cannot continue; start a new run.")
-    for line in skipped:
-        print(f"note: skipping checkpoint {line}; resuming from {Path(chosen.path).name}", file=sys.stderr)
 
 
 def kept_checkpoint(latest) -> str:

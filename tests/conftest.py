@@ -1,13 +1,24 @@
-"""Shared fixtures: one private local Ray for the session, a real MLflow SQLite store, small real data."""
+"""Shared fixtures: one private local Ray for the session, a real MLflow SQLite store (and a real MLflow
+tracking server), small real data."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
+
+from raycraft.cluster import free_port
+from raycraft.config import load_yaml
+from raycraft.errors import UserError
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 torch.set_num_threads(1)  # 2-core machines: more threads per process made small steps far slower
@@ -23,6 +34,28 @@ def assert_refused(out, words) -> None:
     assert "Traceback" not in text
     for word in words:
         assert word in text, f"{word!r} missing from: {text}"
+
+
+def run_raycraft(args: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`raycraft ARGS` as a user runs it, in `cwd`, with its own MLflow store there (`cwd/mlflow.db`)."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
+    return subprocess.run([str(RAYCRAFT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_every_form_refused_alike(build, job: str, lines: list[str], override: str, message: str,
+                                    folder: Path) -> None:
+    """`build(mapping, overrides)` refuses a bad value given as `--set override` and as each config-file form in
+    `lines` (appended to the YAML `job`) with the same `message`."""
+    path = folder / "job.yaml"
+    path.write_text(job)
+    with pytest.raises(UserError) as by_set:
+        build(load_yaml(path), [override])
+    assert str(by_set.value) == message
+    for line in lines:
+        path.write_text(f"{job}{line}\n")
+        with pytest.raises(UserError) as by_file:
+            build(load_yaml(path), [])
+        assert str(by_file.value) == message, line
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -48,6 +81,56 @@ def ray_session():
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+def end_process_tree(pid: int) -> None:
+    """End `pid` and every process below it: `mlflow server` forks uvicorn workers (and a job runner, with
+    consumers of its own) that outlive a SIGTERM to the server itself."""
+    with contextlib.suppress(psutil.NoSuchProcess):
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+        for proc in tree:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.terminate()
+        for proc in psutil.wait_procs(tree, timeout=15)[1]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """A remote MLflow tracking server on 127.0.0.1 (its own SQLite backend, artifacts served by it from its
+    own folder): the URI of a store that is not a local file."""
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    with (folder / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).with_name("mlflow")), "server", "--host", "127.0.0.1", "--port", str(port),
+             "--workers", "1", "--backend-store-uri", f"sqlite:///{folder / 'mlflow.db'}",
+             "--artifacts-destination", str(folder / "artifacts")],
+            cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + 240
+        while not _answers(f"http://127.0.0.1:{port}/health"):
+            assert server.poll() is None and time.time() < deadline, (folder / "server.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        end_process_tree(server.pid)
+
+
+def _answers(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+@pytest.fixture(params=["sqlite", "server"])
+def store_uri(request, mlflow_uri) -> str:
+    """Each kind of MLflow store in turn: the SQLite file, then a remote tracking server."""
+    return mlflow_uri if request.param == "sqlite" else request.getfixturevalue("mlflow_server")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import ray
 from mlflow.tracking import MlflowClient
 
 from raycraft.errors import TrainingError
@@ -16,6 +17,7 @@ from raycraft.evaluate import evaluate_run
 from raycraft.runner import run_training
 from raycraft.tracking import RESTORES_TAG
 from raycraft.train.config import build_config
+from raycraft.train.worker import Progress
 
 pytestmark = pytest.mark.slow
 
@@ -76,6 +78,30 @@ def test_train_eval_resume_and_nonfinite(ray_session, mlflow_uri, storage, tmp_p
     assert _logged_epochs(mlflow_uri, out.run_id) == [0, 1, 2]
     ckpts = sorted(p.name for p in Path(storage).glob("raycraft-*/epoch_*"))
     assert ckpts[-1] == "epoch_0002"
+
+
+@pytest.mark.parametrize("mode", ["in_process", "workers"])
+def test_each_epoch_reaches_the_driver_once_as_it_is_logged(ray_session, store_uri, storage, mode):
+    """`on_epoch` hears each epoch once, in order, with what MLflow holds for it: through a Ray queue from a
+    Ray Train worker, or directly from an --in-process loop; on a SQLite store and a tracking server alike."""
+    cfg, _ = build_config({"model": "mlp", "dataset": "digits", "epochs": 3, "storage_path": storage,
+                           "in_process": mode == "in_process"})
+    seen: list[dict[str, float]] = []
+    out = run_training(cfg, tracking_uri=store_uri, on_epoch=seen.append)
+    assert [int(m["epoch"]) for m in seen] == [0, 1, 2]
+    assert all(set(m) == {"epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "epoch_time",
+                          "samples_per_s"} for m in seen), seen  # epoch lines: no test_ or run-level figures
+    logged = {int(m.step): m.value for m in MlflowClient(store_uri).get_metric_history(out.run_id, "val_loss")}
+    assert logged == {int(m["epoch"]): pytest.approx(m["val_loss"]) for m in seen}
+    assert MlflowClient(store_uri).get_run(out.run_id).info.status == "FINISHED" and out.metrics["test_accuracy"] > 0.5
+
+
+def test_progress_travels_through_ray_from_wherever_rank_0_runs(ray_session):
+    """What a worker's hook puts reaches the driver's `on_epoch` through Ray, in order, each once."""
+    seen: list[dict[str, float]] = []
+    with Progress(seen.append, in_process=False) as progress:
+        ray.get(ray.remote(lambda hook: [hook.logged({"epoch": float(e)}) for e in range(3)]).remote(progress.hook))
+    assert seen == [{"epoch": 0.0}, {"epoch": 1.0}, {"epoch": 2.0}]
 
 
 def _cfg_dict(cfg):

@@ -2,9 +2,10 @@
 
 Each trial is a Tune function trainable that runs its job as the plain command does (`sweep.jobs`): a
 train job calls `raycraft.runner.run_training`, the same Train V2 `TorchTrainer` as `raycraft train`,
-whose epochs reach Tune through `TuneReportCallback`; an RL job calls `train_rl` and reports each RLlib
-iteration. Schedulers (ASHA, HyperBand) see every report. The child run carries `mlflow.parentRunId`
-and the trial id. The driver marks what Tune decides: a trial stopped early is tagged
+whose epochs reach Tune through a Ray Train callback; an RL job calls `train_rl` and reports each RLlib
+iteration. Schedulers (ASHA, HyperBand, PBT) see every report, and their verdicts reach the trials'
+training through the sweep's pacer actor (`sweep.pacing`), which the driver starts. The child run carries
+`mlflow.parentRunId` and the trial id. The driver marks what Tune decides: a trial stopped early is tagged
 `raycraft.early_stopped=true` and ends KILLED.
 
 Resume: Tune's experiment state lives in `<storage_path>/<name>`, beside `raycraft_sweep.yaml` (the
@@ -19,23 +20,31 @@ import copy
 import functools
 import os
 import tempfile
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import ray
+import ray.tune
+import torch
 import yaml
+from ray.tune import Callback
+from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from raycraft import lifecycle, tracking
-from raycraft.config import flatten, read_yaml
-from raycraft.errors import UserError
+from raycraft import tracking
+from raycraft.cluster import init_ray
+from raycraft.config import flatten, read_yaml, to_dict
+from raycraft.errors import TrainingError, UserError
+from raycraft.sweep import pacing
 from raycraft.sweep.config import Sweep, load_sweep
-from raycraft.sweep.jobs import FINISHED_METRIC
+from raycraft.sweep.jobs import FINISHED_METRIC, KINDS
+from raycraft.sweep.pbt import EXPLOIT_KEY, PBT
+from raycraft.sweep.plots import curves_png, metric_vs_params_png
 
 STATE_FILE = "raycraft_sweep.yaml"
 TRIAL_TAG = "raycraft.trial_id"
-PARENT_TAG = "mlflow.parentRunId"
+PARENT_TAG = tracking.PARENT_TAG
 EARLY_TAG = "raycraft.early_stopped"
 
 
@@ -70,9 +79,7 @@ def children(uri: str, experiment: str, parent_run_id: str, trial_id: str | None
     query = f"tags.`{PARENT_TAG}` = '{parent_run_id}'"
     if trial_id:
         query += f" and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    runs = tracking._client(uri).search_runs([tracking.experiment_id(uri, experiment)], query,
-                                              max_results=10000, order_by=["attributes.start_time ASC"])
-    return list(runs)
+    return tracking.search_runs(uri, experiment, query)
 
 
 def is_done(run: Any) -> bool:
@@ -80,13 +87,9 @@ def is_done(run: Any) -> bool:
 
 
 def run_trial(params: dict[str, Any], *, sweep: Sweep, parent_run_id: str, uri: str) -> None:
-    """Tune's function trainable: one trial = one run of the job, reported as it goes. A PBT trial that took
-    over another's checkpoint (`params[EXPLOIT_KEY]`) continues its own run from that checkpoint."""
-    import ray.tune
-    import torch
-
-    from raycraft.sweep.pbt import EXPLOIT_KEY
-
+    """Tune's function trainable: one trial = one run of the job, reported as it goes and paced by the sweep's
+    scheduler (`sweep.pacing`). A PBT trial that took over another's checkpoint (`params[EXPLOIT_KEY]`)
+    continues its own run from that checkpoint."""
     torch.set_num_threads(1)
     trial_id = ray.tune.get_context().get_trial_id()
     kind = sweep.kind
@@ -100,121 +103,108 @@ def run_trial(params: dict[str, Any], *, sweep: Sweep, parent_run_id: str, uri: 
         return
     if exploit:
         record_exploit(uri, previous[-1], exploit, cfg, params)
-    kind.run(cfg, model_cfg, uri=uri, resume_run_id=previous[-1].info.run_id if previous else None,
-             run_name=f"{sweep.config.name}-{trial_id}", start_from=exploit,
-             tags={PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "raycraft.sweep": sweep.config.name,
-                   **{f"raycraft.param.{k}": str(v) for k, v in params.items()}})
+    tags = {PARENT_TAG: parent_run_id, TRIAL_TAG: trial_id, "raycraft.sweep": sweep.config.name,
+            **{f"raycraft.param.{k}": str(v) for k, v in params.items()}}
+    kind.run(cfg, model_cfg, pacing.TrialRun(uri, f"{sweep.config.name}-{trial_id}", tags,
+                                             previous[-1].info.run_id if previous else None,
+                                             pacing.Pacer(parent_run_id), trial_id, exploit))
 
 
 def record_exploit(uri: str, run: Any, exploit: dict[str, Any], cfg: Any, params: dict[str, Any]) -> None:
     """Once per exploit: tag the trial's run with it, log the explored values as `pbt.<key>` metrics at the
     epoch it starts from, and make the run's config.yaml the config now in force."""
-    from mlflow.entities import Metric
-
-    from raycraft.config import to_dict
-
     tag = f"raycraft.pbt.exploit.{exploit['n']}"
     if tag in run.data.tags:
         return
-    client, now, step = tracking._client(uri), int(time.time() * 1000), exploit["epoch"] + 1
-    client.log_batch(run.info.run_id, metrics=[Metric(f"pbt.{k}", float(v), now, step) for k, v in params.items()
-                                               if isinstance(v, (int, float))])
-    client.log_text(run.info.run_id, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
+    child = tracking.Run(uri, run.info.run_id)
+    child.log_metrics({f"pbt.{k}": v for k, v in params.items() if isinstance(v, (int, float))},
+                      step=exploit["epoch"] + 1)
+    child.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "config.yaml")
     record = {"from_trial": exploit["donor_trial"], "at_epoch": exploit["epoch"], **params}
-    tracking.set_tags(uri, run.info.run_id, {tag: yaml.safe_dump(record, default_flow_style=True).strip()})
+    child.set_tags({tag: yaml.safe_dump(record, default_flow_style=True).strip()})
 
 
-def make_callback(uri: str, experiment: str, parent_run_id: str, kind: str, verbose: bool):
-    """Tune pickles its callbacks with the experiment state: this one holds only plain values."""
-    from ray.tune import Callback
+class MlflowSweepCallback(Callback):
+    """Driver side: prints progress and records in MLflow how each trial ended. Tune pickles its callbacks
+    with the experiment state: this one holds only plain values."""
 
-    from raycraft.sweep.jobs import KINDS
+    def __init__(self, uri: str, experiment: str, parent_run_id: str, kind: str, verbose: bool) -> None:
+        self.uri, self.experiment, self.parent_run_id, self.kind, self.verbose = (uri, experiment, parent_run_id,
+                                                                                  kind, verbose)
 
-    echo = print if verbose else None
+    def echo(self, line: str) -> None:
+        if self.verbose:
+            print(line)
 
-    class MlflowSweepCallback(Callback):
-        """Driver side: prints progress and records in MLflow how each trial ended."""
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if "epoch" in result:
+            shown = {k: v for k, v in result.items() if k.startswith(("val_", "train_"))}
+            self.echo(f"trial {trial.trial_id} epoch {int(result['epoch']) + 1}  "
+                      + "  ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+        elif "env_steps" in result:
+            shown = {k: result[k] for k in ("env_steps", "return_mean", "eval_return_mean") if k in result}
+            self.echo(f"trial {trial.trial_id} iteration {int(result['iteration'])}  "
+                      + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
 
-        def on_trial_result(self, iteration, trials, trial, result, **info):
-            if echo and "epoch" in result:
-                shown = {k: v for k, v in result.items() if k.startswith(("val_", "train_"))}
-                echo(f"trial {trial.trial_id} epoch {int(result['epoch']) + 1}  "
-                     + "  ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
-            elif echo and "env_steps" in result:
-                shown = {k: result[k] for k in ("env_steps", "return_mean", "eval_return_mean") if k in result}
-                echo(f"trial {trial.trial_id} iteration {int(result['iteration'])}  "
-                     + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        early = not KINDS[self.kind].finished(trial.last_result or {})
+        for run in children(self.uri, self.experiment, self.parent_run_id, trial.trial_id):
+            child = tracking.Run(self.uri, run.info.run_id)
+            child.set_tags({EARLY_TAG: str(early).lower()})
+            # Tune stopped the actor before the run ended, or the stop interrupted the run (RL: FAILED)
+            if run.info.status == "RUNNING" or (early and run.info.status == "FAILED"):
+                if early:
+                    child.set_tags({tracking.STATUS_TAG: "early_stopped"})
+                child.end("KILLED" if early else "FINISHED")
+        self.echo(f"trial {trial.trial_id} {'stopped early' if early else 'finished'}")
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            early = not KINDS[kind].finished(trial.last_result or {})
-            for run in children(uri, experiment, parent_run_id, trial.trial_id):
-                tracking.set_tags(uri, run.info.run_id, {EARLY_TAG: str(early).lower()})
-                # Tune stopped the actor before the run ended, or the stop interrupted the run (RL: FAILED)
-                if run.info.status == "RUNNING" or (early and run.info.status == "FAILED"):
-                    if early:
-                        tracking.set_tags(uri, run.info.run_id, {"raycraft.status": "early_stopped"})
-                    tracking.end_run(uri, run.info.run_id, "KILLED" if early else "FINISHED")
-            if echo:
-                echo(f"trial {trial.trial_id} {'stopped early' if early else 'finished'}")
-
-        def on_trial_error(self, iteration, trials, trial, **info):
-            for run in children(uri, experiment, parent_run_id, trial.trial_id):
-                if run.info.status == "RUNNING":
-                    tracking.end_run(uri, run.info.run_id, "FAILED", str(trial.error_file or "trial error"))
-            if echo:
-                echo(f"trial {trial.trial_id} failed: see {trial.error_file}")
-
-    return MlflowSweepCallback()
+    def on_trial_error(self, iteration, trials, trial, **info):
+        for run in children(self.uri, self.experiment, self.parent_run_id, trial.trial_id):
+            if run.info.status == "RUNNING":
+                tracking.Run(self.uri, run.info.run_id).end("FAILED", str(trial.error_file or "trial error"))
+        self.echo(f"trial {trial.trial_id} failed: see {trial.error_file}")
 
 
 def build_search(sweep: Sweep):
     cfg = sweep.config
     if cfg.search == "optuna":
-        from ray.tune.search.optuna import OptunaSearch
+        from ray.tune.search.optuna import OptunaSearch  # the `tune` extra (optuna), which may be missing
 
         return OptunaSearch(metric=cfg.metric, mode=cfg.mode, seed=cfg.seed)
     if cfg.search == "hyperopt":
-        from ray.tune.search.hyperopt import HyperOptSearch
+        from ray.tune.search.hyperopt import HyperOptSearch  # the `tune` extra (hyperopt), which may be missing
 
         return HyperOptSearch(metric=cfg.metric, mode=cfg.mode, random_state_seed=cfg.seed)
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     # Tune applies max_concurrent_trials only to searchers it wraps itself: this one limits its own. PBT
     # needs its whole population from the start: its trials run as resources allow and take turns.
     return BasicVariantGenerator(random_state=cfg.seed,
                                  max_concurrent=0 if cfg.scheduler.name == "pbt" else cfg.concurrency)
 
 
-def build_scheduler(sweep: Sweep, uri: str, parent_run_id: str):
-    from raycraft.sweep import pacing
-
+def build_scheduler(sweep: Sweep, pacer: pacing.Pacer):
+    """The sweep's Tune scheduler, which tells `pacer` what it decides for each trial."""
     s = sweep.config.scheduler
-    where = {"uri": uri, "experiment": sweep.config.experiment, "parent_run_id": parent_run_id}
     if s.name == "asha":
         return pacing.ASHA(max_t=sweep.length, grace_period=min(s.grace_period, sweep.length),
-                           reduction_factor=s.reduction_factor, **where)
+                           reduction_factor=s.reduction_factor, pacer=pacer)
     if s.name == "hyperband":
-        return pacing.HyperBand(max_t=sweep.length, reduction_factor=s.reduction_factor, **where)
+        return pacing.HyperBand(max_t=sweep.length, reduction_factor=s.reduction_factor, pacer=pacer)
     if s.name == "pbt":
-        from raycraft.sweep.pbt import PBT
-
         mutations = {k: list(d.values) if d.kind in ("choice", "grid") else d.tune() for k, d in sweep.space.items()}
         bounds = {k: (d.values[0], d.values[1] - (d.kind == "randint")) for k, d in sweep.space.items()
                   if d.kind not in ("choice", "grid")}  # randint's high is exclusive
         return PBT(time_attr="epoch", perturbation_interval=s.perturbation_interval,
                    quantile_fraction=s.quantile_fraction, resample_probability=s.resample_probability,
                    hyperparam_mutations=mutations, bounds=bounds, storage=resolved_job(sweep)["storage_path"],
-                   **where)
-    return pacing.FIFO(**where)
+                   pacer=pacer)
+    return pacing.FIFO(pacer=pacer)
 
 
 def trainable(sweep: Sweep, parent_run_id: str, uri: str):
-    from ray import tune
-
     job = resolved_job(sweep)
     fixed = Sweep(sweep.config, job, sweep.space, sweep.length)
-    return tune.with_resources(tune.with_parameters(run_trial, sweep=fixed, parent_run_id=parent_run_id, uri=uri),
-                               {"CPU": sweep.kind.trial_cpus})
+    trial = ray.tune.with_parameters(run_trial, sweep=fixed, parent_run_id=parent_run_id, uri=uri)
+    return ray.tune.with_resources(trial, {"CPU": sweep.kind.trial_cpus})
 
 
 def check_fits(sweep: Sweep) -> None:
@@ -222,118 +212,109 @@ def check_fits(sweep: Sweep) -> None:
 
 
 def start_parent(sweep: Sweep, uri: str) -> str:
-    from raycraft.config import to_dict
-
     cfg = sweep.config
     params = {"search": cfg.search, "scheduler": cfg.scheduler.name, "metric": cfg.metric, "mode": cfg.mode,
               "samples": cfg.samples, "concurrency": cfg.concurrency,
               **{f"space.{k}": f"{d.kind}{list(d.values)}" for k, d in sweep.space.items()},
               **{f"job.{k}": v for k, v in flatten(to_dict(sweep.kind.build(sweep.job)[0])).items()}}
-    return tracking.start_run(uri, cfg.experiment, f"sweep-{cfg.name}", params,
+    return tracking.Run.start(uri, cfg.experiment, f"sweep-{cfg.name}", params,
                               {"raycraft.sweep": cfg.name, "raycraft.kind": "sweep"},
-                              yaml.safe_dump(sweep_state(sweep, ""), sort_keys=False))
+                              yaml.safe_dump(sweep_state(sweep, ""), sort_keys=False)).run_id
 
 
 def sweep_state(sweep: Sweep, parent_run_id: str) -> dict[str, Any]:
-    from raycraft.config import to_dict
-
     return {"parent_run_id": parent_run_id, "sweep": {**to_dict(sweep.config), "job": sweep.job}}
 
 
 def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None = None,
               resume: bool = False, echo: Callable[[str], None] | None = None) -> SweepOutcome:
     """Start (or with `resume`, continue) the sweep, then record the best trial on the parent run."""
-    from ray import tune
-
-    from raycraft.cluster import init_ray
-    from raycraft.errors import TrainingError
-
     cfg = sweep.config
     uri = tracking.resolve_tracking_uri(tracking_uri)
     folder = sweep_dir(cfg.storage_path, cfg.name)
-    if resume:
-        state = read_yaml((folder / STATE_FILE).read_text(), str(folder / STATE_FILE))
-        parent = state["parent_run_id"]
-    else:
-        if folder.exists():
-            raise UserError(f"name: a sweep {cfg.name!r} already exists in {folder.parent}; continue it with "
-                            f"`--resume {cfg.name}` or give another name (`--set name=...`).")
-        parent = None
+    if not resume and folder.exists():
+        raise UserError(f"name: a sweep {cfg.name!r} already exists in {folder.parent}; continue it with "
+                        f"`--resume {cfg.name}` or give another name (`--set name=...`).")
     init_ray(address)
     check_fits(sweep)
     # Tune's experiment state is written at most this often: a killed driver loses less on resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    if resume:
-        tracking.reopen_run(uri, parent)
-        tuner = tune.Tuner.restore(str(folder), trainable(sweep, parent, uri), resume_unfinished=True,
-                                   resume_errored=True)
-    else:
-        parent = start_parent(sweep, uri)
-        folder.mkdir(parents=True)
-        (folder / STATE_FILE).write_text(yaml.safe_dump(sweep_state(sweep, parent), sort_keys=False))
-        # the basic generator limits itself (build_search); Tune wraps the others in a limiter
-        limit_by_tune = cfg.concurrency if cfg.search in ("optuna", "hyperopt") else None
-        tuner = tune.Tuner(
-            trainable(sweep, parent, uri),
-            param_space=sweep.param_space(),
-            tune_config=tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.samples,
-                                        max_concurrent_trials=limit_by_tune,
-                                        search_alg=build_search(sweep),
-                                        scheduler=build_scheduler(sweep, uri, parent)),
-            run_config=tune.RunConfig(name=cfg.name, storage_path=str(folder.parent), verbose=0,
-                                      callbacks=[make_callback(uri, cfg.experiment, parent, sweep.kind.name,
-                                                      echo is not None)]))
+    parent, tuner = restored_tuner(sweep, uri, folder) if resume else new_tuner(sweep, uri, folder, echo is not None)
     if echo:
-        echo(f"sweep {cfg.name}: MLflow parent run {parent}")
+        echo(f"sweep {cfg.name}: MLflow parent run {parent.run_id}")
+    verdicts = pacing.Pacer(parent.run_id).start()  # the actor lives while this reference does
     try:
-        with lifecycle.Heartbeat(uri, parent):  # Tune handles Ctrl+C itself: it saves its state and returns
+        with parent.heartbeat():  # Tune handles Ctrl+C itself: it saves its state and returns
             results = tuner.fit()
     except BaseException as exc:
-        tracking.end_run(uri, parent, *lifecycle.ended_by(exc))
+        parent.end_with(exc)
         raise
+    finally:
+        ray.kill(verdicts)
     if len(results) > results.num_terminated + results.num_errors:  # Ctrl+C: Tune saved its state and returned
         raise TrainingError(f"sweep {cfg.name!r} was interrupted; its state is saved. Continue it with "
                             f"`raycraft tune FILE --resume {cfg.name}`.")
-    return summarize(sweep, uri, parent)
+    return summarize(sweep, uri, parent.run_id)
 
 
-def summarize(sweep: Sweep, uri: str, parent: str) -> SweepOutcome:
-    """Best trial, counts and plots on the parent run; the parent ends FINISHED."""
-    from raycraft.sweep.plots import curves_png, metric_vs_params_png
-
+def new_tuner(sweep: Sweep, uri: str, folder: Path, verbose: bool) -> tuple[tracking.Run, ray.tune.Tuner]:
+    """(parent run, Tuner) of a new sweep: its parent run, and its state file in `folder`."""
     cfg = sweep.config
-    runs = children(uri, cfg.experiment, parent)
+    parent = start_parent(sweep, uri)
+    folder.mkdir(parents=True)
+    (folder / STATE_FILE).write_text(yaml.safe_dump(sweep_state(sweep, parent), sort_keys=False))
+    # the basic generator limits itself (build_search); Tune wraps the others in a limiter
+    limit_by_tune = cfg.concurrency if cfg.search in ("optuna", "hyperopt") else None
+    return tracking.Run(uri, parent), ray.tune.Tuner(
+        trainable(sweep, parent, uri),
+        param_space=sweep.param_space(),
+        tune_config=ray.tune.TuneConfig(metric=cfg.metric, mode=cfg.mode, num_samples=cfg.samples,
+                                        max_concurrent_trials=limit_by_tune, search_alg=build_search(sweep),
+                                        scheduler=build_scheduler(sweep, pacing.Pacer(parent))),
+        run_config=ray.tune.RunConfig(name=cfg.name, storage_path=str(folder.parent), verbose=0,
+                                      callbacks=[MlflowSweepCallback(uri, cfg.experiment, parent, sweep.kind.name,
+                                                                     verbose)]))
+
+
+def restored_tuner(sweep: Sweep, uri: str, folder: Path) -> tuple[tracking.Run, ray.tune.Tuner]:
+    """(parent run, Tuner) of the sweep saved in `folder`, its parent run reopened; finished trials are not
+    run again."""
+    parent = read_yaml((folder / STATE_FILE).read_text(), str(folder / STATE_FILE))["parent_run_id"]
+    tuner = ray.tune.Tuner.restore(str(folder), trainable(sweep, parent, uri), resume_unfinished=True,
+                                   resume_errored=True)
+    return tracking.Run.resume(uri, parent), tuner
+
+
+def summarize(sweep: Sweep, uri: str, parent_run_id: str) -> SweepOutcome:
+    """Best trial, counts and plots on the parent run; the parent ends FINISHED."""
+    cfg, parent = sweep.config, tracking.Run(uri, parent_run_id)
+    runs = children(uri, cfg.experiment, parent_run_id)
     sign = 1 if cfg.mode == "min" else -1
     scored = [r for r in runs if cfg.metric in r.data.metrics]
     best = min(scored, key=lambda r: sign * r.data.metrics[cfg.metric]) if scored else None
-    counts = {"trials": len(runs),
-              "trials_finished": sum(r.info.status == "FINISHED" for r in runs),
-              "trials_early_stopped": sum(r.data.tags.get(EARLY_TAG) == "true" for r in runs),
-              "trials_failed": sum(r.info.status == "FAILED" for r in runs)}
-    client = tracking._client(uri)
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
+    figures = {"trials": len(runs),
+               "trials_finished": sum(r.info.status == "FINISHED" for r in runs),
+               "trials_early_stopped": sum(r.data.tags.get(EARLY_TAG) == "true" for r in runs),
+               "trials_failed": sum(r.info.status == "FAILED" for r in runs)}
     best_params: dict[str, Any] = {}
-    metrics = [Metric(k, float(v), now, 0) for k, v in counts.items()]
     if best is not None:  # its config.yaml holds the values in force at its end (PBT changes them)
         best_config = tracking.download_text(uri, best.info.run_id, "config.yaml")
         job = read_yaml(best_config, f"run {best.info.run_id}'s config.yaml")
         best_params = {k: functools.reduce(lambda node, part: node[part], sweep.key(k).split("."), job)
                        for k in sweep.space}
-        metrics.append(Metric(f"best_{cfg.metric}", best.data.metrics[cfg.metric], now, 0))
-        tracking.set_tags(uri, parent, {"raycraft.best_run_id": best.info.run_id,
-                                        "raycraft.best_trial": best.data.tags.get(TRIAL_TAG, ""),
-                                        **{f"best.{k}": v for k, v in best_params.items()}})
-        client.log_text(parent, best_config, "best_config.yaml")
-    client.log_batch(parent, metrics=metrics)
-    histories = {r.info.run_id: client.get_metric_history(r.info.run_id, cfg.metric) for r in runs}
+        figures[f"best_{cfg.metric}"] = best.data.metrics[cfg.metric]
+        parent.set_tags({"raycraft.best_run_id": best.info.run_id,
+                         "raycraft.best_trial": best.data.tags.get(TRIAL_TAG, ""),
+                         **{f"best.{k}": v for k, v in best_params.items()}})
+        parent.log_text(best_config, "best_config.yaml")
+    parent.log_metrics(figures)
+    histories = {r.info.run_id: tracking.metric_history(uri, r.info.run_id, cfg.metric) for r in runs}
     with tempfile.TemporaryDirectory() as tmp:
         metric_vs_params_png(sweep, runs, Path(tmp) / "metric_vs_params.png")
         curves_png(cfg.metric, runs, histories, Path(tmp) / "learning_curves.png", sweep.kind.curve_x)
-        tracking.log_dir(uri, parent, tmp, "plots")
-    tracking.end_run(uri, parent, "FINISHED")
-    return SweepOutcome(cfg.name, parent, best.info.run_id if best else None,
+        parent.log_artifacts(tmp, "plots")
+    parent.end()
+    return SweepOutcome(cfg.name, parent_run_id, best.info.run_id if best else None,
                         best.data.metrics[cfg.metric] if best else None, best_params, runs)
 
 

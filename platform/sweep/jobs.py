@@ -13,11 +13,17 @@ A trial whose last report lacks that mark was stopped early by its scheduler.
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from raycraft import config
 from raycraft.errors import UserError
+from raycraft.runner import check_cluster_resources, run_training
+from raycraft.sweep.probe import reported_metrics
+from raycraft.train.config import TrainConfig
+
+if TYPE_CHECKING:
+    from raycraft.sweep.pacing import TrialRun
 
 FINISHED_METRIC = "trial_finished"
 
@@ -34,12 +40,12 @@ class JobKind:
 
     def key(self, key: str) -> str:
         """A space key as a path in the job: model keys take the `model_args.` prefix, as with `--set`."""
-        head = key.split(".")[0]
-        return key if head in {f.name for f in dataclasses.fields(self.config_cls)} else f"model_args.{key}"
+        return config.route(self.config_cls, key)
 
     def build(self, job: dict[str, Any]) -> tuple[Any, Any]:
-        """(job config, model config), validated."""
-        raise NotImplementedError
+        """(job config, model config), validated: the job's keys over what lies under them, as the plain
+        command builds its config."""
+        return config.build(self.config_cls, [job])
 
     def check(self, cfg: Any, model_cfg: Any) -> None:
         """What `build` does not check and the plain command checks before Ray starts."""
@@ -60,10 +66,8 @@ class JobKind:
         """Whether a trial's last result is that of a trial that ran to its end."""
         return bool(result.get(FINISHED_METRIC))
 
-    def run(self, cfg: Any, model_cfg: Any, *, uri: str, resume_run_id: str | None, run_name: str,
-            tags: dict[str, str], start_from: dict[str, Any] | None = None) -> None:
-        """Run one trial in the trial's process, reporting to Tune. `start_from`: a PBT exploit (train jobs;
-        see `sweep.pbt`)."""
+    def run(self, cfg: Any, model_cfg: Any, trial: TrialRun) -> None:
+        """Run one trial in the trial's process, reporting to Tune and paced by its scheduler."""
         raise NotImplementedError
 
 
@@ -73,17 +77,7 @@ class TrainJob(JobKind):
     resource_keys = ("workers", "cpus_per_worker", "gpu")
     trial_cpus = 0.01  # the trial's process only waits on its Ray Train workers, which reserve the CPUs
     curve_x = ("epoch", 1)
-
-    @property
-    def config_cls(self) -> type:
-        from raycraft.train.config import TrainConfig
-
-        return TrainConfig
-
-    def build(self, job):
-        from raycraft.train.config import build_config
-
-        return build_config(job)
+    config_cls = TrainConfig
 
     def check(self, cfg, model_cfg):
         if cfg.in_process:
@@ -91,43 +85,30 @@ class TrainJob(JobKind):
                             "drop in_process from the job (it is for single `raycraft train` runs).")
 
     def check_fits(self, cfg):
-        from raycraft.runner import check_cluster_resources
-
         check_cluster_resources(cfg)
 
     def length(self, cfg):
         return cfg.epochs
 
     def metrics(self, cfg):
-        from raycraft.sweep.config import reported_metrics
-
         return reported_metrics(cfg)
 
     def finished(self, result):
         return super().finished(result) or any(k.startswith("test_") for k in result)
 
-    def run(self, cfg, model_cfg, *, uri, resume_run_id, run_name, tags, start_from=None):
-        from raycraft.runner import run_training
+    def run(self, cfg, model_cfg, trial):
+        """Ray Train reports each epoch to Tune (`pacing.EpochReports`); rank 0 waits for the scheduler's
+        verdict after each (`pacing.Gate`)."""
+        run_training(cfg, tracking_uri=trial.uri, resume_run_id=trial.resume_run_id, run_name=trial.run_name,
+                     tags=trial.tags, trial=trial.training(cfg.epochs))
 
-        run_training(cfg, tracking_uri=uri, resume_run_id=resume_run_id, run_name=run_name, tags=tags,
-                     callbacks=[report_callback(cfg.epochs)], paced_by_tune=True,
-                     clone=(start_from["n"], start_from["checkpoint"]) if start_from else None)
 
+def rl_run() -> Any:
+    """The module `raycraft.rl.run` (with RLConfig, prepare, train_rl), imported when an RL job first needs it:
+    it needs the `rl` extra (RLlib, gymnasium), which sweeps of train jobs do without, and takes seconds."""
+    from raycraft.rl import run  # deferred: the `rl` extra may be missing, and RLlib is slow to import
 
-def report_callback(epochs: int):
-    """Tune's `TuneReportCallback`, minus the loop's report of the last epoch: the run's final report
-    repeats that epoch's metrics with the test metrics, so Tune's iteration i is epoch i and a scheduler
-    with max_t = epochs never stops a trial between its last epoch and its test evaluation."""
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    class EpochReportCallback(TuneReportCallback):
-        def after_report(self, run_context, metrics, checkpoint):
-            last = metrics[0]
-            if last.get("epoch") == epochs - 1 and not any(k.startswith("test_") for k in last):
-                return
-            super().after_report(run_context, metrics, checkpoint)
-
-    return EpochReportCallback()
+    return run
 
 
 class RLJob(JobKind):
@@ -139,43 +120,31 @@ class RLJob(JobKind):
 
     @property
     def config_cls(self) -> type:
-        from raycraft.rl.config import RLConfig
-
-        return RLConfig
-
-    def build(self, job):
-        from raycraft.rl.config import build_rl_config
-
-        return build_rl_config(job, [])
+        return rl_run().RLConfig
 
     def check(self, cfg, model_cfg):
-        from raycraft.rl.run import prepare
-
-        prepare(cfg, model_cfg)  # env id, action space against the algorithm, model APIs
+        rl_run().prepare(cfg, model_cfg)  # env id, action space against the algorithm, model APIs
 
     def length(self, cfg):
         return math.ceil(cfg.timesteps / cfg.steps_per_iter)
 
     def metrics(self, cfg):
-        from raycraft.rl.run import ITERATION_METRICS
+        names = rl_run().ITERATION_METRICS
+        return set(names), set(names)
 
-        return set(ITERATION_METRICS), set(ITERATION_METRICS)
-
-    def run(self, cfg, model_cfg, *, uri, resume_run_id, run_name, tags, start_from=None):
+    def run(self, cfg, model_cfg, trial):
         """RLlib samples and learns in this process (the learner is local; `workers` EnvRunners are
-        actors of their own). The iteration that ends the run is reported once the run has logged its
-        policy and ended, marked finished, so a scheduler cannot stop it half-logged."""
-        import ray.tune
-
-        from raycraft.rl.run import train_rl
+        actors of their own), which Tune's reports hold in step with the scheduler. The iteration that ends
+        the run is reported once the run has logged its policy and ended, marked finished, so a scheduler
+        cannot stop it half-logged."""
 
         def report(m: dict[str, float]) -> None:
             if not cfg.reached(m):
-                ray.tune.report(m)
+                trial.report(m)
 
-        out = train_rl(cfg, model_cfg, tracking_uri=uri, resume_run_id=resume_run_id, run_name=run_name,
-                       tags=tags, on_iteration=report)
-        ray.tune.report({**out.history[-1], FINISHED_METRIC: 1.0})
+        out = rl_run().train_rl(cfg, model_cfg, tracking_uri=trial.uri, resume_run_id=trial.resume_run_id,
+                                run_name=trial.run_name, tags=trial.tags, on_iteration=report)
+        trial.report({**out.history[-1], FINISHED_METRIC: 1.0})
 
 
 KINDS = {"train": TrainJob(), "rl": RLJob()}

@@ -28,13 +28,14 @@ import posixpath
 import random
 from typing import Any
 
+import pyarrow.fs
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import PopulationBasedTraining, TrialScheduler
 from ray.tune.schedulers.pbt import _make_experiment_tag
 
 from raycraft.sweep.jobs import KINDS
-from raycraft.sweep.pacing import _AllowsEpochs
+from raycraft.sweep.pacing import Paced
 
 EXPLOIT_KEY = "__raycraft_pbt__"
 """Key of a trial's config, set by an exploit: {n, checkpoint, donor_trial, epoch}."""
@@ -45,8 +46,6 @@ log = logging.getLogger(__name__)
 def clone_checkpoint(storage: str, src: str, name: str) -> str:
     """Copy the Ray Train checkpoint folder `src` (a path in `storage`'s filesystem) to a sibling `name`;
     return what `ray.train.Checkpoint` opens it by (a local path, or a URI in `storage`'s scheme)."""
-    import pyarrow.fs
-
     fs, _ = pyarrow.fs.FileSystem.from_uri(storage)
     dst = posixpath.join(posixpath.dirname(src.rstrip("/")), name)
     fs.create_dir(dst, recursive=True)
@@ -116,5 +115,5 @@ class _ClonesRayTrainCheckpoints(PopulationBasedTraining):
         state.last_train_time = donor.last_train_time
 
 
-class PBT(_AllowsEpochs, _ClonesRayTrainCheckpoints):
+class PBT(Paced, _ClonesRayTrainCheckpoints):
     """raycraft's PBT: a trial goes past an epoch only once the scheduler lets it (see `sweep.pacing`)."""

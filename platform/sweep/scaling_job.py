@@ -16,24 +16,25 @@ errors, the compute-optimal allocation and log-log plots with the fits.
 
 from __future__ import annotations
 
-import copy
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import yaml
+from torch import nn
 
 from raycraft import lifecycle, tracking
-from raycraft.config import from_dict, load_yaml, set_path, to_dict
-from raycraft.errors import UserError
-from raycraft.registry import field_doc
-from raycraft.sweep.config import reported_metrics
-from raycraft.sweep.jobs import KINDS
+from raycraft.config import build, from_dict, load_yaml, to_dict
+from raycraft.errors import UserError, invalid_choice
+from raycraft.plots import plt
+from raycraft.registry import create_model, field_doc, load_dataset
+from raycraft.runner import run_training
+from raycraft.sweep.probe import reported_metrics
 from raycraft.sweep.scaling import Fit, compute_optimal, fit_chinchilla, fit_power_law, held_out_error
-from raycraft.train.config import TrainConfig, build_config
+from raycraft.train.config import TrainConfig
 
 
 @dataclass
@@ -74,22 +75,10 @@ class Point:
     run_id: str = ""
 
 
-def _apply(job: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(job)
-    for k, v in overrides.items():
-        set_path(out, KINDS["train"].key(k), v)
-    return out
-
-
 def measure(cfg: TrainConfig) -> tuple[float, float]:
     """(N, D): parameters outside embedding tables, and training targets seen over all epochs."""
-    import torch
-    from torch import nn
-
-    from raycraft.registry import create_model, load_dataset, model_spec
-
     splits = load_dataset(cfg.dataset, cfg.data)
-    model = create_model(cfg.model, from_dict(model_spec(cfg.model).config_cls, cfg.model_args), splits.info)
+    model = create_model(cfg.model, cfg.model_config, splits.info)
     embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
     n = sum(p.numel() for p in model.parameters() if id(p) not in embedded)
     per_example = splits.train[torch.arange(1)][-1][0].numel()
@@ -104,16 +93,13 @@ def load_scaling(path: str | Path) -> tuple[ScalingConfig, list[Point]]:
     points = []
     for i, size in enumerate(cfg.sizes):
         for data in cfg.data:
-            job = _apply(_apply({**cfg.job, "experiment": cfg.experiment}, size), data)
-            try:
-                train_cfg, _ = build_config(job)
+            try:  # the job's keys, then each point's, as `raycraft train` layers a --config file and --set
+                train_cfg, _ = build(TrainConfig, [cfg.job, {"experiment": cfg.experiment}, size, data])
             except UserError as exc:
                 raise UserError(f"sizes[{i}] with data {data}: {exc}") from None
             points.append(Point(i, train_cfg, *measure(train_cfg)))
     names = reported_metrics(points[0].cfg)[1]  # a fit reads each run's end-of-run value
     if cfg.metric not in names:
-        from raycraft.errors import invalid_choice
-
         raise invalid_choice("metric", cfg.metric, names)
     return cfg, points
 
@@ -151,8 +137,6 @@ def analyse(cfg: ScalingConfig, points: list[Point]) -> Analysis:
 
 
 def loglog_png(cfg: ScalingConfig, points: list[Point], result: Analysis, path: Path) -> None:
-    from raycraft.plots import plt
-
     cut = len(cfg.sizes) - cfg.holdout
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, attr, law in ((axes[0], "n", "L_N"), (axes[1], "d", "L_D")):
@@ -184,47 +168,42 @@ def loglog_png(cfg: ScalingConfig, points: list[Point], result: Analysis, path: 
     plt.close(fig)
 
 
-def log_analysis(uri: str, parent: str, cfg: ScalingConfig, points: list[Point], result: Analysis) -> None:
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
+def log_analysis(parent: tracking.Run, cfg: ScalingConfig, points: list[Point], result: Analysis) -> None:
     values = {f"{law}.{k}": v for law, fit in result.fits.items() for k, v in fit.params.items()}
     values |= {f"{law}.{k}_stderr": v for law, fit in result.fits.items() for k, v in fit.stderr.items()}
     values |= {f"{law}.rmse_log": fit.rmse_log for law, fit in result.fits.items()}
     values |= {f"heldout_rel_error.{law}": v for law, v in result.held_out.items()}
     values |= {"optimal_N": result.optimal[0], "optimal_D": result.optimal[1]}
-    tracking._client(uri).log_batch(parent, metrics=[Metric(k, float(v), now, 0) for k, v in values.items()])
+    parent.log_metrics(values)
     table = [{"size": p.size, "N": p.n, "D": p.d, "C": 6 * p.n * p.d, cfg.metric: float(p.loss), "run_id": p.run_id}
              for p in points]
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "runs.yaml").write_text(yaml.safe_dump(table, sort_keys=False))
         loglog_png(cfg, points, result, Path(tmp) / "scaling_loglog.png")
-        tracking.log_dir(uri, parent, tmp, "scaling")
+        parent.log_artifacts(tmp, "scaling")
 
 
 def run_scaling(cfg: ScalingConfig, points: list[Point], *, tracking_uri: str | None = None,
                 address: str | None = None, echo=None) -> tuple[str, Analysis]:
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    parent = tracking.start_run(uri, cfg.experiment, f"scaling-{cfg.name}",
+    parent = tracking.Run.start(uri, cfg.experiment, f"scaling-{cfg.name}",
                                 {"metric": cfg.metric, "holdout": cfg.holdout, "budget": cfg.budget,
                                  "runs": len(points)}, {"raycraft.kind": "scaling"},
                                 yaml.safe_dump(to_dict(cfg), sort_keys=False))
     try:
-        with lifecycle.Heartbeat(uri, parent), lifecycle.stop_on_signals():
-            result = run_points(cfg, points, uri, parent, address, echo)
-        log_analysis(uri, parent, cfg, points, result)
+        with parent.heartbeat(), lifecycle.stop_on_signals():
+            result = run_points(cfg, points, uri, parent.run_id, address, echo)
+        log_analysis(parent, cfg, points, result)
     except BaseException as exc:
-        tracking.end_run(uri, parent, *lifecycle.ended_by(exc))
+        parent.end_with(exc)
         raise
-    tracking.end_run(uri, parent, "FINISHED")
-    return parent, result
+    parent.end()
+    return parent.run_id, result
 
 
 def run_points(cfg: ScalingConfig, points: list[Point], uri: str, parent: str, address: str | None,
                echo) -> Analysis:
     """Train each point as a child of the scaling run, then fit the law."""
-    from raycraft.runner import run_training
-
     for i, p in enumerate(points):
         out = run_training(p.cfg, address=address, tracking_uri=uri, run_name=f"{cfg.name}-N{p.n:.3g}-D{p.d:.3g}",
                            tags={"mlflow.parentRunId": parent, "raycraft.scaling.N": str(p.n),
