@@ -108,17 +108,17 @@ def _log_run(uri: str, tmp: Path, name: str, cfg, model, extra: dict[str, Path] 
     import yaml
 
     from raycraft.config import to_dict
-    from raycraft.tracking import log_dir, start_run
+    from raycraft.tracking import Run
     from raycraft.train.loop import CHECKPOINT_FILE
 
-    run_id = start_run(uri, "limits", name, {}, {}, config_yaml or yaml.safe_dump(to_dict(cfg)))
+    run = Run.start(uri, "limits", name, {}, {}, config_yaml or yaml.safe_dump(to_dict(cfg)))
     folder = tmp / name
     folder.mkdir()
     torch.save({"model": model.state_dict()}, folder / CHECKPOINT_FILE)
-    log_dir(uri, run_id, folder, "checkpoint")
+    run.log_artifacts(folder, "checkpoint")
     for artifact_path, local in (extra or {}).items():
-        log_dir(uri, run_id, local, artifact_path)
-    return run_id
+        run.log_artifacts(local, artifact_path)
+    return run.run_id
 
 
 def _language_model_run(uri: str, tmp: Path) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,18 @@ def tiny(algo: str, env: str, storage: str, **keys):
     return build_rl_config(base, [])
 
 
+def assert_rates_add_up(history: list[dict[str, float]]) -> None:
+    """steps_per_s is an iteration's env steps over its own time: from the second iteration on, rate times
+    the wall time between iterations gives back the steps sampled; the first one took at most its wall_s."""
+    assert len(history) >= 2
+    first = history[0]
+    assert first["env_steps"] > 0 and first["steps_per_s"] * first["wall_s"] >= first["env_steps"]
+    for before, m in itertools.pairwise(history):
+        assert m["env_steps"] > before["env_steps"] and m["wall_s"] > before["wall_s"]
+        assert m["steps_per_s"] * (m["wall_s"] - before["wall_s"]) == pytest.approx(
+            m["env_steps"] - before["env_steps"], rel=1e-6)
+
+
 def test_dqn_train_resume_reload_gif(ray_session, mlflow_uri, storage, tmp_path):
     from mlflow.tracking import MlflowClient
     from ray.rllib.core.columns import Columns
@@ -30,6 +43,7 @@ def test_dqn_train_resume_reload_gif(ray_session, mlflow_uri, storage, tmp_path)
     cfg, model_cfg = tiny("dqn", "CartPole-v1", storage, timesteps=200, replay={"save_in_checkpoint": True})
     first = train_rl(cfg, model_cfg, tracking_uri=mlflow_uri)
     assert first.env_steps >= 200 and first.iterations == 2
+    assert_rates_add_up(first.history)
     assert (Path(first.checkpoint) / ARRAYS_FILE).is_file()
     assert checksums.problem(first.checkpoint, signed=True) is None
     client = MlflowClient(mlflow_uri)
@@ -75,4 +89,5 @@ def test_pong_nature_cnn_runs(ray_session, mlflow_uri, storage):
                           eval_interval=1000, replay={"capacity": 1000}, steps_per_iter=100)
     assert cfg.model == "q_nature_cnn"
     out = train_rl(cfg, model_cfg, tracking_uri=mlflow_uri)
-    assert out.env_steps >= 200 and out.history[-1]["steps_per_s"] > 0
+    assert out.env_steps >= 200
+    assert_rates_add_up(out.history)

@@ -40,12 +40,12 @@ def test_sizes_data_and_fits_on_a_known_law(tmp_path, mlflow_uri):
     n_opt, d_opt = result.optimal
     assert 6 * n_opt * d_opt == pytest.approx(1e12)
 
-    parent = tracking.start_run(mlflow_uri, "scaling-test", "p", {}, {}, "")
-    log_analysis(mlflow_uri, parent, cfg, points, result)
-    run = MlflowClient(mlflow_uri).get_run(parent)
+    parent = tracking.Run.start(mlflow_uri, "scaling-test", "p", {}, {}, "")
+    log_analysis(parent, cfg, points, result)
+    run = MlflowClient(mlflow_uri).get_run(parent.run_id)
     assert run.data.metrics["L_ND.alpha"] == pytest.approx(result.fits["L_ND"].params["alpha"])
     assert "L_ND.alpha_stderr" in run.data.metrics and "heldout_rel_error.L_ND" in run.data.metrics
-    assert {a.path for a in MlflowClient(mlflow_uri).list_artifacts(parent, "scaling")} == {
+    assert {a.path for a in MlflowClient(mlflow_uri).list_artifacts(parent.run_id, "scaling")} == {
         "scaling/runs.yaml", "scaling/scaling_loglog.png"}
 
 

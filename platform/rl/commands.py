@@ -7,8 +7,14 @@ from typing import Annotated, Optional
 
 import typer
 
-from raycraft.cli import AddressOpt, SetOpt, TrackingOpt, app, console, layered_config
-from raycraft.extras import require_extra
+from raycraft.config import build
+from raycraft.console import AddressOpt, SetOpt, TrackingOpt, console, field_option
+from raycraft.errors import invalid_choice
+from raycraft.rl.config import ALGOS, RLConfig
+from raycraft.tracking import resolve_tracking_uri, ui_command
+from raycraft.train.config import config_layers
+
+app = typer.Typer()
 
 
 def _fmt(m: dict[str, float]) -> str:
@@ -22,38 +28,27 @@ def _fmt(m: dict[str, float]) -> str:
 @app.command("rl")
 def rl(
     algo: Annotated[str, typer.Argument(help="dqn or ddpg.")],
-    env: Annotated[Optional[str], typer.Option("--env", help="Environment id (gymnasium, ALE/..., raycraft/...).")
-                   ] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="RL model (`raycraft models`).")] = None,
+    env: field_option(RLConfig, "env", "--env") = None,
+    model: field_option(RLConfig, "model", "--model") = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML file of RLConfig keys.")] = None,
     set_: SetOpt = None,
-    stop_reward: Annotated[Optional[float], typer.Option("--stop-reward", help="Stop at this eval return.")] = None,
-    timesteps: Annotated[Optional[int], typer.Option("--timesteps", help="Stop after this many env steps.")] = None,
-    workers: Annotated[Optional[int], typer.Option("--workers", help="EnvRunner actors (0 = in the driver).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of networks, envs and exploration.")] = None,
+    stop_reward: field_option(RLConfig, "stop_reward", "--stop-reward") = None,
+    timesteps: field_option(RLConfig, "timesteps", "--timesteps") = None,
+    workers: field_option(RLConfig, "workers", "--workers") = None,
+    seed: field_option(RLConfig, "seed") = None,
     resume: Annotated[Optional[str], typer.Option("--resume", help="MLflow run id to continue.")] = None,
-    experiment: Annotated[Optional[str], typer.Option(help="MLflow experiment name.")] = None,
+    experiment: field_option(RLConfig, "experiment") = None,
     address: AddressOpt = None,
     tracking_uri: TrackingOpt = None,
 ):
     """Train ALGO on --env with RLlib; prints progress and the MLflow run id."""
-    require_extra("rl", "raycraft rl")
-    import torch
-
-    from raycraft.rl.config import ALGOS, build_rl_config
-    from raycraft.rl.run import train_rl
-    from raycraft.tracking import resolve_tracking_uri, ui_command
-
-    torch.set_num_threads(1)
     if algo not in ALGOS:
-        from raycraft.errors import invalid_choice
-
         raise invalid_choice("ALGO", algo, ALGOS)
     uri = resolve_tracking_uri(tracking_uri)
     flags = {"algo": algo, "env": env, "model": model, "stop_reward": stop_reward, "timesteps": timesteps,
              "workers": workers, "seed": seed, "experiment": experiment}
-    base = layered_config(uri, config, resume, flags)
-    cfg, model_cfg = build_rl_config(base, set_ or [])
+    cfg, model_cfg = build(RLConfig, config_layers(uri, config, resume, flags), set_ or [])
+    from raycraft.rl.run import train_rl  # RLlib (3 s, the `rl` extra): once the flags are known to be good
 
     def on_start(run_id: str) -> None:
         verb = "resuming" if resume else "training"
@@ -74,8 +69,7 @@ def rl_eval(
     tracking_uri: TrackingOpt = None,
 ):
     """Reload RUN_ID's policy, play greedy episodes, report the mean return (and write a GIF)."""
-    require_extra("rl", "raycraft rl-eval")
-    from raycraft.rl.run import evaluate_rl
+    from raycraft.rl.run import evaluate_rl  # RLlib (3 s): not at the top, where `rl`'s bad input would wait
 
     returns = evaluate_rl(run_id, episodes=episodes, video=video, tracking_uri=tracking_uri)
     console.print(f"run {run_id}: mean return {sum(returns) / len(returns):.4g} over {len(returns)} episodes "

@@ -11,6 +11,9 @@ Nothing a tracking server hands out is unpickled: `rl-eval` rebuilds the module 
 loads `policy/weights.pt` with torch's tensor-only loader; `--resume` loads RLlib's checkpoint (pickle
 files) only when its manifest carries this account's signature (`raycraft.checksums`), so a run whose
 tag was pointed at someone else's folder is refused before anything in it is read.
+
+This module needs RLlib (the `rl` extra) and imports it at once: `raycraft rl`, `raycraft rl-eval` and RL
+sweeps import it only after checking that the extra is installed.
 """
 
 from __future__ import annotations
@@ -24,12 +27,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
+import torch
 import yaml
+from PIL import Image
+from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner
+from ray.rllib.core.columns import Columns
+from ray.rllib.core.rl_module.rl_module import RLModuleSpec
+from ray.rllib.utils.metrics import (
+    ENV_RUNNER_RESULTS,
+    EPISODE_LEN_MEAN,
+    EPISODE_RETURN_MEAN,
+    EVALUATION_RESULTS,
+    NUM_ENV_STEPS_SAMPLED_LIFETIME,
+)
 
-from raycraft import checksums, lifecycle
+from raycraft import checksums, lifecycle, tracking
+from raycraft.cluster import init_ray
 from raycraft.config import flatten, read_yaml, to_dict
 from raycraft.errors import Stopped, UserError
-from raycraft.rl.config import RLConfig
+from raycraft.registry import create_model, model_spec, models
+from raycraft.rl import modules
+from raycraft.rl.config import RLConfig, build_rl_config
+from raycraft.rl.ddpg import DDPGConfig, DDPGTorchLearner, register
+from raycraft.rl.dqn import DQNConfig
+from raycraft.rl.environments import check_env, make, rllib_env
+from raycraft.rl.plots import returns_png
 
 CHECKPOINT_TAG = "raycraft.checkpoint"
 POLICY_FILE = "policy/weights.pt"
@@ -60,22 +84,11 @@ class RLOutcome:
 
 
 def learner_class(algo: str) -> type:
-    if algo == "dqn":
-        from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner
-
-        return DQNTorchLearner
-    from raycraft.rl.ddpg import DDPGTorchLearner
-
-    return DDPGTorchLearner
+    return DQNTorchLearner if algo == "dqn" else DDPGTorchLearner
 
 
 def prepare(cfg: RLConfig, model_cfg: Any) -> Prepared:
     """Env id, action space against the algorithm, model class against the learner's required APIs."""
-    import gymnasium as gym
-
-    from raycraft.envs import check_env, make
-    from raycraft.registry import create_model, model_spec, models
-
     check_env(cfg.env)
     env = make(cfg.env, cfg.env_config)
     obs_space, act_space = env.observation_space, env.action_space
@@ -93,22 +106,17 @@ def prepare(cfg: RLConfig, model_cfg: Any) -> Prepared:
         raise UserError(f"--model: {cfg.model!r} is a {made_for.upper()} model; it lacks "
                         f"{', '.join(api.__name__ for api in required)}, which {cfg.algo.upper()}'s learner "
                         f"needs. Models for {cfg.algo}: {fits}.")
-    module = create_model(cfg.model, model_cfg, {"observation_space": obs_space, "action_space": act_space})
-    missing = [api.__name__ for api in required if not isinstance(module, api)]
+    network = create_model(cfg.model, model_cfg, {"observation_space": obs_space, "action_space": act_space})
+    cls = modules.module_class(network)
+    missing = [api.__name__ for api in required if not issubclass(cls, api)]
     if missing:
-        raise UserError(f"--model: {cfg.model!r} ({type(module).__name__}) lacks {', '.join(missing)}, which "
+        raise UserError(f"--model: {cfg.model!r} ({cls.__name__}) lacks {', '.join(missing)}, which "
                         f"{cfg.algo.upper()}'s learner needs. Models for {cfg.algo}: {fits}.")
-    return Prepared(type(module), obs_space, act_space)
+    return Prepared(cls, obs_space, act_space)
 
 
 def algorithm_config(cfg: RLConfig, model_cfg: Any, module_class: type):
     """The RLlib AlgorithmConfig (new API stack) for this job."""
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
-    from raycraft.envs import rllib_env
-    from raycraft.rl.ddpg import DDPGConfig
-    from raycraft.rl.dqn import DQNConfig
-
     replay = ({"type": "PrioritizedEpisodeReplayBuffer", "capacity": cfg.replay.capacity,
                "alpha": cfg.replay.alpha, "beta": cfg.replay.beta} if cfg.replay.prioritized
               else {"type": "EpisodeReplayBuffer", "capacity": cfg.replay.capacity})
@@ -131,7 +139,8 @@ def algorithm_config(cfg: RLConfig, model_cfg: Any, module_class: type):
             .framework("torch")
             .env_runners(num_env_runners=cfg.workers, num_envs_per_env_runner=cfg.envs_per_worker)
             .learners(num_learners=0)
-            .rl_module(rl_module_spec=RLModuleSpec(module_class=module_class, model_config=to_dict(model_cfg)))
+            .rl_module(rl_module_spec=RLModuleSpec(module_class=module_class,
+                                                   model_config=modules.module_config(cfg.model, model_cfg)))
             .reporting(min_sample_timesteps_per_iteration=cfg.steps_per_iter, min_time_s_per_iteration=0)
             .evaluation(evaluation_interval=cfg.eval_interval, evaluation_duration=cfg.eval_episodes,
                         evaluation_duration_unit="episodes", evaluation_num_env_runners=0)
@@ -140,14 +149,6 @@ def algorithm_config(cfg: RLConfig, model_cfg: Any, module_class: type):
 
 def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     """The numbers raycraft shows and logs from one `Algorithm.train()` result."""
-    from ray.rllib.utils.metrics import (
-        ENV_RUNNER_RESULTS,
-        EPISODE_LEN_MEAN,
-        EPISODE_RETURN_MEAN,
-        EVALUATION_RESULTS,
-        NUM_ENV_STEPS_SAMPLED_LIFETIME,
-    )
-
     runners = result.get(ENV_RUNNER_RESULTS, {})
     out = {"iteration": float(result["training_iteration"]),
            "env_steps": float(runners.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))}
@@ -217,86 +218,56 @@ def restore_checkpoint(algo, path: Path) -> None:
     algo.local_replay_buffer.load(path)
 
 
-def returns_png(history: list[dict[str, float]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key, label in (("return_mean", "training episodes"), ("eval_return_mean", "evaluation (greedy)")):
-        pts = [(h["env_steps"], h[key]) for h in history if key in h]
-        if pts:
-            ax.plot(*zip(*pts, strict=True), marker="o", ms=2, label=label)
-    ax.set_xlabel("env steps")
-    ax.set_ylabel("episode return")
-    ax.grid(alpha=0.3)
-    if ax.lines:  # no finished episode yet in a very short run
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, address: str | None = None,
              resume_run_id: str | None = None, on_start: Callable[[str], None] | None = None,
              on_iteration: Callable[[dict[str, float]], None] | None = None, run_name: str | None = None,
              tags: dict[str, str] | None = None) -> RLOutcome:
     """Train until `cfg.reached`, logging each iteration to MLflow; `run_name` and `tags` name a new run."""
-    from raycraft import tracking
-    from raycraft.cluster import init_ray
-    from raycraft.rl.ddpg import register
-
+    torch.set_num_threads(1)  # small networks: more threads only contend with the env runners
     prepared = prepare(cfg, model_cfg)
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    before = None  # a resumed run's RunInfo before this attempt
-    if resume_run_id:
-        run_id = resume_run_id
-        checkpoint_dir = trusted_checkpoint(tracking.get_run(uri, run_id))
-        before = tracking.reopen_run(uri, run_id)
-    else:
-        name = run_name or f"{cfg.algo}-{cfg.env.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = tracking.start_run(uri, cfg.experiment, name, flatten(to_dict(cfg)),
-                                    {"raycraft.model": cfg.model, "raycraft.env": cfg.env,
-                                     "raycraft.algo": cfg.algo, "raycraft.task": "rl", **(tags or {})},
-                                    yaml.safe_dump({**to_dict(cfg), "model_args": to_dict(model_cfg)},
-                                                   sort_keys=False))
-        checkpoint_dir = (Path(cfg.storage_path) / f"raycraft-rl-{run_id}" / "checkpoint").resolve()
-        checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
-        tracking.set_tags(uri, run_id, {CHECKPOINT_TAG: str(checkpoint_dir)})
+    run, checkpoint_dir = open_run(cfg, model_cfg, tracking.resolve_tracking_uri(tracking_uri), resume_run_id,
+                                   run_name, tags)
     if on_start:
-        on_start(run_id)
-
+        on_start(run.run_id)
     start = time.perf_counter()
     try:
         init_ray(address)  # before the handlers: Ray's core worker sets its own for SIGTERM
         register()
-        with lifecycle.Heartbeat(uri, run_id, enabled=lifecycle.PARENT_TAG not in (tags or {})), \
-                lifecycle.stop_on_signals():
-            history = iterate(cfg, model_cfg, prepared, uri, run_id, checkpoint_dir, bool(resume_run_id),
-                              on_iteration)
+        with run.heartbeat(), lifecycle.stop_on_signals():
+            history = iterate(cfg, model_cfg, prepared, run, checkpoint_dir, bool(resume_run_id), on_iteration)
     except BaseException as exc:
-        status, reason = lifecycle.ended_by(exc)
-        if tracking.get_run(uri, run_id).info.status == "RUNNING":  # a sweep may have ended it (KILLED) first
-            tracking.end_attempt(uri, run_id, status, reason, before)
-        if status == "KILLED":
-            raise Stopped(getattr(exc, "signum", signal.SIGINT), run_id) from None
+        if run.end_with(exc) == "KILLED":
+            raise Stopped(getattr(exc, "signum", signal.SIGINT), run.run_id) from None
         raise
-    tracking.end_run(uri, run_id, "FINISHED")
+    run.end()
     m = history[-1]
-    return RLOutcome(run_id, int(m["env_steps"]), int(m["iteration"]), m.get("eval_return_mean"),
+    return RLOutcome(run.run_id, int(m["env_steps"]), int(m["iteration"]), m.get("eval_return_mean"),
                      time.perf_counter() - start, str(checkpoint_dir), history)
 
 
-def iterate(cfg: RLConfig, model_cfg: Any, prepared: Prepared, uri: str, run_id: str, checkpoint_dir: Path,
+def open_run(cfg: RLConfig, model_cfg: Any, uri: str, resume_run_id: str | None, run_name: str | None,
+             tags: dict[str, str] | None) -> tuple[tracking.Run, Path]:
+    """(the run, its checkpoint folder): the resumed run, reopened once its checkpoint is trusted, or a new
+    run, tagged with where its checkpoints go."""
+    if resume_run_id:
+        checkpoint_dir = trusted_checkpoint(tracking.get_run(uri, resume_run_id))
+        return tracking.Run.resume(uri, resume_run_id), checkpoint_dir
+    name = run_name or f"{cfg.algo}-{cfg.env.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run = tracking.Run.start(uri, cfg.experiment, name, flatten(to_dict(cfg)),
+                             {"raycraft.model": cfg.model, "raycraft.env": cfg.env, "raycraft.algo": cfg.algo,
+                              "raycraft.task": "rl", **(tags or {})},
+                             yaml.safe_dump({**to_dict(cfg), "model_args": to_dict(model_cfg)}, sort_keys=False))
+    checkpoint_dir = (Path(cfg.storage_path) / f"raycraft-rl-{run.run_id}" / "checkpoint").resolve()
+    checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
+    run.set_tags({CHECKPOINT_TAG: str(checkpoint_dir)})
+    return run, checkpoint_dir
+
+
+def iterate(cfg: RLConfig, model_cfg: Any, prepared: Prepared, run: tracking.Run, checkpoint_dir: Path,
             resume: bool, on_iteration: Callable[[dict[str, float]], None] | None) -> list[dict[str, float]]:
     """Build the algorithm (restored from `checkpoint_dir` with `resume`), train it until `cfg.reached`,
-    logging each iteration and checkpointing, then log the policy; returns the iterations' metrics."""
-    from mlflow.entities import Metric
-
-    from raycraft import tracking
-
-    client = tracking._client(uri)
+    logging each iteration (at step = env steps) and checkpointing, then log the policy; returns the
+    iterations' metrics."""
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     algo = algorithm_config(cfg, model_cfg, prepared.module_class).build_algo()
@@ -313,29 +284,28 @@ def iterate(cfg: RLConfig, model_cfg: Any, prepared: Prepared, uri: str, run_id:
             m["replay_size"] = float(len(algo.local_replay_buffer))
             steps, last_t = m["env_steps"], now
             history.append(m)
-            stamp = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(k, v, stamp, int(m["env_steps"])) for k, v in m.items()])
+            run.log_metrics(m, step=int(m["env_steps"]))
             if on_iteration:
                 on_iteration(m)
             if cfg.reached(m) or int(m["iteration"]) % cfg.checkpoint_every == 0:
                 save_checkpoint(algo, checkpoint_dir, cfg.replay.save_in_checkpoint)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_policy(algo.get_module(), Path(tmp) / POLICY_FILE)
-            returns_png(history, Path(tmp) / "returns.png")
-            client.log_artifact(run_id, str(Path(tmp) / POLICY_FILE), str(Path(POLICY_FILE).parent))
-            client.log_artifact(run_id, str(Path(tmp) / "returns.png"))
+        log_policy(run, algo.get_module(), history)
     finally:
         algo.stop()
     return history
 
 
+def log_policy(run: tracking.Run, module, history: list[dict[str, float]]) -> None:
+    """The final policy's tensors (POLICY_FILE, for `rl-eval`) and the returns plot, as the run's artifacts."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_policy(module, Path(tmp) / POLICY_FILE)
+        returns_png(history, Path(tmp) / "returns.png")
+        run.log_artifact(Path(tmp) / POLICY_FILE, str(Path(POLICY_FILE).parent))
+        run.log_artifact(Path(tmp) / "returns.png")
+
+
 def policy_actions(module, obs, action_space):
     """Greedy actions of an RLModule for a batch of observations, in the env's own action units."""
-    import gymnasium as gym
-    import numpy as np
-    import torch
-    from ray.rllib.core.columns import Columns
-
     with torch.no_grad():
         out = module.forward_inference({Columns.OBS: torch.as_tensor(np.asarray(obs), dtype=torch.float32)})
     actions = out[Columns.ACTIONS].cpu().numpy()
@@ -347,10 +317,6 @@ def policy_actions(module, obs, action_space):
 def play(module, env_name: str, env_config: dict, episodes: int, seed: int = 0,
          gif: Path | None = None) -> list[float]:
     """Returns of `episodes` greedy episodes; frames of the first go to `gif` if given."""
-    from PIL import Image
-
-    from raycraft.envs import make
-
     env = make(env_name, env_config, render_mode="rgb_array" if gif else None)
     returns, frames = [], []
     for ep in range(episodes):
@@ -371,8 +337,6 @@ def play(module, env_name: str, env_config: dict, episodes: int, seed: int = 0,
 
 def save_policy(module, path: Path) -> None:
     """The inference network's tensors (no target networks, no DDPG critic), for `load_policy`."""
-    import torch
-
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({k: torch.as_tensor(v) for k, v in module.get_state(inference_only=True).items()}, path)
 
@@ -380,8 +344,6 @@ def save_policy(module, path: Path) -> None:
 def load_policy(module, path: Path, run_id: str) -> None:
     """`path`'s tensors into `module`, through torch's tensor-only unpickler: exactly the module's keys
     and shapes, or a UserError."""
-    import torch
-
     what = f"RUN_ID: run {run_id!r}: {POLICY_FILE}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -399,17 +361,12 @@ def load_policy(module, path: Path, run_id: str) -> None:
 
 def logged_policy(uri: str, run_id: str) -> tuple[Any, RLConfig]:
     """RUN_ID's policy, rebuilt from its config.yaml as an inference-only RLModule with its logged weights."""
-    from ray.rllib.core.rl_module.rl_module import RLModuleSpec
-
-    from raycraft import tracking
-    from raycraft.rl.config import build_rl_config
-
     text = tracking.download_text(uri, run_id, "config.yaml")
     cfg, model_cfg = build_rl_config(read_yaml(text, f"run {run_id}'s config.yaml"), [])
     prepared = prepare(cfg, model_cfg)
     module = RLModuleSpec(module_class=prepared.module_class, observation_space=prepared.observation_space,
-                          action_space=prepared.action_space, model_config=to_dict(model_cfg),
-                          inference_only=True).build()
+                          action_space=prepared.action_space, inference_only=True,
+                          model_config=modules.module_config(cfg.model, model_cfg)).build()
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = tracking.download_artifact(uri, run_id, POLICY_FILE, tmp)
@@ -424,23 +381,16 @@ def logged_policy(uri: str, run_id: str) -> tuple[Any, RLConfig]:
 def evaluate_rl(run_id: str, *, episodes: int = 10, video: Path | None = None,
                 tracking_uri: str | None = None) -> list[float]:
     """Reload RUN_ID's logged policy (`logged_policy`), play it, log the result."""
-    import torch
-    from mlflow.entities import Metric
-
-    from raycraft import tracking
-
     torch.set_num_threads(1)
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    run = tracking.get_run(uri, run_id)
-    if run.data.tags.get("raycraft.task") != "rl":
+    if tracking.get_run(uri, run_id).data.tags.get("raycraft.task") != "rl":
         raise UserError(f"RUN_ID: run {run_id!r} is not a `raycraft rl` run; use `raycraft eval` for it.")
     if episodes < 1:
         raise UserError(f"--episodes: must be at least 1, got {episodes}.")
     module, cfg = logged_policy(uri, run_id)
     returns = play(module, cfg.env, cfg.env_config, episodes, seed=10_000, gif=video)
-    client = tracking._client(uri)
-    mean = sum(returns) / len(returns)
-    client.log_batch(run_id, metrics=[Metric("rl_eval_return_mean", mean, int(time.time() * 1000), 0)])
+    run = tracking.Run(uri, run_id)
+    run.log_metrics({"rl_eval_return_mean": sum(returns) / len(returns)})
     if video:
-        client.log_artifact(run_id, str(video))
+        run.log_artifact(video)
     return returns
