@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from raycraft.errors import UserError, invalid_choice
+from raycraft.extras import require_extra
 
 if TYPE_CHECKING:  # torch is imported only by the code that builds models
     from torch import nn
@@ -176,8 +177,6 @@ def dataset_spec(name: str) -> DatasetSpec:
     if name not in specs:
         raise invalid_choice("dataset", name, specs)
     if specs[name].extra:
-        from raycraft.extras import require_extra
-
         require_extra(specs[name].extra, f"dataset {name!r}")
     return specs[name]
 
@@ -205,12 +204,7 @@ def load_dataset(name: str, cfg: DataConfig) -> DataSplits:
     if spec.needs_data_dir and not cfg.data_dir:
         raise UserError(f"--data-dir: dataset {name!r} reads your own files; pass --data-dir PATH.")
     splits = spec.loader(cfg)
-    if cfg.train_fraction < 1.0:
-        import torch
-        from torch.utils.data import Subset
-
-        keep = max(1, int(round(cfg.train_fraction * len(splits.train))))
-        splits.train = Subset(splits.train, torch.arange(keep))  # Subset keeps batch indexing ds[tensor]
+    splits.keep_train_fraction(cfg.train_fraction)
     splits.info.setdefault("dataset", name)  # lets end-of-run metrics find the data again
     splits.info.setdefault("data_dir", cfg.data_dir)
     return splits
@@ -227,6 +221,9 @@ def config_fields(cls: type) -> list[tuple[str, Any, str]]:
 
 
 # The families: one line each.
+register_family("rl", "raycraft.rl", extra="rl", trains_with_loop=False, commands={
+    "rl": "Train ALGO on --env with RLlib; prints progress and the MLflow run id.",
+    "rl-eval": "Reload RUN_ID's policy, play greedy episodes, report the mean return (and write a GIF)."})
 register_family("classification", "raycraft.classification")
 register_family("language-model", "raycraft.text", commands={
     "generate": "Print PROMPT continued by TOKENS tokens sampled from the model logged by RUN_ID.",
@@ -237,6 +234,3 @@ register_family("graph", "raycraft.graph", extra="ssm", commands={
     "oversmoothing": "Dirichlet energy of node states against depth, with and without residual links, logged to "
                      "MLflow."})
 register_family("time-series", "raycraft.ssm")
-register_family("rl", "raycraft.rl", extra="rl", trains_with_loop=False, commands={
-    "rl": "Train ALGO on --env with RLlib; prints progress and the MLflow run id.",
-    "rl-eval": "Reload RUN_ID's policy, play greedy episodes, report the mean return (and write a GIF)."})
