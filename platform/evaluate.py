@@ -29,7 +29,7 @@ def run_config(uri: str, run_id: str, task: str | None = None, command: str = ""
     return cfg, spec
 
 
-def rebuild_model(uri: str, run_id: str, cfg: TrainConfig, spec: ModelSpec, info: dict[str, Any]) -> nn.Module:
+def rebuild_model(uri: str, run_id: str, cfg: TrainConfig, info: dict[str, Any]) -> nn.Module:
     """The run's model rebuilt from its config and final checkpoint (weights only, no pickle), in eval mode:
     unlike the logged torch.export graph it takes any sampler, step count or input length."""
     with tempfile.TemporaryDirectory() as tmp:

@@ -31,9 +31,9 @@ BATCH = 500  # samples drawn per model call; progress shows once there is more t
 def load_generative_run(run_id: str, tracking_uri: str | None):
     """(model in eval mode, TrainConfig, data info) of a finished generative run."""
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    cfg, spec = run_config(uri, run_id, "generative", "`raycraft sample`")
+    cfg, _ = run_config(uri, run_id, "generative", "`raycraft sample`")
     info = load_dataset(cfg.dataset, cfg.data).info
-    return rebuild_model(uri, run_id, cfg, spec, info), cfg, info
+    return rebuild_model(uri, run_id, cfg, info), cfg, info
 
 
 def generate(model, n: int, seed: int, sampler: str | None, steps: int | None, batch: int = BATCH,

@@ -225,7 +225,7 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
     """Train until `cfg.reached`, logging each iteration to MLflow; `run_name` and `tags` name a new run."""
     torch.set_num_threads(1)  # small networks: more threads only contend with the env runners
     prepared = prepare(cfg, model_cfg)
-    run, checkpoint_dir = open_run(cfg, model_cfg, tracking.resolve_tracking_uri(tracking_uri), resume_run_id,
+    run, checkpoint_dir = open_run(cfg, tracking.resolve_tracking_uri(tracking_uri), resume_run_id,
                                    run_name, tags)
     if on_start:
         on_start(run.run_id)
@@ -245,7 +245,7 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
                      time.perf_counter() - start, str(checkpoint_dir), history)
 
 
-def open_run(cfg: RLConfig, model_cfg: Any, uri: str, resume_run_id: str | None, run_name: str | None,
+def open_run(cfg: RLConfig, uri: str, resume_run_id: str | None, run_name: str | None,
              tags: dict[str, str] | None) -> tuple[tracking.Run, Path]:
     """(the run, its checkpoint folder): the resumed run, reopened once its checkpoint is trusted, or a new
     run, tagged with where its checkpoints go."""
@@ -256,7 +256,7 @@ def open_run(cfg: RLConfig, model_cfg: Any, uri: str, resume_run_id: str | None,
     run = tracking.Run.start(uri, cfg.experiment, name, flatten(to_dict(cfg)),
                              {"raycraft.model": cfg.model, "raycraft.env": cfg.env, "raycraft.algo": cfg.algo,
                               "raycraft.task": "rl", **(tags or {})},
-                             yaml.safe_dump({**to_dict(cfg), "model_args": to_dict(model_cfg)}, sort_keys=False))
+                             yaml.safe_dump(to_dict(cfg), sort_keys=False))
     checkpoint_dir = (Path(cfg.storage_path) / f"raycraft-rl-{run.run_id}" / "checkpoint").resolve()
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     run.set_tags({CHECKPOINT_TAG: str(checkpoint_dir)})

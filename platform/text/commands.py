@@ -29,11 +29,11 @@ PROGRESS_TOKENS = 1_000  # from here generation takes long enough to want a prog
 def load_language_model(run_id: str, uri: str):
     """Rebuild a run's model from its config.yaml and final checkpoint (weights_only), with its tokenizer.
     LoRA adapters are merged into the weights."""
-    cfg, spec = run_config(uri, run_id, "language-model", "`raycraft generate`")
+    cfg, _ = run_config(uri, run_id, "language-model", "`raycraft generate`")
     with tempfile.TemporaryDirectory() as tmp:
         tok = tokenizers.load(tracking.download_artifact(uri, run_id, f"plots/{TOKENIZER_FILE}", tmp))
     info = {"vocab_size": tok.vocab_size, "seq_len": cfg.data.seq_len, "tokenizer": tok.to_dict()}
-    model = rebuild_model(uri, run_id, cfg, spec, info)
+    model = rebuild_model(uri, run_id, cfg, info)
     if hasattr(model, "merge_lora"):
         model.merge_lora()
     return model.eval(), tok, cfg.data.seq_len
