@@ -99,6 +99,10 @@ class RLConfig(JobConfig):
             raise UserError(f"gamma: must be in (0, 1], got {self.gamma}.")
         if not 0.0 < self.ddpg.tau <= 1.0:
             raise UserError(f"ddpg.tau: must be in (0, 1], got {self.ddpg.tau}.")
+        if "://" in self.storage_path:
+            raise UserError(f"storage_path: {self.storage_path.split('://')[0]}:// is for `raycraft train`; an RL "
+                            "run keeps RLlib's checkpoints in a local folder (its final policy's weights go to "
+                            "MLflow).")
 
     @classmethod
     def layer_under(cls, keys: dict[str, Any]) -> dict[str, Any]:
