@@ -6,13 +6,14 @@ constant across layers. Each hidden layer can be normalised by batch norm or by 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import nn
 
-from raycraft.models.layers import DynamicTanh, image_shape, num_classes
+from raycraft.models.layers import DynamicTanh, num_classes
 from raycraft.registry import field_doc, register_model
 
 
@@ -53,6 +54,6 @@ class MLP(nn.Module):
 
 @register_model("mlp", family="mlp", config=MLPConfig)
 def mlp(cfg: MLPConfig, data_info: dict) -> MLP:
-    """Multilayer perceptron with He init, batch norm or dynamic tanh, and dropout."""
-    c, h, w = image_shape(data_info)
-    return MLP(cfg, c * h * w, num_classes(data_info))
+    """Multilayer perceptron with He init, batch norm or dynamic tanh, and dropout, on images (flattened) or
+    feature vectors (a table's rows)."""
+    return MLP(cfg, math.prod(data_info.get("input_shape", (1, 28, 28))), num_classes(data_info))

@@ -271,8 +271,10 @@ def stop_job(address: str | None, job_id: str) -> bool:
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 
-def init_ray(address: str | None = None) -> None:
-    """Join `address` (or RAY_ADDRESS) if given, else start a private local Ray; never a stray cluster."""
+def init_ray(address: str | None = None, min_cpus: int = 0) -> None:
+    """Join `address` (or RAY_ADDRESS) if given, else start a private local Ray; never a stray cluster. A local
+    Ray declares at least `min_cpus` CPUs: a streamed run's trainers may hold every core of a laptop, and Ray
+    Data's reading tasks need one more to be scheduled at all (they then share the cores with the trainers)."""
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
@@ -281,7 +283,7 @@ def init_ray(address: str | None = None) -> None:
     if address:
         _join(address, env, quiet)
     else:
-        _start_local(env, quiet)
+        _start_local(env, quiet, max(os.cpu_count() or 1, min_cpus))
         keep_token_private()
 
 
@@ -296,7 +298,7 @@ def _join(address: str, env: dict[str, str], quiet) -> None:
         raise UserError(f"--address: cannot connect to Ray at {address!r}: {exc}") from None
 
 
-def _start_local(env: dict[str, str], quiet) -> None:
+def _start_local(env: dict[str, str], quiet, num_cpus: int) -> None:
     """A Ray of this machine only. Ray Train's placement-group cleaner (which frees a run's CPUs when its
     controller dies, e.g. a sweep trial stopped early) finds its cluster by auto-detection, which fails when
     other Ray instances run on the machine: choose the GCS port, and tell every worker the address."""
@@ -312,7 +314,7 @@ def _start_local(env: dict[str, str], quiet) -> None:
                 # the state API that Ray Train's cleanup polls.
                 with single_node_ray():
                     ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                             logging_config=quiet, runtime_env={"env_vars": env})
+                             num_cpus=num_cpus, logging_config=quiet, runtime_env={"env_vars": env})
                 return
             except Exception as exc:  # Ray waits a fixed 30 s for its raylet; an overloaded machine misses it
                 if "timed out during startup" not in str(exc) or attempt == 2:

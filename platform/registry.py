@@ -31,8 +31,8 @@ if TYPE_CHECKING:  # torch is imported only by the code that builds models
 
 # Modules that register models and datasets on import.
 _MODEL_MODULES = ("raycraft.models",)
-_DATASET_MODULES = ("raycraft.data.vision", "raycraft.data.text", "raycraft.data.timeseries",
-                    "raycraft.data.graphs")
+_DATASET_MODULES = ("raycraft.data.vision", "raycraft.data.tables", "raycraft.data.text",
+                    "raycraft.data.timeseries", "raycraft.data.graphs")
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,8 @@ class DatasetSpec:
     loader: Callable[..., DataSplits]
     needs_data_dir: bool = False
     extra: str | None = None  # the raycraft extra whose packages the loader needs
+    streams: bool = False
+    """Whether Ray Data can stream it (`raycraft.data.streams` has its source): it is read from files."""
 
     @property
     def task(self) -> str:
@@ -137,7 +139,7 @@ def register_model(name: str, *, family: str, config: type, task: str = "classif
 
 
 def register_dataset(name: str, *, task: str | tuple[str, ...] = "classification", needs_data_dir: bool = False,
-                     description: str = "", extra: str | None = None) -> Callable:
+                     description: str = "", extra: str | None = None, streams: bool = False) -> Callable:
     """Decorator for `loader(DataConfig) -> DataSplits`; the docstring's first line describes it.
     `task` is one task or a tuple of the tasks whose models can train on this dataset."""
     def wrap(loader: Callable) -> Callable:
@@ -145,7 +147,7 @@ def register_dataset(name: str, *, task: str | tuple[str, ...] = "classification
             raise ValueError(f"dataset {name!r} is registered twice")
         doc = description or (loader.__doc__ or "").strip().splitlines()[0]
         tasks = (task,) if isinstance(task, str) else tuple(task)
-        _DATASETS[name] = DatasetSpec(name, tasks, doc, loader, needs_data_dir, extra)
+        _DATASETS[name] = DatasetSpec(name, tasks, doc, loader, needs_data_dir, extra, streams)
         return loader
     return wrap
 

@@ -19,12 +19,14 @@ from typing import Any
 
 import yaml
 
-from raycraft import lifecycle, tracking
+from raycraft import lifecycle, storage, tracking
 from raycraft.cluster import init_ray
 from raycraft.config import flatten, to_dict
 from raycraft.errors import Stopped, TrainingError, UserError
 from raycraft.registry import check_compatible, dataset_spec, load_dataset, model_spec
 from raycraft.train.config import TrainConfig
+
+DATA_CPUS = 1  # CPUs a streamed run keeps free of trainers, for Ray Data's reading and decoding tasks
 
 
 @dataclass
@@ -35,15 +37,22 @@ class Outcome:
     checkpoint_path: str | None = None
 
 
-def prepare(cfg: TrainConfig, address: str | None = None) -> None:
-    """Checks that need no Ray: names, compatibility, files and devices."""
+def prepare(cfg: TrainConfig, address: str | None = None) -> Any:
+    """Checks that need no Ray: names, compatibility, files and devices. With Ray Data ingest, the dataset's
+    `raycraft.data.streams.Source`, which lists its files without reading them; None otherwise."""
     check_compatible(cfg.model, cfg.dataset)
     spec = dataset_spec(cfg.dataset)
     if spec.needs_data_dir:
         if not cfg.data.data_dir:
             raise UserError(f"--data-dir: dataset {cfg.dataset!r} reads your own files; pass --data-dir PATH.")
-        if not Path(cfg.data.data_dir).is_dir():
+        if not storage.is_remote(cfg.data.data_dir) and not Path(cfg.data.data_dir).is_dir():
             raise UserError(f"--data-dir: {cfg.data.data_dir!r} does not exist or is not a folder.")
+    if cfg.data.data_dir and storage.is_remote(cfg.data.data_dir):
+        storage.check_readable("--data-dir", cfg.data.data_dir)
+    if storage.is_remote(cfg.storage_path):
+        storage.check_writable("storage_path", cfg.storage_path)
+    if cfg.artifact_root:
+        tracking.check_artifact_root(cfg.artifact_root)
     if cfg.in_process and address:
         raise UserError(f"--address: an --in-process run trains in this process and joins no cluster; drop "
                         f"--address {address} or --in-process.")
@@ -53,12 +62,37 @@ def prepare(cfg: TrainConfig, address: str | None = None) -> None:
         if not torch.cuda.is_available():
             raise UserError("--gpu: no CUDA GPU is visible on this machine; drop --gpu to train on CPU, "
                             "or pass --address of a cluster with GPU nodes.")
-    check_data(cfg)
+    return check_data(cfg)
 
 
-def check_data(cfg: TrainConfig) -> None:
-    """Open the dataset once, so that its loader validates the files, and check that the model fits it."""
-    info = load_dataset(cfg.dataset, cfg.data).info
+def ingest_of(cfg: TrainConfig) -> str:
+    """`data.ingest` resolved: `auto` streams the datasets read from files, except in an --in-process run."""
+    if cfg.data.ingest == "auto":
+        return "ray_data" if dataset_spec(cfg.dataset).streams and not cfg.in_process else "memory"
+    if cfg.data.ingest == "ray_data" and cfg.in_process:
+        raise UserError("data.ingest: ray_data streams through Ray Data's tasks, which an --in-process run does "
+                        "not start; drop --in-process or set data.ingest=memory (or auto).")
+    return cfg.data.ingest
+
+
+def open_source(cfg: TrainConfig) -> Any:
+    """The dataset as Ray Data streams it: its files listed and checked, its shapes read, nothing loaded (a
+    shipped in-memory dataset is loaded here, then put into the object store)."""
+    from raycraft.data import streams  # deferred: Ray Data's import, for streamed runs only
+
+    if not dataset_spec(cfg.dataset).streams:
+        return streams.from_memory(load_dataset(cfg.dataset, cfg.data))
+    source = streams.SOURCES[cfg.dataset](cfg.data)
+    source.keep_train_fraction(cfg.data.train_fraction)
+    source.info.update(dataset=cfg.dataset, data_dir=cfg.data.data_dir)
+    return source
+
+
+def check_data(cfg: TrainConfig) -> Any:
+    """Open the dataset once (in memory, or as a Ray Data source), so that its reader validates the files, and
+    check that the model fits it. The source, with Ray Data ingest."""
+    source = open_source(cfg) if ingest_of(cfg) == "ray_data" else None
+    info = source.info if source else load_dataset(cfg.dataset, cfg.data).info
     model = model_spec(cfg.model)
     if model.task != "generative" and info.get("num_classes", 2) < 2:
         where = f" in {cfg.data.data_dir}" if cfg.data.data_dir else ""
@@ -67,20 +101,24 @@ def check_data(cfg: TrainConfig) -> None:
                         "at least 2 classes.")
     if model.check:
         model.check(cfg.model_config, info)
+    return source
 
 
-def check_cluster_resources(cfg: TrainConfig) -> None:
-    """Once Ray is up: a UserError unless the cluster has the GPUs or CPUs for the run's workers."""
+def check_cluster_resources(cfg: TrainConfig, streamed: bool = False) -> None:
+    """Once Ray is up: a UserError unless the cluster has the GPUs or CPUs for the run's workers, and, for a
+    streamed run, a CPU besides for Ray Data's reading tasks."""
     import ray  # deferred: this module is imported before the input is checked; by now Ray is running
 
     total = ray.cluster_resources()
     if cfg.gpu and total.get("GPU", 0) < cfg.workers:
         raise UserError(f"--gpu: the cluster has {total.get('GPU', 0):g} GPUs; {cfg.workers} workers need "
                         f"{cfg.workers}. Lower --workers or drop --gpu.")
-    need = cfg.workers * cfg.cpus_per_worker
-    if not cfg.gpu and total.get("CPU", 0) < need:
-        raise UserError(f"--workers: {cfg.workers} workers x {cfg.cpus_per_worker} CPUs need {need} CPUs; "
-                        f"the cluster has {total.get('CPU', 0):g}. Lower --workers or cpus_per_worker.")
+    need = (0 if cfg.gpu else cfg.workers * cfg.cpus_per_worker) + DATA_CPUS * streamed
+    if total.get("CPU", 0) < need:
+        reading = f" and {DATA_CPUS} for Ray Data's reading tasks" if streamed else ""
+        raise UserError(f"--workers: {cfg.workers} workers x {cfg.cpus_per_worker} CPUs{reading} need {need} CPUs; "
+                        f"the cluster has {total.get('CPU', 0):g}. Lower --workers or cpus_per_worker"
+                        f"{', or set data.ingest=memory' if streamed else ''}.")
 
 
 @dataclass
@@ -96,58 +134,64 @@ class Trial:
     clone: tuple[int, str] | None = None
 
 
-def _while_ray_starts(uri: str, experiment: str) -> ModuleType:
+def _while_ray_starts(uri: str, experiment: str, artifact_root: str | None) -> ModuleType:
     """MLflow's import, a new store's schema and Ray Train's import take seconds: they run on a thread while
     Ray starts (docs/overhead.md). Returns `raycraft.train.worker`, the run's Ray Train side."""
-    tracking.experiment_id(uri, experiment)
+    tracking.experiment_id(uri, experiment, artifact_root)
     from raycraft.train import worker  # deferred: Ray Train and torch, imported here beside ray.init
 
     return worker
 
 
-def start_ray(cfg: TrainConfig, uri: str, address: str | None) -> tuple[ModuleType, float]:
+def start_ray(cfg: TrainConfig, uri: str, address: str | None, streamed: bool) -> tuple[ModuleType, float]:
     """Start (or join) Ray unless the run is --in-process, with `_while_ray_starts` beside it: (its
     `raycraft.train.worker`, the seconds ray.init took)."""
-    store_ready = concurrent.futures.ThreadPoolExecutor(1).submit(_while_ray_starts, uri, cfg.experiment)
+    store_ready = concurrent.futures.ThreadPoolExecutor(1).submit(_while_ray_starts, uri, cfg.experiment,
+                                                                  cfg.artifact_root)
     ray_init_s = 0.0
     if not cfg.in_process:
         ray_start = time.time()
-        init_ray(address)
+        init_ray(address, cfg.workers * cfg.cpus_per_worker + DATA_CPUS if streamed else 0)
         ray_init_s = time.time() - ray_start
     worker = store_ready.result()
     if not cfg.in_process:
-        check_cluster_resources(cfg)
+        check_cluster_resources(cfg, streamed)
     return worker, ray_init_s
 
 
 def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: str | None = None,
                  resume_run_id: str | None = None, run_name: str | None = None,
                  on_epoch: Callable[[dict[str, float]], None] | None = None,
+                 on_step: Callable[[dict[str, Any]], None] | None = None,
                  on_start: Callable[[str], None] | None = None, started_at: float | None = None,
                  tags: dict[str, str] | None = None, trial: Trial | None = None) -> Outcome:
     """Run `cfg` on Ray Train. `started_at` (Unix time, default now) is when the user's command began: the
     run logs `startup_s`, from then to the first training batch, and `ray_init_s`, the part spent starting Ray.
-    `on_epoch` gets each epoch's metrics as rank 0 logs them; `tags` are added to a new MLflow run (a sweep's
+    `on_epoch` gets each epoch's metrics as rank 0 logs them, `on_step` its progress events within an epoch
+    (`raycraft.train.worker.StepClock`); `tags` are added to a new MLflow run (a sweep's
     `mlflow.parentRunId`); `trial`: the run is a sweep's trial. With `cfg.in_process` the loop runs in this
     process (Ray Train's local mode) and Ray is not started."""
     started_at = started_at or time.time()
-    prepare(cfg, address)
+    source = prepare(cfg, address)
     uri = tracking.resolve_tracking_uri(tracking_uri)
     if cfg.init_from:
         tracking.get_run(uri, cfg.init_from)
-    worker, ray_init_s = start_ray(cfg, uri, address)
+    worker, ray_init_s = start_ray(cfg, uri, address, source is not None)
     storage = cfg.storage_path if "://" in cfg.storage_path else str(Path(cfg.storage_path).resolve())
     if resume_run_id and not (trial and trial.clone):
         worker.check_resumable(resume_run_id, local_run_dir(storage, ray_name_of(uri, resume_run_id)))
-    run, ray_name = open_run(cfg, uri, storage, resume_run_id, run_name, tags, trial)
+    ingest = {"raycraft.ingest": "ray_data" if source else "memory"}
+    run, ray_name = open_run(cfg, uri, storage, resume_run_id, run_name, {**(tags or {}), **ingest}, trial)
     if on_start:
         on_start(run.run_id)
     run_dir = local_run_dir(storage, ray_name)
-    progress = worker.Progress(on_epoch, cfg.in_process) if on_epoch else None
+    progress = worker.Progress(on_epoch, cfg.in_process, on_step) if on_epoch or on_step else None
     args = worker.WorkerArgs(cfg, run.run_id, uri, run_dir, started_at, ray_init_s,
                              start_from=trial.clone[1] if trial and trial.clone else None,
-                             hooks=(*(trial.hooks if trial else ()), *([progress.hook] if progress else [])))
-    fit = worker.trainer(args, ray_name, storage, trial.callbacks if trial else []).fit
+                             hooks=(*(trial.hooks if trial else ()), *([progress.hook] if progress else [])),
+                             streamed=worker.Streamed(source.info, source.rows) if source else None)
+    fit = worker.trainer(args, ray_name, storage, trial.callbacks if trial else [],
+                         source.datasets() if source else None).fit
     try:
         with run.heartbeat(), lifecycle.stop_on_signals(), progress or contextlib.nullcontext():
             result = fit() if cfg.in_process else lifecycle.watched(fit)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import socket
 import tempfile
@@ -28,12 +29,15 @@ from typing import Any
 
 import psutil
 
+from raycraft import storage
 from raycraft.errors import UserError
+from raycraft.extras import require_extra
 from raycraft.lifecycle import ended_by, process_start_time
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 EPOCH_KEY = "epoch"  # logged at step = epoch; its history says which epochs MLflow already holds
+GLOBAL_STEP = "global_step"  # a logged training step's marker, at step = that step (`log_every_steps`)
 RESTORES_TAG = "raycraft.restored_at_epochs"  # comma-separated: the first epoch of each restart from a checkpoint
 COMPLETED_TAG = "raycraft.completed"  # rank 0 logged everything (test metrics, plots, model) before its last report
 ERROR_TAG = "raycraft.error"  # why a run ended FAILED or KILLED
@@ -53,6 +57,7 @@ def _mlflow():
     """MLflow, imported here and nowhere else."""
     import mlflow  # 1.5 s: deferred to the first store opened, so commands that open none start fast
 
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # an S3 artifact store's INFO lines on every upload
     return mlflow
 
 
@@ -116,20 +121,39 @@ def _now_ms() -> int:
 # --- the store: queries, and runs whose client died ---------------------------------------------------------
 
 
-def experiment_id(uri: str, name: str) -> str:
-    """The experiment's id, creating it (with artifacts beside a local database) if needed."""
+def experiment_id(uri: str, name: str, artifact_root: str | None = None) -> str:
+    """The experiment's id, creating it if needed with its artifacts under `artifact_root` (a folder or URI; by
+    default beside a local database, or where a tracking server puts them). An experiment that exists keeps its
+    artifact location: a different `artifact_root` for it is a UserError, not a silent change of place."""
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
+    location = artifact_location(artifact_root) if artifact_root else None
     if exp is not None:
+        if location and exp.artifact_location.rstrip("/") != location.rstrip("/"):
+            raise UserError(f"artifact_root: experiment {name!r} keeps its artifacts at "
+                            f"{storage.redact(exp.artifact_location)}, not {storage.redact(artifact_root)}; name "
+                            "a new experiment (--set experiment=NAME) for the new place.")
         return exp.experiment_id
-    location = None
-    if uri.startswith("sqlite:"):
+    if location is None and uri.startswith("sqlite:"):
         db = Path(uri.removeprefix("sqlite:///"))
         location = (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
     try:
         return client.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
+
+
+def artifact_location(artifact_root: str) -> str:
+    """`artifact_root` as MLflow's artifact location: a URI as given, a folder as its absolute file:// URI."""
+    return artifact_root if storage.is_remote(artifact_root) else Path(artifact_root).resolve().as_uri()
+
+
+def check_artifact_root(artifact_root: str) -> None:
+    """Before anything starts: `artifact_root` can be written, and MLflow has the client its scheme needs
+    (boto3 for s3://, which reads the same AWS_* variables as raycraft.storage)."""
+    if artifact_root.startswith("s3://"):
+        require_extra("s3", f"artifact_root: {storage.redact(artifact_root)}")
+    storage.check_writable("artifact_root", artifact_root)
 
 
 def experiments(uri: str) -> dict[str, str]:
@@ -234,7 +258,7 @@ class Run:
     def __init__(self, uri: str, run_id: str, before: Any = None) -> None:
         self.uri, self.run_id, self.client = uri, run_id, _client(uri)
         self.before = before  # a resumed run's RunInfo before this attempt: how it had ended
-        self.logged: set[int] | None = None  # epochs MLflow holds, read at the first `log_epoch`
+        self.logged: dict[str, set[int]] = {}  # per marker key, the steps MLflow holds, read at first use
 
     @classmethod
     def start(cls, uri: str, experiment: str, name: str, params: dict[str, Any], tags: dict[str, str],
@@ -282,15 +306,22 @@ class Run:
     def log_epoch(self, metrics: dict[str, float]) -> bool:
         """One epoch's metrics (with EPOCH_KEY), at step = epoch, unless MLflow already holds that epoch: a
         restarted worker group logs again what its checkpoint's history holds. Whether it logged them."""
-        if self.logged is None:
-            self.logged = {int(m.step) for m in metric_history(self.uri, self.run_id, EPOCH_KEY)}
-        step = int(metrics[EPOCH_KEY])
-        if step in self.logged:
+        return self._log_once(EPOCH_KEY, metrics)
+
+    def log_step(self, metrics: dict[str, float]) -> bool:
+        """One logged training step's metrics (with GLOBAL_STEP), at step = that step, at most once, as epochs."""
+        return self._log_once(GLOBAL_STEP, metrics)
+
+    def _log_once(self, marker: str, metrics: dict[str, float]) -> bool:
+        if marker not in self.logged:
+            self.logged[marker] = {int(m.step) for m in metric_history(self.uri, self.run_id, marker)}
+        step = int(metrics[marker])
+        if step in self.logged[marker]:
             return False
-        # EPOCH_KEY goes last: a crash between the two leaves the epoch unmarked, so it is logged again whole.
-        self.log_metrics({k: v for k, v in metrics.items() if k != EPOCH_KEY}, step)
-        self.log_metrics({EPOCH_KEY: step}, step)
-        self.logged.add(step)
+        # The marker goes last: a crash between the two leaves the step unmarked, so it is logged again whole.
+        self.log_metrics({k: v for k, v in metrics.items() if k != marker}, step)
+        self.log_metrics({marker: step}, step)
+        self.logged[marker].add(step)
         return True
 
     def note_restore(self, epoch: int) -> None:

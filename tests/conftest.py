@@ -4,12 +4,14 @@ tracking server), small real data."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
@@ -136,3 +138,68 @@ def store_uri(request, mlflow_uri) -> str:
 @pytest.fixture
 def storage(tmp_path) -> str:
     return str(tmp_path / "ray_results")
+
+
+@dataclass
+class S3Server:
+    """moto's S3 API on 127.0.0.1, with IAM checks on: only `env`'s credentials are let in."""
+
+    endpoint: str
+    env: dict[str, str]  # AWS_ENDPOINT_URL, AWS_DEFAULT_REGION and the one access key that may use the store
+
+    def bucket(self, name: str) -> str:
+        """A new bucket: its `s3://` URI."""
+        import boto3  # deferred: only the storage tests talk to the store
+
+        boto3.client("s3", endpoint_url=self.endpoint, region_name=self.env["AWS_DEFAULT_REGION"],
+                     aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+                     aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket=name)
+        return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory) -> Iterator[S3Server]:
+    """An S3-compatible store on loopback (moto's standalone server, stopped by its PID), and the session's AWS_*
+    environment pointing at it, restored afterwards. Its IAM checks are on, so wrong credentials are refused as a
+    real store refuses them: an IAM user with an S3 policy holds the only key that works."""
+    folder = tmp_path_factory.mktemp("s3-server")
+    endpoint = f"http://127.0.0.1:{free_port()}"
+    with (folder / "server.log").open("w") as log:
+        server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p",
+                                   endpoint.rsplit(":", 1)[1]], cwd=folder, stdout=log, stderr=subprocess.STDOUT)
+    saved = {k: os.environ.get(k) for k in S3_ENV}
+    try:
+        deadline = time.time() + 60
+        while not _answers(f"{endpoint}/moto-api/data.json"):
+            assert server.poll() is None and time.time() < deadline, (folder / "server.log").read_text()[-3000:]
+            time.sleep(0.2)
+        env = {"AWS_ENDPOINT_URL": endpoint, "AWS_DEFAULT_REGION": "us-east-1", **_s3_user(endpoint)}
+        for key in S3_ENV:
+            os.environ.pop(key, None)
+        os.environ.update(env)
+        yield S3Server(endpoint, env)
+    finally:
+        for key in S3_ENV:
+            os.environ.pop(key, None)
+        os.environ.update({k: v for k, v in saved.items() if v is not None})
+        end_process_tree(server.pid)
+
+
+S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3",
+          "AWS_DEFAULT_REGION", "AWS_REGION", "AWS_PROFILE", "MLFLOW_S3_ENDPOINT_URL")
+
+
+def _s3_user(endpoint: str) -> dict[str, str]:
+    """Create an IAM user that may do anything in S3, then turn moto's IAM checks on: that user's key."""
+    import boto3  # deferred: only the storage tests talk to the store
+
+    iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                       aws_secret_access_key="setup")
+    iam.create_user(UserName="raycraft")
+    policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+    iam.put_user_policy(UserName="raycraft", PolicyName="s3", PolicyDocument=json.dumps(policy))
+    key = iam.create_access_key(UserName="raycraft")["AccessKey"]
+    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=b"0", method="POST",
+                                     headers={"Content-Type": "text/plain"})  # 0 requests more without checks
+    urllib.request.urlopen(request, timeout=10).close()
+    return {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}

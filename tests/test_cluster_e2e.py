@@ -20,11 +20,15 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import psutil
+import pyarrow.fs as pafs
 import pytest
 import requests
+from PIL import Image
 
 from conftest import REPO
+from raycraft import storage
 
 pytestmark = pytest.mark.slow
 
@@ -133,8 +137,10 @@ def listening(procs: list[psutil.Process]) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    """Head + second node + MLflow server, all on 127.0.0.1, token auth on; torn down by PID."""
+def cluster(s3_server):
+    """Head + second node + MLflow server, all on 127.0.0.1, token auth on, with the S3-compatible store's
+    AWS_* environment; torn down by PID. Each node declares 2 CPUs (the head 3): a run's 2 workers x 2 CPUs
+    pack one to a node, leaving the head a CPU for Ray Data's reading tasks."""
     root = Path(tempfile.mkdtemp(prefix="rc-"))  # short: Ray's socket paths live under --temp-dir
     home, logs = root / "home", root / "logs"
     home.mkdir()
@@ -147,8 +153,8 @@ def cluster():
         env.pop(key, None)
     procs = Processes(env, logs)
     mlflow_port = free_port()
-    ray = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--num-cpus", "1",
-           "--disable-usage-stats", "--dashboard-agent-listen-port"]
+    ray = [str(BIN / "ray"), "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
+           "--dashboard-agent-listen-port"]
     try:
         subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True,
                        capture_output=True, timeout=120)
@@ -160,8 +166,8 @@ def cluster():
         def start_head(attempt: int) -> tuple[int, int]:
             gcs, dash = free_port(), free_port()
             head = procs.start(f"head{attempt}", [
-                *ray, str(free_port()), "--head", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-                "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()),
+                *ray, str(free_port()), "--num-cpus", "3", "--head", "--port", str(gcs), "--dashboard-host",
+                "127.0.0.1", "--dashboard-port", str(dash), "--ray-client-server-port", str(free_port()),
                 "--temp-dir", str(root / f"ray-head{attempt}")])
             wait_port(dash, head, 180, logs / f"head{attempt}.log")
             return gcs, dash
@@ -172,7 +178,8 @@ def cluster():
         headers = {"Authorization": f"Bearer {token}"}
 
         def start_worker(attempt: int) -> None:
-            worker = procs.start(f"worker{attempt}", [*ray, str(free_port()), "--address", f"127.0.0.1:{gcs}",
+            worker = procs.start(f"worker{attempt}", [*ray, str(free_port()), "--num-cpus", "2",
+                                                      "--address", f"127.0.0.1:{gcs}",
                                                       "--temp-dir", str(root / f"ray-worker{attempt}")])
             deadline, answer = time.time() + 240, ""
             while time.time() < deadline:
@@ -192,7 +199,7 @@ def cluster():
         retried(start_worker)
         wait_port(mlflow_port, server, 180, logs / "mlflow.log")
         yield {"dashboard": dashboard, "mlflow": f"http://127.0.0.1:{mlflow_port}", "env": env,
-               "headers": headers, "procs": procs}
+               "headers": headers, "procs": procs, "s3": s3_server}
     finally:
         left = procs.stop_all()
         assert not left, f"processes the test started are still running: {left}"
@@ -204,25 +211,71 @@ def raycraft(cluster, *args: str, env: dict[str, str] | None = None, timeout: fl
                           capture_output=True, text=True, timeout=timeout)
 
 
-def test_two_node_submit_train_tracked_in_mlflow_server(cluster):
-    address = ["--address", cluster["dashboard"]]
-    out = raycraft(cluster, "submit", *address, "--", "train", "lenet5", "--dataset", "digits", "--workers", "2",
-                   "--epochs", "1", "--experiment", "two-node", "--tracking-uri", cluster["mlflow"])
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
-    job_id = out.stdout.split("submitted job ", 1)[1].split()[0]
-    assert "run id:" in out.stdout, out.stdout[-3000:]
-    run_id = out.stdout.split("run id:", 1)[1].split()[0]
+def images_in_s3(s3, tmp_path) -> str:
+    """A two-class image folder that only the S3-compatible store holds: its s3:// URI."""
+    rng = np.random.default_rng(0)
+    for label, colour in enumerate([(200, 30, 30), (30, 30, 200)]):
+        (tmp_path / "images" / f"c{label}").mkdir(parents=True)
+        for i in range(300):
+            pixels = rng.integers(0, 60, (16, 16, 3)) + np.array(colour)
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(tmp_path / "images" / f"c{label}" / f"{i}.png")
+    bucket = s3.bucket("cluster-data")
+    fs, path = storage.filesystem(f"{bucket}/images")
+    pafs.copy_files(str(tmp_path / "images"), path, destination_filesystem=fs)
+    shutil.rmtree(tmp_path / "images")
+    return f"{bucket}/images"
 
-    # the run, through the tracking server's REST API
+
+def kill_a_worker_after_a_step_checkpoint(cluster, bucket: str, job: subprocess.Popen) -> int:
+    """Once the run's first step checkpoint is in the bucket, SIGKILL one of its Ray Train workers: its pid."""
+    deadline = time.time() + 400
+    while not any("_batch_" in f for f in storage.list_files(bucket)):
+        assert job.poll() is None and time.time() < deadline, (storage.list_files(bucket),
+                                                                job.communicate()[0][-4000:])
+        time.sleep(0.5)
+    r = requests.get(f"{cluster['dashboard']}/api/v0/actors", headers=cluster["headers"], timeout=30,
+                     params={"filter_keys": "class_name", "filter_predicates": "=", "filter_values": "RayTrainWorker",
+                             "detail": "1", "limit": "100"})
+    victim = max(a["pid"] for a in r.json()["data"]["result"]["result"] if a.get("state") == "ALIVE")
+    os.kill(victim, signal.SIGKILL)
+    return victim
+
+
+def test_two_node_training_from_s3_survives_a_killed_worker(cluster, tmp_path):
+    """Data and checkpoints only in the S3-compatible store; a worker killed mid-epoch; the run resumes from
+    its newest step checkpoint with MLflow's history exact, tracked in the MLflow server."""
+    data, ckpt = images_in_s3(cluster["s3"], tmp_path), cluster["s3"].bucket("cluster-ckpt")
+    address = ["--address", cluster["dashboard"]]
+    job = subprocess.Popen([str(BIN / "raycraft"), "submit", *address, "--", "train", "lenet5", "--dataset",
+                            "image_folder", "--data-dir", data, "--workers", "2", "--epochs", "2", "--batch-size", "8",
+                            "--set", "cpus_per_worker=2", "--set", "data.image_size=16", "--set",
+                            f"storage_path={ckpt}/runs", "--set", "checkpoint_every_steps=4", "--set",
+                            "log_every_steps=4", "--experiment", "two-node", "--tracking-uri", cluster["mlflow"]],
+                           env=cluster["env"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    kill_a_worker_after_a_step_checkpoint(cluster, ckpt, job)
+    output = job.communicate(timeout=900)[0]
+    assert job.returncode == 0, output[-6000:]
+    job_id = output.split("submitted job ", 1)[1].split()[0]
+    run_id = output.split("run id:", 1)[1].split()[0]
+    assert "resuming at batch" in output, output[-4000:]
+
     api = f"{cluster['mlflow']}/api/2.0/mlflow"
     run = requests.get(f"{api}/runs/get", params={"run_id": run_id}, timeout=30).json()["run"]
     assert run["info"]["status"] == "FINISHED"
     metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
-    assert metrics["test_accuracy"] > 0.3 and "val_loss" in metrics
+    assert metrics["test_accuracy"] > 0.8 and "val_loss" in metrics
     params = {p["key"]: p["value"] for p in run["data"]["params"]}
-    assert params["workers"] == "2"
+    assert params["workers"] == "2" and params["data.data_dir"] == data
+    history = requests.get(f"{api}/metrics/get-history", params={"run_id": run_id, "metric_key": "global_step"},
+                           timeout=30).json()["metrics"]
+    steps = sorted(int(m["step"]) for m in history)
+    assert steps == list(range(4, steps[-1] + 1, 4)) and len(steps) >= 8  # each logged step once, none lost
+    epochs = requests.get(f"{api}/metrics/get-history", params={"run_id": run_id, "metric_key": "epoch"},
+                          timeout=30).json()["metrics"]
+    assert sorted(int(m["step"]) for m in epochs) == [0, 1]
     files = requests.get(f"{api}/artifacts/list", params={"run_id": run_id}, timeout=30).json()["files"]
     assert {"config.yaml", "checkpoint", "plots"} <= {f["path"] for f in files}
+    assert any("/epoch_0001/" in f for f in storage.list_files(f"{ckpt}/runs"))
 
     # the two Ray Train workers ran on two different nodes
     r = requests.get(f"{cluster['dashboard']}/api/v0/actors", headers=cluster["headers"], timeout=30,

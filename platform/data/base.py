@@ -34,6 +34,16 @@ class DataConfig:
                                         "(val and test stay clean); the double-descent experiment uses it.")
     train_fraction: float = field_doc(1.0, "Share of the training split used (its first part); scaling-law "
                                            "runs vary the data size D with it.")
+    ingest: Literal["auto", "memory", "ray_data"] = field_doc(
+        "auto", "How workers get their batches. ray_data: Ray Data streams each worker its shard, decoded by Ray "
+                "tasks anywhere in the cluster, so the data may be larger than memory and live in s3://; memory: "
+                "every worker loads the whole dataset. auto: ray_data for datasets read from files (image_folder, "
+                "table, token_shards), memory for the small shipped ones and --in-process runs "
+                "(docs/data.md gives the figures).")
+    shuffle_buffer: int = field_doc(
+        4096, "ray_data: rows in each worker's shuffle buffer, reseeded every epoch (seed + epoch); the file order "
+              "is shuffled once, by split_seed. 0: no shuffling within the file order.")
+    label_column: str = field_doc("label", "table: the column of class indices; every other column is a feature.")
 
     def __post_init__(self) -> None:
         for name in ("val_fraction", "test_fraction"):
@@ -45,6 +55,8 @@ class DataConfig:
             raise UserError(f"data.train_windows: {self.train_windows} must be >= 0.")
         if not 0.0 < self.train_fraction <= 1.0:
             raise UserError(f"data.train_fraction: {self.train_fraction} is out of range; use (0, 1].")
+        if self.shuffle_buffer < 0:
+            raise UserError(f"data.shuffle_buffer: {self.shuffle_buffer} must be >= 0 rows.")
         if not 0.0 <= self.label_noise <= 1.0:
             raise UserError(f"data.label_noise: {self.label_noise} is out of range; use a fraction in [0, 1].")
 
@@ -64,27 +76,32 @@ class DataSplits:
             self.train = Subset(self.train, torch.arange(max(1, int(round(fraction * len(self.train))))))
 
 
-def split_tensors(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig,
-                  test: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[TensorDataset, ...]:
-    """Seeded permutation into train/val/test; when a fixed test set is given only val is carved out."""
+def split_order(n: int, cfg: DataConfig, fixed_test: bool = False) -> tuple[torch.Tensor, ...]:
+    """(train, val, test) example indices of a seeded permutation of `n` examples, and the generator for label
+    noise; with a fixed test set only val is carved out (test is empty). Streaming and in-memory readers of one
+    dataset split it alike, so `raycraft eval` sees the test set a run held out."""
     g = torch.Generator().manual_seed(cfg.split_seed)
-    perm = torch.randperm(len(x), generator=g)
-    x, y = x[perm], y[perm]
-    n = len(x)
-    n_test = 0 if test is not None else int(round(n * cfg.test_fraction))
+    perm = torch.randperm(n, generator=g)
+    n_test = 0 if fixed_test else int(round(n * cfg.test_fraction))
     n_val = int(round((n - n_test) * cfg.val_fraction))
     if n - n_test - n_val <= 0:
         raise UserError(f"data: {n} examples leave nothing to train on with val_fraction={cfg.val_fraction} "
                         f"and test_fraction={cfg.test_fraction}.")
-    held_out = {"val": (n_val, cfg.val_fraction), "test": (n_test, 0.0 if test is not None else cfg.test_fraction)}
+    held_out = {"val": (n_val, cfg.val_fraction), "test": (n_test, 0.0 if fixed_test else cfg.test_fraction)}
     for part, (k, fraction) in held_out.items():
         if fraction and not k:
             raise UserError(f"data: {n} examples leave the {part} split empty at {part}_fraction={fraction}; "
                             f"add examples or raise data.{part}_fraction.")
-    test_ds = TensorDataset(*test) if test is not None else TensorDataset(x[:n_test], y[:n_test])
-    val_ds = TensorDataset(x[n_test:n_test + n_val], y[n_test:n_test + n_val])
-    train_ds = TensorDataset(x[n_test + n_val:], noisy_labels(y[n_test + n_val:], cfg.label_noise, g))
-    return train_ds, val_ds, test_ds
+    return perm[n_test + n_val:], perm[n_test:n_test + n_val], perm[:n_test], g
+
+
+def split_tensors(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig,
+                  test: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[TensorDataset, ...]:
+    """Seeded permutation into train/val/test; when a fixed test set is given only val is carved out."""
+    train, val, held_test, g = split_order(len(x), cfg, test is not None)
+    test_ds = TensorDataset(*test) if test is not None else TensorDataset(x[held_test], y[held_test])
+    return (TensorDataset(x[train], noisy_labels(y[train], cfg.label_noise, g)),
+            TensorDataset(x[val], y[val]), test_ds)
 
 
 def noisy_labels(y: torch.Tensor, fraction: float, g: torch.Generator) -> torch.Tensor:

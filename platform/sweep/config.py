@@ -236,9 +236,19 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] = (), sample
     check_values(sweep)
     check_search(cfg, space)
     check_metric(cfg, *kind.metrics(base))
+    check_epoch_reports(base)
     if cfg.scheduler.name == "pbt":
         check_pbt(sweep, base)
     return sweep
+
+
+def check_epoch_reports(base: Any) -> None:
+    """A trial reports to Tune once per epoch, and Tune's schedulers count those reports as its iterations; a
+    mid-epoch checkpoint is a report too, so a sweep's trials checkpoint at epoch ends only."""
+    for name in ("checkpoint_every_steps", "checkpoint_every_minutes"):
+        if getattr(base, name, 0):
+            raise UserError(f"{name}: {getattr(base, name)}: a sweep's schedulers count each report as an "
+                            f"iteration, so its trials checkpoint once per epoch; drop {name} (0) from the job.")
 
 
 def read_sweep(path: str | Path | None, overrides: list[str], samples: int | None,

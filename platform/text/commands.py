@@ -13,7 +13,7 @@ import typer
 from raycraft import tracking
 from raycraft.console import TrackingOpt, console, progress_bar
 from raycraft.data.base import DataConfig
-from raycraft.data.text import DOCUMENTS, train_text
+from raycraft.data.text import DOCUMENTS, train_text, write_token_shards
 from raycraft.errors import UserError, check_count, invalid_choice
 from raycraft.evaluate import rebuild_model, run_config
 from raycraft.models import tokenizers
@@ -63,6 +63,29 @@ def generate_cmd(
         ids = generate(model, tok.encode(prompt), tokens, context, temperature, top_k,
                        torch.Generator().manual_seed(seed), advance)
     console.print(prompt + tok.decode(ids), highlight=False, markup=False)
+
+
+@tokenizer_app.command("shards")
+def tokenizer_shards(
+    out: Annotated[Path, typer.Option("--out", help="Folder to write train/, val/, test/ and meta.json into.")],
+    dataset: Annotated[str, typer.Option("--dataset", help="Text dataset (shakespeare, text_folder).")] = "shakespeare",
+    data_dir: Annotated[Optional[str], typer.Option("--data-dir", help="Folder of .txt files (text_folder).")] = None,
+    tokenizer: Annotated[str, typer.Option("--tokenizer", help="char or bpe.")] = "char",
+    vocab_size: Annotated[int, typer.Option("--vocab-size", help="BPE vocabulary size.")] = 4096,
+    shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="Tokens per shard file.")] = 10_000_000,
+):
+    """Tokenise a text dataset once into binary shards that `--dataset token_shards --data-dir OUT` trains on
+    (copy OUT to s3:// to stream it from there), so no run re-tokenises the corpus."""
+    if dataset not in DOCUMENTS:
+        raise invalid_choice("--dataset", dataset, DOCUMENTS)
+    if tokenizer not in ("char", "bpe"):
+        raise invalid_choice("--tokenizer", tokenizer, ["char", "bpe"])
+    if dataset == "text_folder" and not (data_dir and Path(data_dir).is_dir()):
+        raise UserError(f"--data-dir: {data_dir!r} is not a folder of .txt files.")
+    check_count("--shard-tokens", shard_tokens)
+    counts = write_token_shards(dataset, DataConfig(data_dir=data_dir, tokenizer=tokenizer, vocab_size=vocab_size),
+                                out, shard_tokens)
+    console.print(f"wrote {', '.join(f'{n:,} {split} tokens' for split, n in counts.items())} to {out}")
 
 
 @tokenizer_app.command("train")

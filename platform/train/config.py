@@ -103,7 +103,20 @@ class TrainConfig(JobConfig):
     experiment: str = field_doc("raycraft", "MLflow experiment name.")
     max_failures: int = field_doc(2, "Times a failed worker group is restarted from the last checkpoint.")
     keep_checkpoints: int = field_doc(2, "Newest checkpoints kept in storage (the latest is also in MLflow).")
-    storage_path: str = field_doc("ray_results", "Folder (or URI) for Ray Train checkpoints.")
+    log_every_steps: int = field_doc(
+        0, "Log the training metrics of every this many steps (global, counted over epochs) to MLflow as "
+           "step_train_* at step = that step, and print them as a line when output is not a terminal. "
+           "0: once per epoch only.")
+    checkpoint_every_steps: int = field_doc(
+        0, "Also checkpoint every this many steps within an epoch; a restart resumes at that step, skipping "
+           "the batches it already trained on. 0: at the end of each epoch only.")
+    checkpoint_every_minutes: float = field_doc(
+        0.0, "Also checkpoint mid-epoch when this many minutes have passed since the last checkpoint. 0: off.")
+    storage_path: str = field_doc("ray_results", "Folder (or URI: s3://BUCKET/PREFIX) for Ray Train checkpoints.")
+    artifact_root: str | None = field_doc(
+        None, "Where a new MLflow experiment keeps its runs' artifacts (config.yaml, checkpoint, model, plots): a "
+              "folder or URI, e.g. s3://BUCKET/PREFIX (needs the s3 extra). None: beside a SQLite store, or the "
+              "tracking server's default. An experiment that exists keeps its own (docs/storage.md).")
     init_from: str | None = field_doc(None, "MLflow run id whose final weights start this run (fine-tuning, "
                                             "e.g. with LoRA); weights the new model adds keep their init.")
 
@@ -119,6 +132,9 @@ class TrainConfig(JobConfig):
         if self.in_process and "://" in self.storage_path:
             raise UserError(f"storage_path: {self.storage_path!r} is remote; an --in-process run saves its "
                             "checkpoints itself, to a local folder.")
+        for name in ("log_every_steps", "checkpoint_every_steps", "checkpoint_every_minutes"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}: {getattr(self, name)} must be >= 0 (0 turns it off).")
         if self.max_failures < 0:
             raise UserError(f"max_failures: {self.max_failures} must be >= 0.")
         if self.prune.sparsity and self.prune.rewind_epoch >= self.epochs:

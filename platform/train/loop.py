@@ -13,7 +13,7 @@ import contextlib
 import math
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class Batches:
         self.data, self.batch_size, self.rank, self.world = data, batch_size, rank, world
         self.shuffle, self.seed, self.device = shuffle, seed, torch.device(device)
         self.epoch = 0
+        self.skip = 0
+        """Batches of this epoch already trained on (a resumed epoch's first ones), left out."""
 
     def indices(self) -> torch.Tensor:
         n = len(self.data)
@@ -58,12 +60,15 @@ class Batches:
         order = torch.cat([order, order[:pad]])
         return order[self.rank::self.world]
 
+    def examples(self) -> int:
+        return len(self.indices())
+
     def __len__(self) -> int:
         return math.ceil(len(self.indices()) / self.batch_size)
 
     def __iter__(self) -> Iterator[Any]:
         idx = self.indices()
-        for start in range(0, len(idx), self.batch_size):
+        for start in range(self.skip * self.batch_size, len(idx), self.batch_size):
             batch = self.data[idx[start:start + self.batch_size]]
             yield tuple(t.to(self.device, non_blocking=True) for t in batch)
 
@@ -71,23 +76,27 @@ class Batches:
 class Sums:
     """Running per-example sums of a step's metrics, reduced over workers into means."""
 
-    def __init__(self) -> None:
-        self.totals: dict[str, torch.Tensor] = {}
+    def __init__(self, totals: dict[str, torch.Tensor] | None = None) -> None:
+        self.totals: dict[str, torch.Tensor] = dict(totals or {})
 
     def add(self, sums: dict[str, torch.Tensor]) -> None:
         for k, v in sums.items():
             v = v.detach().double()
             self.totals[k] = self.totals[k] + v if k in self.totals else v
 
-    def means(self) -> dict[str, float]:
-        """Sum over all workers, then divide by the total example count 'n'."""
-        if not self.totals:
-            return {}
+    def reduced(self, everywhere: bool = True) -> dict[str, float]:
+        """The totals summed over all workers (a collective), or this worker's alone."""
         keys = sorted(self.totals)
-        vec = torch.stack([self.totals[k].cpu() for k in keys])
-        if dist.is_available() and dist.is_initialized():
+        vec = torch.stack([self.totals[k].cpu() for k in keys]) if keys else torch.zeros(0)
+        if everywhere and dist.is_available() and dist.is_initialized():
             dist.all_reduce(vec)
-        totals = dict(zip(keys, vec.tolist(), strict=True))
+        return dict(zip(keys, vec.tolist(), strict=True))
+
+    def means(self, everywhere: bool = True) -> dict[str, float]:
+        """Sum over all workers (or on this one), then divide by the example count 'n'."""
+        totals = self.reduced(everywhere)
+        if not totals:
+            return {}
         n = max(totals.pop("n"), 1.0)
         return {k: v / n for k, v in totals.items()}
 
@@ -113,14 +122,23 @@ def evaluate(step: Step, model: torch.nn.Module, batches: Batches, autocast) -> 
     return step.finalize(sums.means())
 
 
+AfterBatch = Callable[[int, dict[str, torch.Tensor], Sums], None]
+"""Called after each training batch with (batches done this epoch, the batch's sums, the epoch's sums)."""
+
+
 def train_epoch(step: Step, model: torch.nn.Module, ddp_model: torch.nn.Module, batches: Batches,
-                update: Updater, autocast, epoch: int) -> dict[str, float]:
+                update: Updater, autocast, epoch: int, after_batch: AfterBatch | None = None,
+                sums: Sums | None = None) -> dict[str, float]:
+    """One epoch, or what is left of it after `batches.skip` batches whose sums `sums` holds."""
     batches.epoch = epoch
     step.start_epoch(model, epoch)
-    sums = Sums()
+    sums = sums or Sums()
     with autocast():
-        for batch in batches:
-            sums.add(step.train_batch(ddp_model, batch, update))
+        for i, batch in enumerate(batches, start=batches.skip + 1):
+            batch_sums = step.train_batch(ddp_model, batch, update)
+            sums.add(batch_sums)
+            if after_batch:
+                after_batch(i, batch_sums, sums)
     return step.finalize(sums.means())
 
 
@@ -205,10 +223,12 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def training_state(model: torch.nn.Module, update: Updater, history: list[dict[str, float]]) -> dict[str, Any]:
-    """What a checkpoint holds: weights, optimizer state, the epochs so far and a lottery ticket's masks."""
+def training_state(model: torch.nn.Module, update: Updater, history: list[dict[str, float]],
+                   progress: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint holds: weights, optimizer state, the epochs so far, a lottery ticket's masks, and
+    `progress`: the logged steps ("steps") and, mid-epoch, where in the epoch it was taken ("position")."""
     return {"model": unwrap(model).state_dict(), "trainer": update.state_dict(), "history": history,
-            "masks": update.ticket.masks if update.ticket else {}}
+            "masks": update.ticket.masks if update.ticket else {}, **(progress or {})}
 
 
 def load_state(path: str | Path) -> dict[str, Any]:
@@ -223,7 +243,7 @@ def remove_leftovers(run_dir: str | None) -> None:
     """Checkpoint folders that a killed process left half-written: this run's staging folders, and temporary
     folders (named with their writer's pid) of processes that are gone."""
     if run_dir and Path(run_dir).is_dir():
-        for staging in Path(run_dir).glob(".epoch_*.partial"):
+        for staging in Path(run_dir).glob(".epoch_*.partial"):  # `save_in_process`'s
             shutil.rmtree(staging, ignore_errors=True)
     for folder in Path(tempfile.gettempdir()).glob(f"{PARTIAL_PREFIX}*-*"):
         pid = folder.name.removeprefix(PARTIAL_PREFIX).split("-", 1)[0]
@@ -232,23 +252,40 @@ def remove_leftovers(run_dir: str | None) -> None:
 
 
 def write_checkpoint(model: torch.nn.Module, update: Updater, history: list[dict[str, float]],
-                     folder: Path) -> None:
+                     folder: Path, progress: dict[str, Any] | None = None) -> None:
     """The training state, then its manifest: a folder without a manifest is one whose write did not finish."""
-    torch.save(training_state(model, update, history), folder / CHECKPOINT_FILE)
+    torch.save(training_state(model, update, history, progress), folder / CHECKPOINT_FILE)
     write_manifest(folder)
 
 
-def save_in_process(folder: Path, run_dir: Path, epoch: int, keep: int) -> None:
-    """Move an --in-process epoch's checkpoint `folder` to `run_dir/epoch_NNNN` (a rename, so a kill never
-    leaves half a checkpoint there) and delete this mode's checkpoints beyond the newest `keep`."""
+def checkpoint_name(epoch: int, batch: int | None = None) -> str:
+    """`epoch_NNNN`: after epoch NNNN (0-based); `epoch_NNNN_batch_BBBBBB`: BBBBBB batches into it."""
+    return f"epoch_{epoch:04d}" if batch is None else f"epoch_{epoch:04d}_batch_{batch:06d}"
+
+
+def progress_of(name: str) -> tuple[int, int]:
+    """How far a checkpoint named by `checkpoint_name` got, as (epochs done, batches into the next): the key
+    that orders checkpoints newest last. (-1, 0) for any other name."""
+    parts = name.rstrip("/").rsplit("/", 1)[-1].split("_")
+    if parts[0] != "epoch" or not all(p.isdigit() for p in parts[1::2]):
+        return -1, 0
+    if len(parts) == 2:
+        return int(parts[1]) + 1, 0
+    return (int(parts[1]), int(parts[3])) if len(parts) == 4 and parts[2] == "batch" else (-1, 0)
+
+
+def save_in_process(folder: Path, run_dir: Path, name: str, keep: int) -> None:
+    """Move an --in-process run's checkpoint `folder` to `run_dir/name` (a rename, so a kill never leaves half
+    a checkpoint there) and delete this mode's checkpoints beyond the newest `keep`."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (folder / IN_PROCESS_MARK).touch()
-    staging = run_dir / f".epoch_{epoch:04d}.partial"
+    staging = run_dir / f".{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     shutil.move(folder, staging)  # a rename on one file system, a copy and delete across two
-    target = run_dir / f"epoch_{epoch:04d}"
+    target = run_dir / name
     shutil.rmtree(target, ignore_errors=True)  # a resumed run that redoes an epoch
     staging.rename(target)
-    ours = sorted((d for d in run_dir.glob("epoch_*") if (d / IN_PROCESS_MARK).exists()), key=lambda d: d.name)
+    ours = sorted((d for d in run_dir.glob("epoch_*") if (d / IN_PROCESS_MARK).exists()),
+                  key=lambda d: progress_of(d.name))
     for old in ours[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

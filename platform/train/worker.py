@@ -40,17 +40,21 @@ from raycraft.checksums import problem
 from raycraft.errors import UserError
 from raycraft.plots import curves_png
 from raycraft.registry import create_model, load_dataset, model_spec, step_for
-from raycraft.tracking import COMPLETED_TAG, DIVERGED_TAG, Run, download_artifact
+from raycraft.tracking import COMPLETED_TAG, DIVERGED_TAG, GLOBAL_STEP, Run, download_artifact
 from raycraft.train.config import TrainConfig
+from raycraft.train.ingest import ShardConfig, StreamBatches, Streamed
 from raycraft.train.loop import (
     CHECKPOINT_FILE,
     PARTIAL_PREFIX,
     Batches,
+    Sums,
     Updater,
     autocast_for,
+    checkpoint_name,
     evaluate,
     load_state,
     prefixed,
+    progress_of,
     remove_leftovers,
     save_in_process,
     train_epoch,
@@ -61,6 +65,7 @@ from raycraft.train.pruning import Ticket, find_ticket
 from raycraft.train.step import Step
 
 SKIPPED_TAG = "raycraft.skipped_checkpoints"  # newer checkpoints a restart passed over, and why
+EVENT_S = 0.5  # seconds between rank 0's progress events within an epoch
 
 
 class EpochHook:
@@ -73,6 +78,9 @@ class EpochHook:
     def may_continue(self, epoch: int) -> bool:
         """Whether training may go past `epoch`; asked after each epoch that another follows."""
         return True
+
+    def stepped(self, event: dict[str, Any]) -> None:
+        """Progress within an epoch (`StepClock.event`): at most every EVENT_S seconds, and at each logged step."""
 
 
 @dataclass
@@ -91,6 +99,8 @@ class WorkerArgs:
     start_from: str | None = None
     """A checkpoint to start from while the run has none of its own (a PBT trial taking over another's)."""
     hooks: tuple[EpochHook, ...] = ()
+    streamed: Streamed | None = None
+    """With Ray Data ingest (the driver built the datasets): the data's shapes and row counts."""
 
 
 @dataclass
@@ -101,23 +111,30 @@ class Worker:
     rank: int
     world: int
     device: torch.device
-    splits: Any
+    info: dict[str, Any]
     step: Step
     model: torch.nn.Module
-    train: Batches
-    val: Batches
-    test: Batches
+    train: Batches | StreamBatches
+    val: Batches | StreamBatches
+    test: Batches | StreamBatches
+    full_test: Batches | StreamBatches
+    """The whole test split (not a shard), for rank 0's end-of-run artifacts."""
     update: Updater
     autocast: Callable
     ddp_model: torch.nn.Module | None = None
     history: list[dict[str, float]] = field(default_factory=list)
+    steps: list[dict[str, float]] = field(default_factory=list)
+    """The logged steps so far (`log_every_steps`), each with its GLOBAL_STEP."""
+    position: dict[str, Any] | None = None
+    """Where a mid-epoch checkpoint was taken: {"epoch", "batch" (done), "sums" (all workers' totals)}."""
+    checkpointed_at: float = field(default_factory=time.monotonic)
 
     @property
     def cfg(self) -> TrainConfig:
         return self.args.cfg
 
     def new_model(self) -> torch.nn.Module:
-        return create_model(self.cfg.model, self.cfg.model_config, self.splits.info).to(self.device)
+        return create_model(self.cfg.model, self.cfg.model_config, self.info).to(self.device)
 
 
 @dataclass
@@ -129,6 +146,7 @@ class Restored:
     own: bool
     history: list[dict[str, float]]
     skipped: list[str]
+    steps: list[dict[str, float]] = field(default_factory=list)
 
 
 def train_loop_per_worker(config: dict[str, WorkerArgs]) -> None:
@@ -140,7 +158,7 @@ def train_loop_per_worker(config: dict[str, WorkerArgs]) -> None:
     if not restored.loaded and (w.cfg.prune.sparsity or w.cfg.prune.reinit):
         find_lottery_ticket(w, rank0)
     for epoch in range(len(w.history), w.cfg.epochs):
-        metrics = one_epoch(w, epoch)
+        metrics = one_epoch(w, epoch, rank0)
         why = divergence(w, metrics, epoch)
         if why:  # every rank sees the same all-reduced values, so all stop here together
             if rank0:
@@ -163,15 +181,30 @@ def set_up(args: WorkerArgs) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
-    splits = load_dataset(cfg.dataset, cfg.data)
+    info, train, val, test, full_test = (streamed_batches if args.streamed else loaded_batches)(args, world, device)
     step = step_for(model_spec(cfg.model).task)
     torch.manual_seed(cfg.seed)
-    model = create_model(cfg.model, cfg.model_config, splits.info).to(device)
-    train = Batches(splits.train, cfg.batch_size, rank, world, shuffle=True, seed=cfg.seed, device=device)
-    val = Batches(splits.val, cfg.batch_size, rank, world, shuffle=False, device=device)
-    test = Batches(splits.test, cfg.batch_size, rank, world, shuffle=False, device=device)
-    return Worker(args, rank, world, device, splits, step, model, train, val, test,
+    model = create_model(cfg.model, cfg.model_config, info).to(device)
+    return Worker(args, rank, world, device, info, step, model, train, val, test, full_test,
                   Updater(step, model, cfg, len(train), device), autocast_for(cfg.precision, device))
+
+
+def loaded_batches(args: WorkerArgs, world: int, device: torch.device) -> tuple:
+    """(info, train, val, test, whole test) over the dataset loaded into this worker's memory, sharded here."""
+    cfg, rank = args.cfg, ray.train.get_context().get_world_rank()
+    splits = load_dataset(cfg.dataset, cfg.data)
+    return (splits.info, *(Batches(getattr(splits, s), cfg.batch_size, rank, world, shuffle=s == "train",
+                                   seed=cfg.seed, device=device) for s in ("train", "val", "test")),
+            Batches(splits.test, cfg.batch_size, shuffle=False, device=device))
+
+
+def streamed_batches(args: WorkerArgs, world: int, device: torch.device) -> tuple:
+    """(info, train, val, test, whole test) over this worker's Ray Data shards (`raycraft.train.ingest`)."""
+    cfg, shard = args.cfg, ray.train.get_dataset_shard
+    train = StreamBatches(shard("train"), args.streamed.rows["train"] // world, cfg.batch_size,
+                          buffer=cfg.data.shuffle_buffer, seed=cfg.seed, device=device)
+    rest = [StreamBatches(shard(s), 0, cfg.batch_size, device=device) for s in ("val", "test", "test_full")]
+    return (args.streamed.info, train, *rest)
 
 
 def restore(w: Worker) -> Restored:
@@ -189,14 +222,16 @@ def restore(w: Worker) -> Restored:
             state = load_state(d)
         w.model.load_state_dict(state["model"])
         w.update.load_state_dict(state["trainer"])
-        w.history = state["history"]
+        w.history, w.steps, w.position = state["history"], state.get("steps", []), state.get("position")
+        if w.position and w.rank == 0:
+            print(f"resuming at batch {w.position['batch']} of epoch {w.position['epoch'] + 1}", file=sys.stderr)
         w.update.ticket = Ticket(w.model, state["masks"]) if state.get("masks") else None
     elif w.cfg.init_from:
         init_from_run(w.model, w.args.tracking_uri, w.cfg.init_from)
     torch.manual_seed(w.cfg.seed + 1000 * w.rank + len(w.history))  # dropout differs per rank and epoch
     w.ddp_model = (w.step.distribute(w.model, lambda m: ray.train.torch.prepare_model(m, move_to_device=False))
                    if w.world > 1 else w.model)
-    return Restored(checkpoint is not None, own, list(w.history), skipped)
+    return Restored(checkpoint is not None, own, list(w.history), skipped, list(w.steps))
 
 
 def init_from_run(model: torch.nn.Module, uri: str, run_id: str) -> None:
@@ -226,6 +261,8 @@ class Rank0:
             self._run = self.future.result()
             for metrics in self.restored.history:
                 self.record(metrics)
+            for metrics in self.restored.steps:
+                self._run.log_step(metrics)
             if self.restored.own:
                 self._run.note_restore(len(self.restored.history))
             if self.restored.skipped:
@@ -238,6 +275,14 @@ class Rank0:
             for hook in self.w.args.hooks:
                 hook.logged(metrics)
 
+    def log_step(self, metrics: dict[str, float]) -> None:
+        """A logged step into MLflow (unless it is there already), and to the hooks as a progress event."""
+        self.run().log_step(metrics)
+
+    def event(self, event: dict[str, Any]) -> None:
+        for hook in self.w.args.hooks:
+            hook.stepped(event)
+
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         """The epoch, after a fresh run's first its start-up figures, and the family's per-epoch artifacts."""
         if epoch == 0:  # only a fresh run's start-up is the user's wait
@@ -245,7 +290,7 @@ class Rank0:
                                     "ray_init_s": self.w.args.ray_init_s})
         self.record(metrics)
         with tempfile.TemporaryDirectory() as tmp:
-            self.w.step.epoch_artifacts(unwrap(self.w.model), epoch, self.w.splits.info, Path(tmp))
+            self.w.step.epoch_artifacts(unwrap(self.w.model), epoch, self.w.info, Path(tmp))
             if any(Path(tmp).iterdir()):
                 self.run().log_artifacts(tmp, f"epochs/epoch_{epoch:04d}")
 
@@ -262,7 +307,7 @@ def find_lottery_ticket(w: Worker, rank0: Rank0 | None) -> None:
         for epoch in range(w.cfg.epochs):
             train_epoch(w.step, w.model, w.ddp_model, w.train, round_update, w.autocast, epoch)
             after_epoch(epoch)
-        return evaluate(w.step, w.ddp_model, w.val, w.autocast)
+        return evaluate(w.step, w.model, w.val, w.autocast)
 
     def fresh_state() -> dict[str, torch.Tensor]:
         torch.manual_seed(w.cfg.seed + 1)
@@ -275,15 +320,78 @@ def find_lottery_ticket(w: Worker, rank0: Rank0 | None) -> None:
         rank0.run().log_metrics({"sparsity": w.update.ticket.sparsity(), "imp_rounds": float(len(rounds))})
 
 
-def one_epoch(w: Worker, epoch: int) -> dict[str, float]:
-    """Train on this worker's shard, then evaluate on validation: the epoch's metrics, the same on every rank."""
+def one_epoch(w: Worker, epoch: int, rank0: Rank0 | None) -> dict[str, float]:
+    """Train on this worker's shard (what is left of it, resuming mid-epoch), then evaluate on validation: the
+    epoch's metrics, the same on every rank."""
     start = time.perf_counter()
-    train_metrics = train_epoch(w.step, w.model, w.ddp_model, w.train, w.update, w.autocast, epoch)
+    resumed = w.position if w.position and w.position["epoch"] == epoch else None
+    w.train.skip = resumed["batch"] if resumed else 0
+    sums = Sums({k: torch.tensor(v if w.rank == 0 else 0.0, dtype=torch.float64, device=w.device)
+                 for k, v in resumed["sums"].items()}) if resumed else None  # rank 0 holds the workers' totals
+    clock = StepClock(w, epoch, rank0)
+    train_metrics = train_epoch(w.step, w.model, w.ddp_model, w.train, w.update, w.autocast, epoch, clock, sums)
+    w.train.skip, w.position = 0, None
     train_time = time.perf_counter() - start
     return {"epoch": float(epoch), **prefixed(train_metrics, "train_"),
-            **prefixed(evaluate(w.step, w.ddp_model, w.val, w.autocast), "val_"),
+            **prefixed(evaluate(w.step, w.model, w.val, w.autocast), "val_"),
             "lr": w.update.lr(), "epoch_time": time.perf_counter() - start,
-            "samples_per_s": len(w.train.indices()) * w.world / train_time}
+            "samples_per_s": clock.samples * w.world / train_time}
+
+
+class StepClock:
+    """What happens after each training batch: every `log_every_steps` global steps, the interval's metrics
+    (all workers' means) are logged; every EVENT_S seconds rank 0 sends a progress event (its own figures);
+    every `checkpoint_every_steps` steps or `checkpoint_every_minutes`, a mid-epoch checkpoint."""
+
+    def __init__(self, w: Worker, epoch: int, rank0: Rank0 | None) -> None:
+        self.w, self.epoch, self.rank0, self.per_epoch = w, epoch, rank0, len(w.train)
+        self.interval, self.samples, self.since = Sums(), 0.0, 0.0
+        self.started = self.evented = time.perf_counter()
+
+    def __call__(self, batch: int, batch_sums: dict[str, torch.Tensor], sums: Sums) -> None:
+        cfg, n = self.w.cfg, float(batch_sums["n"])
+        self.samples, self.since = self.samples + n, self.since + n
+        self.interval.add(batch_sums)
+        global_step = self.epoch * self.per_epoch + batch
+        if cfg.log_every_steps and global_step % cfg.log_every_steps == 0:
+            self.log(batch, global_step)
+        elif self.rank0 and time.perf_counter() - self.evented >= EVENT_S:
+            self.rank0.event(self.event(batch, self.interval.means(everywhere=False), log=False))
+        if batch < self.per_epoch and self.checkpoint_due(global_step):
+            step_checkpoint(self.w, self.epoch, batch, sums)
+
+    def event(self, batch: int, means: dict[str, float], log: bool) -> dict[str, Any]:
+        now = time.perf_counter()
+        rate = self.since * self.w.world / max(now - self.evented, 1e-9)
+        self.evented, self.since = now, 0.0
+        loss = means.get("loss", next((v for k, v in means.items() if k.endswith("loss")), math.nan))
+        return {"epoch": self.epoch, "step": batch, "steps": self.per_epoch, "samples_per_s": rate,
+                "loss": loss, "log": log}
+
+    def log(self, batch: int, global_step: int) -> None:
+        """The interval's means over all workers (a collective: every rank reaches the same steps)."""
+        means = self.w.step.finalize(self.interval.means())
+        self.interval = Sums()
+        event = self.event(batch, means, log=True)
+        metrics = {GLOBAL_STEP: float(global_step), **prefixed(means, "step_train_"),
+                   "step_lr": self.w.update.lr(), "step_samples_per_s": event["samples_per_s"]}
+        self.w.steps.append(metrics)
+        if self.rank0:
+            self.rank0.log_step(metrics)
+            self.rank0.event(event)
+
+    def checkpoint_due(self, global_step: int) -> bool:
+        """The same answer on every rank: a step count, or rank 0's clock broadcast."""
+        cfg = self.w.cfg
+        if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0:
+            return True
+        if not cfg.checkpoint_every_minutes:
+            return False
+        due = torch.tensor([float(time.monotonic() - self.w.checkpointed_at >= 60 * cfg.checkpoint_every_minutes)],
+                           device=self.w.device)
+        if self.w.world > 1:
+            dist.broadcast(due, 0)
+        return bool(due.item())
 
 
 def divergence(w: Worker, metrics: dict[str, float], epoch: int) -> str | None:
@@ -295,16 +403,27 @@ def divergence(w: Worker, metrics: dict[str, float], epoch: int) -> str | None:
     return f"diverged in epoch {epoch + 1} ({guard})" if guard else None
 
 
-def checkpoint(w: Worker, epoch: int, metrics: dict[str, float]) -> None:
-    """Report the epoch with its checkpoint, which rank 0 writes; Ray Train uploads it in the background and
-    deletes the folder when done. An --in-process run keeps the folder itself (`save_in_process`)."""
+def checkpoint(w: Worker, epoch: int, metrics: dict[str, float], batch: int | None = None,
+               position: dict[str, Any] | None = None) -> None:
+    """Report the epoch (or `batch` batches into it) with its checkpoint, which rank 0 writes; Ray Train uploads
+    it in the background and deletes the folder when done. An --in-process run keeps the folder itself
+    (`save_in_process`)."""
     folder = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-")) if w.rank == 0 else None
+    name = checkpoint_name(epoch, batch)
     if folder:
-        write_checkpoint(w.model, w.update, w.history, folder)
+        write_checkpoint(w.model, w.update, w.history, folder, {"steps": w.steps, "position": position})
     ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(folder)) if folder else None,
-                     checkpoint_dir_name=f"epoch_{epoch:04d}", checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
+                     checkpoint_dir_name=name, checkpoint_upload_mode=CheckpointUploadMode.ASYNC)
     if folder and w.cfg.in_process:
-        save_in_process(folder, Path(w.args.run_dir), epoch, w.cfg.keep_checkpoints)
+        save_in_process(folder, Path(w.args.run_dir), name, w.cfg.keep_checkpoints)
+    w.checkpointed_at = time.monotonic()
+
+
+def step_checkpoint(w: Worker, epoch: int, batch: int, sums: Sums) -> None:
+    """A mid-epoch checkpoint: the epoch's sums so far, added over workers (a collective), travel with it, so
+    the resumed epoch's metrics are those of the whole epoch."""
+    position = {"epoch": epoch, "batch": batch, "sums": sums.reduced()}
+    checkpoint(w, epoch, {"epoch": float(epoch), "batch": float(batch)}, batch, position)
 
 
 def go_on(w: Worker, rank0: Rank0 | None, epoch: int) -> bool:
@@ -320,7 +439,7 @@ def go_on(w: Worker, rank0: Rank0 | None, epoch: int) -> bool:
 def finish(w: Worker, rank0: Rank0 | None) -> None:
     """After the last epoch: the test metrics, which the final report carries, and rank 0's record of the
     finished run (then marked complete: a sweep that tears the trial down after this keeps it FINISHED)."""
-    final = {**w.history[-1], **prefixed(evaluate(w.step, w.ddp_model, w.test, w.autocast), "test_")}
+    final = {**w.history[-1], **prefixed(evaluate(w.step, w.model, w.test, w.autocast), "test_")}
     if rank0:
         log_finished(w, rank0.run(), final)
     ray.train.report({**final, "done": 1.0})
@@ -330,18 +449,17 @@ def log_finished(w: Worker, run: Run, final: dict[str, float]) -> None:
     """Test metrics, learning curves, the family's end-of-run artifacts, the final checkpoint and the model."""
     run.log_metrics({k: v for k, v in final.items() if k.startswith("test_")})
     model = unwrap(w.model)
-    full_test = Batches(w.splits.test, w.cfg.batch_size, shuffle=False, device=w.device)
     with tempfile.TemporaryDirectory() as tmp:
         curves_png(w.history, Path(tmp) / "curves.png")
         with w.autocast():
-            end_metrics = w.step.artifacts(model.eval(), full_test, w.splits.info, Path(tmp))
+            end_metrics = w.step.artifacts(model.eval(), w.full_test, w.info, Path(tmp))
         if end_metrics:
             run.log_metrics(end_metrics)
         run.log_artifacts(tmp, "plots")
     with tempfile.TemporaryDirectory() as tmp:
         write_checkpoint(w.model, w.update, w.history, Path(tmp))
         run.log_artifacts(tmp, "checkpoint")
-    example = w.step.example_input(next(iter(full_test)))
+    example = w.step.example_input(next(iter(w.full_test)))
     if example is not None:
         run.log_model(model, example)
     run.set_tags({COMPLETED_TAG: "true"})
@@ -355,11 +473,8 @@ def quiet_ray_train_worker_logs() -> None:
         if name.endswith(os.path.join("execution", "context.py")):
             logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("ray.train.v2._internal.execution.train_fn_utils").setLevel(logging.WARNING)  # local mode
-
-
-def _epoch_of(folder: str) -> int:
-    name = folder.rstrip("/").rsplit("/", 1)[-1]
-    return int(name.removeprefix("epoch_")) if name.startswith("epoch_") and name[6:].isdigit() else -1
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # a line per execution of each split, every epoch
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # "Found credentials in environment variables."
 
 
 def newest_checkpoint(reported: ray.train.Checkpoint | None, run_dir: str | None):
@@ -372,7 +487,7 @@ def newest_checkpoint(reported: ray.train.Checkpoint | None, run_dir: str | None
         for folder in Path(run_dir).glob("epoch_*"):
             found.setdefault(str(folder), ray.train.Checkpoint(str(folder)))
     skipped = []
-    for checkpoint in sorted(found.values(), key=lambda c: _epoch_of(c.path), reverse=True):
+    for checkpoint in sorted(found.values(), key=lambda c: progress_of(c.path), reverse=True):
         with checkpoint.as_directory() as d:
             why = problem(d)
         if why is None:
@@ -392,15 +507,18 @@ def check_resumable(run_id: str, run_dir: str | None) -> None:
         print(f"note: skipping checkpoint {line}; resuming from {Path(chosen.path).name}", file=sys.stderr)
 
 
-def trainer(args: WorkerArgs, ray_name: str, storage: str, callbacks: list) -> TorchTrainer:
+def trainer(args: WorkerArgs, ray_name: str, storage: str, callbacks: list,
+            datasets: dict[str, Any] | None = None) -> TorchTrainer:
     """Ray Train's trainer of the run: `cfg.workers` workers, or with `cfg.in_process` Ray Train's local mode,
-    where the loop runs in the driver's own process. `callbacks` run in Ray Train's controller."""
+    where the loop runs in the driver's own process. `callbacks` run in Ray Train's controller; `datasets`
+    (train, val, test), when given, are Ray Data datasets shared among the workers by `ShardConfig`."""
     cfg = args.cfg
     if cfg.in_process:  # its own start line says where it runs; Ray Train's would repeat it
         logging.getLogger("ray.train.v2.api.config").setLevel(logging.WARNING)
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"args": args},
+        datasets=datasets, dataset_config=ShardConfig() if datasets else None,
         scaling_config=ray.train.ScalingConfig(num_workers=0 if cfg.in_process else cfg.workers, use_gpu=cfg.gpu,
                                                resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=ray.train.RunConfig(
@@ -415,40 +533,54 @@ def trainer(args: WorkerArgs, ray_name: str, storage: str, callbacks: list) -> T
 class _Calls(EpochHook):
     """An --in-process run's progress: the loop runs in the driver's process, so a plain call."""
 
-    def __init__(self, on_epoch: Callable[[dict[str, float]], None]) -> None:
-        self.on_epoch = on_epoch
+    def __init__(self, report: Callable[[str, dict[str, Any]], None]) -> None:
+        self.report = report
 
     def logged(self, metrics: dict[str, float]) -> None:
-        self.on_epoch(metrics)
+        self.report("epoch", metrics)
+
+    def stepped(self, event: dict[str, Any]) -> None:
+        self.report("step", event)
 
 
 class _Puts(EpochHook):
-    """Rank 0's side of `Progress`: each epoch onto the driver's Ray queue."""
+    """Rank 0's side of `Progress`: each epoch and progress event onto the driver's Ray queue."""
 
     def __init__(self, queue: Queue) -> None:
         self.queue = queue
 
     def logged(self, metrics: dict[str, float]) -> None:
+        self._put(("epoch", metrics), timeout=10)
+
+    def stepped(self, event: dict[str, Any]) -> None:
+        self._put(("step", event), timeout=1)
+
+    def _put(self, item: tuple[str, dict[str, Any]], timeout: float) -> None:
         with contextlib.suppress(Exception):  # the progress display must never break training
-            self.queue.put(metrics, timeout=10)
+            self.queue.put(item, timeout=timeout)
 
 
 class Progress:
-    """While entered, hands each epoch rank 0 logs to `on_epoch` in the driver: through a Ray queue (a small
-    actor) that rank 0 puts on and a thread here reads, or by a direct call when the loop runs in this process.
-    `hook` goes into `WorkerArgs.hooks`."""
+    """While entered, hands each epoch rank 0 logs to `on_epoch` and each progress event to `on_step` in the
+    driver: through a Ray queue (a small actor) that rank 0 puts on and a thread here reads, or by a direct call
+    when the loop runs in this process. `hook` goes into `WorkerArgs.hooks`."""
 
-    def __init__(self, on_epoch: Callable[[dict[str, float]], None], in_process: bool) -> None:
-        self.on_epoch = on_epoch
+    def __init__(self, on_epoch: Callable[[dict[str, float]], None] | None, in_process: bool,
+                 on_step: Callable[[dict[str, Any]], None] | None = None) -> None:
+        self.callbacks = {"epoch": on_epoch, "step": on_step}
         self.queue = None if in_process else Queue(actor_options={"num_cpus": 0})
-        self.hook = _Calls(on_epoch) if self.queue is None else _Puts(self.queue)
+        self.hook = _Calls(self.report) if self.queue is None else _Puts(self.queue)
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._read, name="raycraft-progress", daemon=True)
+
+    def report(self, kind: str, payload: dict[str, Any]) -> None:
+        if self.callbacks[kind]:
+            self.callbacks[kind](payload)
 
     def _read(self) -> None:
         while not self.stop.is_set():
             try:
-                self.on_epoch(self.queue.get(timeout=0.5))
+                self.report(*self.queue.get(timeout=0.5))
             except Empty:
                 continue
             except Exception:  # the progress display must never break training
@@ -466,6 +598,6 @@ class Progress:
         self.thread.join()
         with contextlib.suppress(Exception):
             if exc[0] is None:  # the epochs put since the thread's last read
-                for metrics in self.queue.get_nowait_batch(self.queue.qsize()):
-                    self.on_epoch(metrics)
+                for item in self.queue.get_nowait_batch(self.queue.qsize()):
+                    self.report(*item)
             self.queue.shutdown()
