@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from raycraft.config import build
-from raycraft.console import AddressOpt, SetOpt, TrackingOpt, console, field_option
+from raycraft.console import AddressOpt, EpochProgress, SetOpt, TrackingOpt, console, field_option
 from raycraft.errors import UserError
 from raycraft.evaluate import evaluate_run
 from raycraft.lifecycle import process_start_time
@@ -22,6 +22,10 @@ app = typer.Typer()
 def _fmt(metrics: dict[str, float]) -> str:
     keys = [k for k in metrics if k not in ("epoch",)]
     return "  ".join(f"{k} {metrics[k]:.4g}" for k in sorted(keys))
+
+
+def _epoch_line(m: dict[str, float], epochs: int) -> str:
+    return f"[bold]epoch {int(m.get('epoch', 0)) + 1}/{epochs}[/]  {_fmt(m)}"
 
 
 @app.command("train")
@@ -54,17 +58,16 @@ def train(
         raise UserError("train: name a MODEL and a --dataset (or give both in --config).")
     cfg, _ = build(TrainConfig, layers, set_ or [])
 
-    def on_epoch(m: dict[str, float]) -> None:
-        console.print(f"[bold]epoch {int(m.get('epoch', 0)) + 1}/{cfg.epochs}[/]  {_fmt(m)}")
-
     def on_start(run_id: str) -> None:
         verb = "resuming" if resume else "training"
         where = "in this process" if cfg.in_process else f"with {cfg.workers} worker(s)"
         console.print(f"[cyan]{verb}[/] {cfg.model} on {cfg.dataset} {where}; MLflow run {run_id}")
 
     started_at = getattr(ctx.obj, "started_at", None) or process_start_time()
-    outcome = run_training(cfg, address=address, tracking_uri=uri, resume_run_id=resume, on_epoch=on_epoch,
-                           on_start=on_start, started_at=started_at)
+    with EpochProgress(cfg.epochs) as shown:
+        outcome = run_training(cfg, address=address, tracking_uri=uri, resume_run_id=resume, on_start=on_start,
+                               on_epoch=lambda m: shown.ended(_epoch_line(m, cfg.epochs)), on_step=shown.step,
+                               started_at=started_at)
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]")
     console.print("final: " + _fmt({k: v for k, v in outcome.metrics.items()
                                     if k.startswith(("test_", "val_", "train_"))}))

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from raycraft.config import build
-from raycraft.console import AddressOpt, SetOpt, TrackingOpt, console, field_option
+from raycraft.console import AddressOpt, IterationProgress, SetOpt, TrackingOpt, console, field_option
 from raycraft.errors import invalid_choice
 from raycraft.rl.config import ALGOS, RLConfig
 from raycraft.tracking import resolve_tracking_uri, ui_command
@@ -54,8 +54,9 @@ def rl(
         verb = "resuming" if resume else "training"
         console.print(f"[cyan]{verb}[/] {cfg.algo} ({cfg.model}) on {cfg.env}; MLflow run {run_id}")
 
-    outcome = train_rl(cfg, model_cfg, tracking_uri=uri, address=address, resume_run_id=resume,
-                       on_start=on_start, on_iteration=lambda m: console.print(_fmt(m)))
+    with IterationProgress(cfg.timesteps, cfg.steps_per_iter) as shown:
+        outcome = train_rl(cfg, model_cfg, tracking_uri=uri, address=address, resume_run_id=resume,
+                           on_start=on_start, on_iteration=lambda m: shown.iteration(m, _fmt(m)))
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]  env steps {outcome.env_steps}  "
                   f"eval return {outcome.eval_return}  wall {outcome.wall_s:.0f} s")
     console.print(f"MLflow UI: {ui_command(uri)}")

@@ -16,11 +16,13 @@ checkpoint; a trial whose child run already ended only reports its final metrics
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
+import math
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +32,13 @@ import ray.tune
 import torch
 import yaml
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from raycraft import tracking
 from raycraft.cluster import init_ray
 from raycraft.config import flatten, read_yaml, to_dict
+from raycraft.console import TrialProgress
 from raycraft.errors import TrainingError, UserError
 from raycraft.sweep import pacing
 from raycraft.sweep.config import Sweep, load_sweep
@@ -46,6 +50,9 @@ STATE_FILE = "raycraft_sweep.yaml"
 TRIAL_TAG = "raycraft.trial_id"
 PARENT_TAG = tracking.PARENT_TAG
 EARLY_TAG = "raycraft.early_stopped"
+DISPLAYS: dict[str, TrialProgress] = {}
+"""The live display of each sweep this process drives, by parent run id: the driver's callback finds it here,
+since Tune pickles the callback itself with the experiment state."""
 
 
 @dataclass
@@ -125,26 +132,40 @@ def record_exploit(uri: str, run: Any, exploit: dict[str, Any], cfg: Any, params
 
 
 class MlflowSweepCallback(Callback):
-    """Driver side: prints progress and records in MLflow how each trial ended. Tune pickles its callbacks
-    with the experiment state: this one holds only plain values."""
+    """Driver side: shows progress (on the sweep's display in `DISPLAYS`, else printed if `verbose`) and
+    records in MLflow how each trial ended. Tune pickles its callbacks with the experiment state: this one
+    holds only plain values."""
 
     def __init__(self, uri: str, experiment: str, parent_run_id: str, kind: str, verbose: bool) -> None:
         self.uri, self.experiment, self.parent_run_id, self.kind, self.verbose = (uri, experiment, parent_run_id,
                                                                                   kind, verbose)
 
-    def echo(self, line: str) -> None:
-        if self.verbose:
-            print(line)
+    def echo(self, line: str, trials: list, now: Any = None, status: str | None = None, ended: bool = True) -> None:
+        """`line` on the sweep's display, with its counts of `trials` (`now`: the trial whose `status` Tune
+        sets after this callback), or printed, where the sweep has no display."""
+        display = DISPLAYS.get(self.parent_run_id)
+        if display is None:
+            if self.verbose:
+                print(line)
+            return
+        (display.result if ended else display.note)(line)
+        display.count(*trial_counts(trials, now, status))
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        if (display := DISPLAYS.get(self.parent_run_id)) is not None:
+            display.count(*trial_counts(trials, trial, Trial.RUNNING))
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
+        if (display := DISPLAYS.get(self.parent_run_id)) is not None:
+            display.reported(trial.trial_id, result)
         if "epoch" in result:
             shown = {k: v for k, v in result.items() if k.startswith(("val_", "train_"))}
             self.echo(f"trial {trial.trial_id} epoch {int(result['epoch']) + 1}  "
-                      + "  ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
+                      + "  ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())), trials, ended=False)
         elif "env_steps" in result:
             shown = {k: result[k] for k in ("env_steps", "return_mean", "eval_return_mean") if k in result}
             self.echo(f"trial {trial.trial_id} iteration {int(result['iteration'])}  "
-                      + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+                      + "  ".join(f"{k} {v:.4g}" for k, v in shown.items()), trials, ended=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         early = not KINDS[self.kind].finished(trial.last_result or {})
@@ -156,13 +177,40 @@ class MlflowSweepCallback(Callback):
                 if early:
                     child.set_tags({tracking.STATUS_TAG: "early_stopped"})
                 child.end("KILLED" if early else "FINISHED")
-        self.echo(f"trial {trial.trial_id} {'stopped early' if early else 'finished'}")
+        self.echo(f"trial {trial.trial_id} {'stopped early' if early else 'finished'}", trials, trial,
+                  Trial.TERMINATED)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         for run in children(self.uri, self.experiment, self.parent_run_id, trial.trial_id):
             if run.info.status == "RUNNING":
                 tracking.Run(self.uri, run.info.run_id).end("FAILED", str(trial.error_file or "trial error"))
-        self.echo(f"trial {trial.trial_id} failed: see {trial.error_file}")
+        self.echo(f"trial {trial.trial_id} failed: see {trial.error_file}", trials)
+
+
+def trial_counts(trials: list, now: Any = None, status: str | None = None) -> tuple[int, int, float]:
+    """(trials ended, trials running, iterations reported by the trials not ended) of Tune's `trials`, with
+    trial `now` taken as `status`: Tune calls a callback before it sets the trial's new status."""
+    statuses = {t.trial_id: t.status for t in trials} | ({now.trial_id: status} if now is not None else {})
+    ended = {i for i, s in statuses.items() if s in (Trial.TERMINATED, Trial.ERROR)}
+    running = sum(s == Trial.RUNNING for s in statuses.values())
+    progressed = sum((t.last_result or {}).get("training_iteration", 0) for t in trials if t.trial_id not in ended)
+    return len(ended), running, progressed
+
+
+@contextlib.contextmanager
+def displayed(sweep: Sweep, parent_run_id: str, show: bool) -> Iterator[None]:
+    """While entered (with `show`), the sweep's trials on a live display (`console.TrialProgress`): `samples`
+    trials, each repeating the whole grid."""
+    if not show:
+        yield
+        return
+    trials = sweep.config.samples * math.prod(len(d.values) for d in sweep.space.values() if d.kind == "grid")
+    with TrialProgress(trials, sweep.length, sweep.config.metric, sweep.config.mode) as display:
+        DISPLAYS[parent_run_id] = display
+        try:
+            yield
+        finally:
+            DISPLAYS.pop(parent_run_id, None)
 
 
 def build_search(sweep: Sweep):
@@ -244,7 +292,8 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
         echo(f"sweep {cfg.name}: MLflow parent run {parent.run_id}")
     verdicts = pacing.Pacer(parent.run_id).start()  # the actor lives while this reference does
     try:
-        with parent.heartbeat():  # Tune handles Ctrl+C itself: it saves its state and returns
+        # Tune handles Ctrl+C itself: it saves its state and returns
+        with parent.heartbeat(), displayed(sweep, parent.run_id, echo is not None):
             results = tuner.fit()
     except BaseException as exc:
         parent.end_with(exc)
