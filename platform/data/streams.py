@@ -29,7 +29,7 @@ from raycraft import storage
 from raycraft.data.base import DataConfig, DataSplits, split_order
 from raycraft.data.tables import SPLITS, table_info, table_split, to_numpy
 from raycraft.data.text import read_tokens, shard_meta, shards_info, token_split
-from raycraft.data.vision import image_files
+from raycraft.data.vision import check_headers, image_files
 from raycraft.errors import UserError
 
 ROWS_PER_BLOCK = 1024  # an in-memory dataset's rows per Ray Data block
@@ -66,6 +66,7 @@ def image_folder(cfg: DataConfig) -> Source:
     if cfg.label_noise:
         raise UserError(f"data.label_noise: {cfg.label_noise} needs the in-memory reader; set data.ingest=memory.")
     files, labels, classes = image_files(cfg)
+    check_headers(files)
     train, val, test, _ = split_order(len(files), cfg)
     parts = {"train": train, "val": val, "test": test}
     size = cfg.image_size

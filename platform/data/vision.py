@@ -209,6 +209,19 @@ def image_files(cfg: DataConfig) -> tuple[list[str], np.ndarray, list[str]]:
     return files, np.array(labels, dtype=np.int64), classes
 
 
+def check_headers(files: list[str]) -> None:
+    """UserError for the first local file that is not an image PIL can open (its header only: no decoding,
+    so a streamed folder is checked before Ray starts in milliseconds per thousand files). Files in an object
+    store are not fetched for this; a corrupt one fails the run when Ray Data reads it, naming the file."""
+    for f in files:
+        if storage.is_remote(f):
+            return
+        try:
+            Image.open(f).close()
+        except READ_ERRORS as exc:
+            raise _unreadable(f, exc) from None
+
+
 @register_dataset("image_folder", task=IMAGES, needs_data_dir=True, streams=True)
 def image_folder(cfg: DataConfig) -> DataSplits:
     """Your images, one subfolder per class (a folder or s3:// prefix), resized to image_size (RGB)."""
