@@ -16,7 +16,7 @@ process, and the peak over time of the private memory (RSS less shared pages) su
 processes, above Ray's idle (Ray Data's tasks and actors included; the object store's shared pages are
 bounded by its cap instead).
 
-    python benchmarks/ingest.py [--images N --size 64 --scale 2 --object-store-mb 256 --workers 1 --gpu]
+    python benchmarks/ingest.py [--images N --size 64 --scale 4 --object-store-mb 128 --workers 1 --gpu]
 
 Goals (issue #20): the worker's peak RSS bounded independently of the dataset's size (it grows by under 15%
 from N to --scale x N images); Ray Data's samples/s >= 0.9x the in-memory path's at 1 worker on mnist5k.
@@ -210,13 +210,13 @@ def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="lenet5")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--epochs", type=int, default=6, help="mnist5k epochs per run")
+    ap.add_argument("--epochs", type=int, default=5, help="mnist5k epochs per run")
     ap.add_argument("--repeats", type=int, default=1, help="mnist5k Ray Data runs (in-memory: one more)")
     ap.add_argument("--images", type=int, default=0,
                     help="synthetic images N (default: decoded, 4x the object store)")
     ap.add_argument("--size", type=int, default=64, help="synthetic images' side, also data.image_size")
-    ap.add_argument("--scale", type=int, default=2, help="the second folder holds scale x N images")
-    ap.add_argument("--object-store-mb", type=int, default=256)
+    ap.add_argument("--scale", type=int, default=4, help="the second folder holds scale x N images")
+    ap.add_argument("--object-store-mb", type=int, default=128, help="Ray's minimum is about 75")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--gpu", action="store_true", help="one GPU per worker")
     ap.add_argument("--skip-memory-folder", action="store_true",
