@@ -227,9 +227,11 @@ def images_in_s3(s3, tmp_path) -> str:
 
 
 def kill_a_worker_after_a_step_checkpoint(cluster, bucket: str, job: subprocess.Popen) -> int:
-    """Once the run's first step checkpoint is in the bucket, SIGKILL one of its Ray Train workers: its pid."""
+    """Once Ray Train has registered the run's first step checkpoint (its checkpoint manager's snapshot in the
+    bucket names one: an uploaded folder it has not registered yet would not be restored), SIGKILL one of its
+    Ray Train workers: its pid."""
     deadline = time.time() + 400
-    while not any("_batch_" in f for f in storage.list_files(bucket)):
+    while not any("_batch_" in read_text(f) for f in storage.list_files(bucket) if f.endswith("snapshot.json")):
         assert job.poll() is None and time.time() < deadline, (storage.list_files(bucket),
                                                                 job.communicate()[0][-4000:])
         time.sleep(0.5)
@@ -239,6 +241,12 @@ def kill_a_worker_after_a_step_checkpoint(cluster, bucket: str, job: subprocess.
     victim = max(a["pid"] for a in r.json()["data"]["result"]["result"] if a.get("state") == "ALIVE")
     os.kill(victim, signal.SIGKILL)
     return victim
+
+
+def read_text(uri: str) -> str:
+    fs, path = storage.filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
 
 
 def test_two_node_training_from_s3_survives_a_killed_worker(cluster, tmp_path):
