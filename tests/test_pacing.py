@@ -64,13 +64,17 @@ def test_fifo_lets_every_trial_run_to_its_end(pacer, tmp_path):
 
 
 def test_a_waiting_trial_hears_its_verdict_at_once(pacer):
-    """A verdict wakes the trial waiting for it (no polling); a trial with none goes on after its timeout."""
+    """A verdict wakes the trial waiting for it (no polling); a trial with none goes on after its timeout.
+
+    Woken by the verdict means answered well inside the gate's timeout, counted from the verdict; a loaded
+    machine may take seconds to schedule the thread, so the bound is half the timeout, not a latency goal.
+    """
+    gate_s = 60.0
     answers = {}
 
     def ask(trial_id: str, epoch: int) -> threading.Thread:
         def wait() -> None:
-            asked = time.monotonic()
-            answers[trial_id] = (pacing.Gate(pacer, trial_id, 60).may_continue(epoch), time.monotonic() - asked)
+            answers[trial_id] = (pacing.Gate(pacer, trial_id, gate_s).may_continue(epoch), time.monotonic())
 
         waiting = threading.Thread(target=wait)
         waiting.start()
@@ -82,12 +86,13 @@ def test_a_waiting_trial_hears_its_verdict_at_once(pacer):
     pacer.allow("t1", 2)
     time.sleep(0.5)
     assert going.is_alive()  # epoch 2 is not epoch 3
+    decided = time.monotonic()
     pacer.allow("t1", 3)
     pacer.stop("t2")
-    going.join(timeout=10)
-    stopping.join(timeout=10)
-    assert answers["t1"][0] is True and answers["t1"][1] < 5
-    assert answers["t2"][0] is False and answers["t2"][1] < 5
+    going.join(timeout=gate_s)
+    stopping.join(timeout=gate_s)
+    assert answers["t1"][0] is True and answers["t1"][1] - decided < gate_s / 2
+    assert answers["t2"][0] is False and answers["t2"][1] - decided < gate_s / 2
     assert pacer.verdict("t3", 0, timeout_s=0.2) == "none"
     assert pacing.Gate(pacer, "t3", timeout_s=0.2).may_continue(0)  # no word: the trial goes on
 

@@ -13,6 +13,8 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from raycraft.errors import UserError, check_count
 from raycraft.registry import field_doc
 
+SPLITS = ("train", "val", "test")
+
 
 @dataclass
 class DataConfig:

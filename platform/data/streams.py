@@ -26,8 +26,8 @@ import torch
 from ray.data.extensions import ArrowTensorArray
 
 from raycraft import storage
-from raycraft.data.base import DataConfig, DataSplits, split_order
-from raycraft.data.tables import SPLITS, table_info, table_split, to_numpy
+from raycraft.data.base import SPLITS, DataConfig, DataSplits, split_order
+from raycraft.data.tables import table_info, table_split, to_numpy
 from raycraft.data.text import read_tokens, shard_meta, shards_info, token_split
 from raycraft.data.vision import check_headers, image_files
 from raycraft.errors import UserError
@@ -65,7 +65,7 @@ def image_folder(cfg: DataConfig) -> Source:
     """Images decoded and resized by `ray.data.read_images`, labelled by their class folder."""
     if cfg.label_noise:
         raise UserError(f"data.label_noise: {cfg.label_noise} needs the in-memory reader; set data.ingest=memory.")
-    files, labels, classes = image_files(cfg)
+    files, _, classes = image_files(cfg)  # a streamed image's label is its folder's
     check_headers(files)
     train, val, test, _ = split_order(len(files), cfg)
     parts = {"train": train, "val": val, "test": test}

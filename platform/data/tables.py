@@ -17,11 +17,10 @@ import torch
 from torch.utils.data import TensorDataset
 
 from raycraft import storage
-from raycraft.data.base import DataConfig, DataSplits
+from raycraft.data.base import SPLITS, DataConfig, DataSplits
 from raycraft.errors import UserError
 from raycraft.registry import register_dataset
 
-SPLITS = ("train", "val", "test")
 FORMATS = {".parquet": "parquet", ".csv": "csv"}
 
 

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import Dataset
 
 from raycraft import storage
-from raycraft.data.base import DataConfig, DataSplits, cache_dir
+from raycraft.data.base import SPLITS, DataConfig, DataSplits, cache_dir
 from raycraft.errors import UserError
 from raycraft.models import tokenizers
 from raycraft.models.tokenizers import BPETokenizer, CharTokenizer, Tokenizer
@@ -169,7 +169,6 @@ def text_folder(cfg: DataConfig) -> DataSplits:
 # --- pre-tokenised shards: an LM run over a large corpus reads tokens, it does not re-tokenise each epoch ----
 
 SHARD_META = "meta.json"
-SPLITS = ("train", "val", "test")
 
 
 @dataclass

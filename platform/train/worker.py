@@ -37,6 +37,7 @@ from ray.train.torch import TorchTrainer
 from ray.util.queue import Empty, Queue
 
 from raycraft.checksums import problem
+from raycraft.data.base import SPLITS
 from raycraft.errors import UserError
 from raycraft.plots import curves_png
 from raycraft.registry import create_model, load_dataset, model_spec, step_for
@@ -181,7 +182,8 @@ def set_up(args: WorkerArgs) -> Worker:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.cpus_per_worker)
     device = ray.train.torch.get_device()
-    info, train, val, test, full_test = (streamed_batches if args.streamed else loaded_batches)(args, world, device)
+    batches = streamed_batches if args.streamed else loaded_batches
+    info, train, val, test, full_test = batches(args, rank, world, device)
     step = step_for(model_spec(cfg.model).task)
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model, cfg.model_config, info).to(device)
@@ -189,17 +191,18 @@ def set_up(args: WorkerArgs) -> Worker:
                   Updater(step, model, cfg, len(train), device), autocast_for(cfg.precision, device))
 
 
-def loaded_batches(args: WorkerArgs, world: int, device: torch.device) -> tuple:
+def loaded_batches(args: WorkerArgs, rank: int, world: int, device: torch.device) -> tuple:
     """(info, train, val, test, whole test) over the dataset loaded into this worker's memory, sharded here."""
-    cfg, rank = args.cfg, ray.train.get_context().get_world_rank()
+    cfg = args.cfg
     splits = load_dataset(cfg.dataset, cfg.data)
     return (splits.info, *(Batches(getattr(splits, s), cfg.batch_size, rank, world, shuffle=s == "train",
-                                   seed=cfg.seed, device=device) for s in ("train", "val", "test")),
+                                   seed=cfg.seed, device=device) for s in SPLITS),
             Batches(splits.test, cfg.batch_size, shuffle=False, device=device))
 
 
-def streamed_batches(args: WorkerArgs, world: int, device: torch.device) -> tuple:
-    """(info, train, val, test, whole test) over this worker's Ray Data shards (`raycraft.train.ingest`)."""
+def streamed_batches(args: WorkerArgs, rank: int, world: int, device: torch.device) -> tuple:
+    """(info, train, val, test, whole test) over this worker's Ray Data shards (`raycraft.train.ingest`); Ray
+    Train has already given this rank its shards."""
     cfg, shard = args.cfg, ray.train.get_dataset_shard
     train = StreamBatches(shard("train"), args.streamed.rows["train"] // world, cfg.batch_size,
                           buffer=cfg.data.shuffle_buffer, seed=cfg.seed, device=device)
@@ -346,7 +349,7 @@ class StepClock:
     def __init__(self, w: Worker, epoch: int, rank0: Rank0 | None) -> None:
         self.w, self.epoch, self.rank0, self.per_epoch = w, epoch, rank0, len(w.train)
         self.interval, self.samples, self.since = Sums(), 0.0, 0.0
-        self.started = self.evented = time.perf_counter()
+        self.evented = time.perf_counter()
 
     def __call__(self, batch: int, batch_sums: dict[str, torch.Tensor], sums: Sums) -> None:
         cfg, n = self.w.cfg, float(batch_sums["n"])
