@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from raycraft.errors import UserError
-from raycraft.sweep.scaling import compute_optimal, fit_chinchilla, fit_power_law, held_out_error
+from raycraft.sweep.scaling import (compute_optimal, fit_allocation, fit_chinchilla, fit_power_law, held_out_error,
+                                     isoflop_profile)
 
 
 def _noisy(loss: np.ndarray, seed: int, sigma: float = 0.01) -> np.ndarray:
@@ -54,3 +55,32 @@ def test_too_few_points_or_bad_values_are_user_errors():
         fit_power_law(np.array([1.0, 2.0]), np.array([1.0, 0.5]))
     with pytest.raises(UserError, match="positive"):
         fit_power_law(np.array([1.0, 2.0, 3.0]), np.array([1.0, -0.5, 0.2]))
+
+
+def test_isoflop_profiles_recover_the_allocation_exponents_within_5_percent():
+    """On L(N, D) = E + A/N^alpha + B/D^beta with D = C / 6N the optimum is N_opt ~ C^(beta/(alpha+beta)) and
+    D_opt ~ C^(alpha/(alpha+beta)) (Hoffmann et al. 2022, eq. 4): the profiles must give both back."""
+    alpha, beta = 0.34, 0.28
+    budgets = np.logspace(17, 21, 5)
+    profiles = []
+    for i, c in enumerate(budgets):
+        n_star = (alpha * 406.4 / (beta * 410.7)) ** (1 / (alpha + beta)) * (c / 6) ** (beta / (alpha + beta))
+        n = n_star * np.geomspace(0.25, 4, 7)
+        loss = _noisy(1.69 + 406.4 / n ** alpha + 410.7 / (c / 6 / n) ** beta, seed=10 + i, sigma=0.001)
+        profile = isoflop_profile(c, n, loss)
+        assert profile.d_opt == pytest.approx(c / 6 / profile.n_opt)
+        assert np.all(profile.predict(n[[0, -1]]) > profile.loss_opt)
+        profiles.append(profile)
+    fits = fit_allocation(profiles)
+    assert fits["a"].params["exponent"] == pytest.approx(beta / (alpha + beta), rel=0.05)
+    assert fits["b"].params["exponent"] == pytest.approx(alpha / (alpha + beta), rel=0.05)
+    assert fits["a"].params["exponent"] + fits["b"].params["exponent"] == pytest.approx(1.0)
+    assert 0 < fits["a"].stderr["exponent"] < 0.05
+
+
+def test_a_profile_without_a_minimum_among_its_sizes_is_refused():
+    n = np.geomspace(1e6, 1e7, 5)
+    with pytest.raises(UserError, match="does not bend up"):
+        isoflop_profile(1e18, n, 3.0 - 0.1 * np.log(n) ** 2 / 100)
+    with pytest.raises(UserError, match="outside the sizes trained"):
+        isoflop_profile(1e18, n, 2.0 + 0.01 * (np.log(n) - np.log(3e7)) ** 2)

@@ -10,6 +10,14 @@ Chinchilla law under C = 6 N D gives the compute-optimal allocation
     N_opt(C) = G (C / 6)^(beta / (alpha + beta)),   D_opt(C) = (C / 6) / N_opt,
     G = (alpha A / (beta B))^(1 / (alpha + beta)).
 
+IsoFLOP profiles (Hoffmann et al. 2022, approach 2): at a fixed budget C each model size N trains on
+D = C / (6 N); the loss against x = log N is fitted by the parabola L(x) = p0 + p1 x + p2 x^2, whose
+minimum x* = -p1 / (2 p2) gives N_opt(C) = e^x* and D_opt(C) = C / (6 N_opt). Across budgets,
+
+    N_opt = G_N C^a,   D_opt = G_D C^b      (a + b = 1 by construction),
+
+fitted as straight lines in log-log space.
+
 Parameters are fitted in log form (log x_c, log E, log A, log B) so they stay positive; their standard
 errors come from the Jacobian at the optimum, cov = s^2 (J^T J)^-1 with s^2 = SSR / (n - p), and are
 carried to the constants themselves by the delta method (se(e^u) = e^u se(u)).
@@ -44,11 +52,16 @@ def _power(p: dict[str, float], x: np.ndarray) -> np.ndarray:
     return p.get("E", 0.0) + (p["x_c"] / x) ** p["alpha"]
 
 
+def _allocation(p: dict[str, float], c: np.ndarray) -> np.ndarray:
+    return p["G"] * c ** p["exponent"]
+
+
 def _chinchilla(p: dict[str, float], n: np.ndarray, d: np.ndarray) -> np.ndarray:
     return p["E"] + p["A"] / n ** p["alpha"] + p["B"] / d ** p["beta"]
 
 
-LAWS: dict[str, Callable[..., np.ndarray]] = {"power": _power, "chinchilla": _chinchilla}
+LAWS: dict[str, Callable[..., np.ndarray]] = {"power": _power, "chinchilla": _chinchilla,
+                                              "allocation": _allocation}
 
 
 def _check(name: str, *arrays: np.ndarray) -> None:
@@ -132,3 +145,66 @@ def held_out_error(fit: Fit, loss: np.ndarray, *x: np.ndarray) -> np.ndarray:
     """Relative error |L_hat - L| / L of a fit's predictions for runs it did not see."""
     loss = np.asarray(loss, dtype=float)
     return np.abs(fit.predict(*x) - loss) / loss
+
+
+@dataclass
+class IsoFLOP:
+    """One budget's profile: L(log N) = p0 + p1 log N + p2 log^2 N and its minimum (N_opt, L_opt)."""
+
+    compute: float
+    coefficients: tuple[float, float, float]
+    n_opt: float
+    loss_opt: float
+
+    @property
+    def d_opt(self) -> float:
+        return self.compute / 6 / self.n_opt
+
+    def predict(self, n: np.ndarray) -> np.ndarray:
+        x = np.log(np.asarray(n, dtype=float))
+        p0, p1, p2 = self.coefficients
+        return p0 + p1 * x + p2 * x ** 2
+
+
+def isoflop_profile(compute: float, n: np.ndarray, loss: np.ndarray) -> IsoFLOP:
+    """The parabola of `loss` against log `n` at one budget, and its minimum; a profile that bends down
+    (no minimum) or has its minimum outside the sizes trained says the budget's sizes missed N_opt."""
+    n, loss = np.asarray(n, dtype=float), np.asarray(loss, dtype=float)
+    _check("isoflop_profile", n, loss)
+    if len(n) < 3:
+        raise UserError(f"isoflop_profile: a parabola needs at least 3 sizes at C={compute:.3g}, got {len(n)}.")
+    p2, p1, p0 = np.polyfit(np.log(n), loss, 2)
+    if p2 <= 0:
+        raise UserError(f"isoflop_profile: at C={compute:.3g} the loss does not bend up against log N "
+                        f"(curvature {p2:.3g}), so it has no minimum among N={n.min():.3g}..{n.max():.3g}.")
+    x_opt = -p1 / (2 * p2)
+    if not np.log(n.min()) <= x_opt <= np.log(n.max()):
+        raise UserError(f"isoflop_profile: at C={compute:.3g} the fitted minimum N={np.exp(x_opt):.3g} lies "
+                        f"outside the sizes trained (N={n.min():.3g}..{n.max():.3g}); pick sizes around it.")
+    return IsoFLOP(float(compute), (float(p0), float(p1), float(p2)), float(np.exp(x_opt)),
+                   float(p0 + p1 * x_opt + p2 * x_opt ** 2))
+
+
+def fit_exponent(compute: np.ndarray, y: np.ndarray) -> Fit:
+    """y = G C^exponent, a straight line through log C and log y."""
+    compute, y = np.asarray(compute, dtype=float), np.asarray(y, dtype=float)
+    _check("fit_exponent", compute, y)
+    if len(compute) < 3:
+        raise UserError(f"fit_exponent: 2 constants need at least 3 budgets, got {len(compute)}.")
+
+    def to_params(u: np.ndarray) -> dict[str, float]:
+        return {"G": float(np.exp(u[0])), "exponent": float(u[1])}
+
+    def residual(u: np.ndarray) -> np.ndarray:
+        return np.log(_allocation(to_params(u), compute)) - np.log(y)
+
+    slope, icpt = np.polyfit(np.log(compute), np.log(y), 1)
+    return _solve(residual, [np.array([icpt, slope])], len(compute), ["G", "exponent"], to_params, {"G"},
+                  "allocation")
+
+
+def fit_allocation(profiles: list[IsoFLOP]) -> dict[str, Fit]:
+    """N_opt proportional to C^a ("a") and D_opt proportional to C^b ("b") across the budgets' profiles."""
+    c = np.array([p.compute for p in profiles])
+    return {"a": fit_exponent(c, np.array([p.n_opt for p in profiles])),
+            "b": fit_exponent(c, np.array([p.d_opt for p in profiles]))}
