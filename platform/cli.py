@@ -56,8 +56,8 @@ OPERATIONS = {
                     "Run a raycraft command on a Ray cluster: `raycraft submit [--address URL] -- train lenet5 ...`."),
     "tune": Entry("raycraft.sweep.commands", "Search hyperparameters of a train or rl job with Ray Tune; one MLflow "
                                              "parent run, a child run per trial."),
-    "scaling": Entry("raycraft.sweep.commands", "Train a grid of model sizes x data amounts, fit L(N), L(D) and "
-                                                "L(N, D), predict the held-out runs."),
+    "scaling": Entry("raycraft.sweep.commands", "Train model sizes x data amounts (or IsoFLOP budgets) as Tune "
+                                                "trials; fit the laws, predict the held-out runs."),
     "warm": Entry("raycraft.warm.commands",
                   "A resident raycraft that commands start from in a fraction of a second (imports done once)."),
     "jobs": Entry("raycraft.cluster_commands", "Jobs on a Ray cluster: list, logs, stop."),

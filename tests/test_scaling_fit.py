@@ -6,8 +6,14 @@ import numpy as np
 import pytest
 
 from raycraft.errors import UserError
-from raycraft.sweep.scaling import (compute_optimal, fit_allocation, fit_chinchilla, fit_power_law, held_out_error,
-                                     isoflop_profile)
+from raycraft.sweep.scaling import (
+    compute_optimal,
+    fit_allocation,
+    fit_chinchilla,
+    fit_power_law,
+    held_out_error,
+    isoflop_profile,
+)
 
 
 def _noisy(loss: np.ndarray, seed: int, sigma: float = 0.01) -> np.ndarray:

@@ -50,15 +50,20 @@ def tune(
 @app.command("scaling")
 def scaling(
     file: Annotated[Path, typer.Argument(help="Scaling YAML file (see tune_configs/scaling_*.yaml).")],
+    resume: Annotated[Optional[str], typer.Option(
+        "--resume", help="Continue the interrupted search NAME from FILE (finished points are kept).")] = None,
     tracking_uri: TrackingOpt = None,
     address: AddressOpt = None,
 ):
-    """Train a grid of model sizes x data amounts, fit L(N), L(D) and L(N, D), predict the held-out runs."""
+    """Train model sizes x data amounts (or IsoFLOP budgets) as Tune trials; fit the laws, predict the held-out runs.
+
+    `--resume NAME` continues a killed search from the same FILE: finished points are kept, the others rerun."""
     require_extra("tune", "raycraft scaling")
     from raycraft.sweep.scaling_job import load_scaling, run_scaling  # scipy: the `tune` extra, checked above
 
-    cfg, points = load_scaling(file)
-    parent, result = run_scaling(cfg, points, tracking_uri=tracking_uri, address=address, echo=console.print)
+    cfg, points = load_scaling(file, resume)
+    parent, result = run_scaling(cfg, points, tracking_uri=tracking_uri, address=address, resume=bool(resume),
+                                 echo=console.print)
     for law, fit in result.fits.items():
         console.print(f"{law}: " + ", ".join(f"{k}={v:.4g}±{fit.stderr[k]:.2g}" for k, v in fit.params.items())
                       + f"  (rms log residual {fit.rmse_log:.3g})")
@@ -66,3 +71,4 @@ def scaling(
     n_opt, d_opt = result.optimal
     console.print(f"compute-optimal at C={cfg.budget:.3g} FLOPs: N={n_opt:.4g}, D={d_opt:.4g}")
     console.print(f"[green]done[/]  MLflow parent run [bold]{parent}[/] (plots under scaling/)")
+    console.print(f"MLflow UI: {ui_command(resolve_tracking_uri(tracking_uri))}")

@@ -17,6 +17,10 @@
     concurrency: 1
     resources: {workers: 1, cpus_per_worker: 1, gpu: false}   # per trial
 
+A sweep may instead (or as well) list `points`, job overrides one trial each: the space gets the key
+`point`, a grid over their indices, and a trial lays its point over the job before its sampled values.
+`raycraft scaling` runs its grid of model sizes x data amounts this way.
+
 Everything is checked by `load_sweep` before Ray starts: unknown names, keys the job lacks, bounds that
 are not numbers or are in the wrong order, `loguniform` bounds <= 0, values the job would reject, and a
 metric the job never reports.
@@ -41,6 +45,8 @@ from raycraft.train.config import TrainConfig
 DOMAINS = ("choice", "grid", "uniform", "loguniform", "randint")
 SEARCHES = ("random", "grid", "optuna", "hyperopt")
 SCHEDULERS = ("fifo", "asha", "hyperband", "pbt")
+POINT = "point"
+"""The space key of a sweep's `points`: a grid over their indices."""
 
 
 @dataclass
@@ -89,6 +95,8 @@ class SweepConfig:
                                         "or a `raycraft rl` config (algo, env, timesteps, ...).", factory=dict)
     space: dict[str, Any] = field_doc(doc="Search space: key -> {choice|grid|uniform|loguniform|randint: ...}.",
                                       factory=dict)
+    points: list[dict[str, Any]] = field_doc(doc="Job overrides, one trial each (search grid or random): the "
+                                                 f"space gains `{POINT}`, a grid over their indices.", factory=list)
     search: str = field_doc("random", "random, grid, optuna (Bayesian, TPE) or hyperopt (TPE).")
     scheduler: SchedulerConfig = field_doc(doc="Trial scheduler.", factory=SchedulerConfig)
     metric: str = field_doc("val_loss", "Reported metric that ranks trials.")
@@ -111,7 +119,9 @@ class SweepConfig:
             require_extra("tune", f"search: {self.search}")
         if self.samples < 1 or self.concurrency < 1:
             raise UserError("samples and concurrency must be at least 1.")
-        if not self.space:
+        if POINT in self.space:
+            raise UserError(f"space.{POINT}: the key is the index of the sweep's `points`; rename it.")
+        if not self.space and not self.points:
             raise UserError("space: the sweep has no search space; add at least one key, e.g. "
                             "`optim.lr: {loguniform: [1.0e-4, 1.0e-2]}`.")
 
@@ -202,8 +212,10 @@ class Sweep:
         return self.kind.key(key)
 
     def trial_job(self, params: dict[str, Any]) -> dict[str, Any]:
-        """The base job with one trial's sampled values set."""
-        return merge_layers(self.kind.config_cls, [self.job, params])
+        """The base job with one trial's point (if the sweep has points) and sampled values set."""
+        sampled = {k: v for k, v in params.items() if k != POINT}
+        point = [self.config.points[params[POINT]]] if POINT in params else []
+        return merge_layers(self.kind.config_cls, [self.job, *point, sampled])
 
     def param_space(self) -> dict[str, Any]:
         return {k: d.tune() for k, d in self.space.items()}
@@ -232,6 +244,8 @@ def load_sweep(path: str | Path | None = None, overrides: list[str] = (), sample
     kind.check(base, model_cfg)
     space = {k: parse_domain(k, v) for k, v in flatten_space(cfg.space).items()}
     check_keys(kind.config_cls, type(model_cfg), [kind.key(k) for k in space])
+    if cfg.points:
+        space[POINT] = Domain("grid", tuple(range(len(cfg.points))))
     sweep = Sweep(cfg, job, space, kind.length(base))
     check_values(sweep)
     check_search(cfg, space)
@@ -291,7 +305,9 @@ def check_values(sweep: Sweep) -> None:
             try:
                 sweep.kind.build(sweep.trial_job({key: value}))
             except UserError as exc:
-                raise UserError(f"space.{key}: value {value!r} is not valid for the job: {exc}") from None
+                where = (f"points[{value}] {sweep.config.points[value]}" if key == POINT
+                         else f"space.{key}: value {value!r}")
+                raise UserError(f"{where} is not valid for the job: {exc}") from None
 
 
 def check_pbt(sweep: Sweep, base: TrainConfig) -> None:
@@ -318,7 +334,10 @@ def check_pbt(sweep: Sweep, base: TrainConfig) -> None:
 
 
 def check_search(cfg: SweepConfig, space: dict[str, Domain]) -> None:
-    grid = [k for k, d in space.items() if d.kind == "grid"]
+    if cfg.points and (cfg.search not in ("random", "grid") or cfg.scheduler.name == "pbt"):
+        raise UserError(f"points: each point is one trial, which search {cfg.search!r} with scheduler "
+                        f"{cfg.scheduler.name!r} would not keep; use search grid or random, and not pbt.")
+    grid = [k for k, d in space.items() if d.kind == "grid" and k != POINT]
     if cfg.search == "grid":
         ranges = [k for k, d in space.items() if d.kind not in ("grid", "choice")]
         if ranges:

@@ -41,7 +41,7 @@ from raycraft.config import flatten, read_yaml, to_dict
 from raycraft.console import TrialProgress
 from raycraft.errors import TrainingError, UserError
 from raycraft.sweep import pacing
-from raycraft.sweep.config import Sweep, load_sweep
+from raycraft.sweep.config import POINT, Sweep, load_sweep
 from raycraft.sweep.jobs import FINISHED_METRIC, KINDS
 from raycraft.sweep.pbt import EXPLOIT_KEY, PBT
 from raycraft.sweep.plots import curves_png, metric_vs_params_png
@@ -53,6 +53,11 @@ EARLY_TAG = "raycraft.early_stopped"
 DISPLAYS: dict[str, TrialProgress] = {}
 """The live display of each sweep this process drives, by parent run id: the driver's callback finds it here,
 since Tune pickles the callback itself with the experiment state."""
+
+
+Finish = Callable[[tracking.Run, list[Any]], None]
+"""What a caller records on the parent run from its child runs once every trial has ended, before the parent
+ends (`raycraft scaling`'s fits); the parent ends FAILED if it raises."""
 
 
 @dataclass
@@ -259,14 +264,14 @@ def check_fits(sweep: Sweep) -> None:
     sweep.kind.check_fits(sweep.kind.build(sweep.job)[0])
 
 
-def start_parent(sweep: Sweep, uri: str) -> str:
+def start_parent(sweep: Sweep, uri: str, kind: str) -> str:
     cfg = sweep.config
     params = {"search": cfg.search, "scheduler": cfg.scheduler.name, "metric": cfg.metric, "mode": cfg.mode,
               "samples": cfg.samples, "concurrency": cfg.concurrency,
               **{f"space.{k}": f"{d.kind}{list(d.values)}" for k, d in sweep.space.items()},
               **{f"job.{k}": v for k, v in flatten(to_dict(sweep.kind.build(sweep.job)[0])).items()}}
     return tracking.Run.start(uri, cfg.experiment, f"sweep-{cfg.name}", params,
-                              {"raycraft.sweep": cfg.name, "raycraft.kind": "sweep"},
+                              {"raycraft.sweep": cfg.name, "raycraft.kind": kind},
                               yaml.safe_dump(sweep_state(sweep, ""), sort_keys=False)).run_id
 
 
@@ -275,8 +280,10 @@ def sweep_state(sweep: Sweep, parent_run_id: str) -> dict[str, Any]:
 
 
 def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | None = None,
-              resume: bool = False, echo: Callable[[str], None] | None = None) -> SweepOutcome:
-    """Start (or with `resume`, continue) the sweep, then record the best trial on the parent run."""
+              resume: bool = False, echo: Callable[[str], None] | None = None, finish: Finish | None = None,
+              kind: str = "sweep") -> SweepOutcome:
+    """Start (or with `resume`, continue) the sweep, then record the best trial (and what `finish` records) on
+    the parent run, tagged `raycraft.kind` = `kind`."""
     cfg = sweep.config
     uri = tracking.resolve_tracking_uri(tracking_uri)
     folder = sweep_dir(cfg.storage_path, cfg.name)
@@ -287,7 +294,8 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
     check_fits(sweep)
     # Tune's experiment state is written at most this often: a killed driver loses less on resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    parent, tuner = restored_tuner(sweep, uri, folder) if resume else new_tuner(sweep, uri, folder, echo is not None)
+    parent, tuner = (restored_tuner(sweep, uri, folder) if resume
+                     else new_tuner(sweep, uri, folder, echo is not None, kind))
     if echo:
         echo(f"sweep {cfg.name}: MLflow parent run {parent.run_id}")
     verdicts = pacing.Pacer(parent.run_id).start()  # the actor lives while this reference does
@@ -303,13 +311,13 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
     if len(results) > results.num_terminated + results.num_errors:  # Ctrl+C: Tune saved its state and returned
         raise TrainingError(f"sweep {cfg.name!r} was interrupted; its state is saved. Continue it with "
                             f"`raycraft tune FILE --resume {cfg.name}`.")
-    return summarize(sweep, uri, parent.run_id)
+    return summarize(sweep, uri, parent.run_id, finish)
 
 
-def new_tuner(sweep: Sweep, uri: str, folder: Path, verbose: bool) -> tuple[tracking.Run, ray.tune.Tuner]:
+def new_tuner(sweep: Sweep, uri: str, folder: Path, verbose: bool, kind: str) -> tuple[tracking.Run, ray.tune.Tuner]:
     """(parent run, Tuner) of a new sweep: its parent run, and its state file in `folder`."""
     cfg = sweep.config
-    parent = start_parent(sweep, uri)
+    parent = start_parent(sweep, uri, kind)
     folder.mkdir(parents=True)
     (folder / STATE_FILE).write_text(yaml.safe_dump(sweep_state(sweep, parent), sort_keys=False))
     # the basic generator limits itself (build_search); Tune wraps the others in a limiter
@@ -334,8 +342,9 @@ def restored_tuner(sweep: Sweep, uri: str, folder: Path) -> tuple[tracking.Run, 
     return tracking.Run.resume(uri, parent), tuner
 
 
-def summarize(sweep: Sweep, uri: str, parent_run_id: str) -> SweepOutcome:
-    """Best trial, counts and plots on the parent run; the parent ends FINISHED."""
+def summarize(sweep: Sweep, uri: str, parent_run_id: str, finish: Finish | None = None) -> SweepOutcome:
+    """Best trial, counts and plots (and what `finish` records) on the parent run; the parent ends FINISHED, or
+    FAILED if `finish` raises."""
     cfg, parent = sweep.config, tracking.Run(uri, parent_run_id)
     runs = children(uri, cfg.experiment, parent_run_id)
     sign = 1 if cfg.mode == "min" else -1
@@ -350,7 +359,9 @@ def summarize(sweep: Sweep, uri: str, parent_run_id: str) -> SweepOutcome:
         best_config = tracking.download_text(uri, best.info.run_id, "config.yaml")
         job = read_yaml(best_config, f"run {best.info.run_id}'s config.yaml")
         best_params = {k: functools.reduce(lambda node, part: node[part], sweep.key(k).split("."), job)
-                       for k in sweep.space}
+                       for k in sweep.space if k != POINT}
+        if POINT in sweep.space:
+            best_params[POINT] = int(best.data.tags[f"raycraft.param.{POINT}"])
         figures[f"best_{cfg.metric}"] = best.data.metrics[cfg.metric]
         parent.set_tags({"raycraft.best_run_id": best.info.run_id,
                          "raycraft.best_trial": best.data.tags.get(TRIAL_TAG, ""),
@@ -362,6 +373,12 @@ def summarize(sweep: Sweep, uri: str, parent_run_id: str) -> SweepOutcome:
         metric_vs_params_png(sweep, runs, Path(tmp) / "metric_vs_params.png")
         curves_png(cfg.metric, runs, histories, Path(tmp) / "learning_curves.png", sweep.kind.curve_x)
         parent.log_artifacts(tmp, "plots")
+    if finish is not None:
+        try:
+            finish(parent, runs)
+        except BaseException as exc:
+            parent.end_with(exc)
+            raise
     parent.end()
     return SweepOutcome(cfg.name, parent_run_id, best.info.run_id if best else None,
                         best.data.metrics[cfg.metric] if best else None, best_params, runs)

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from raycraft.plots import plt
-from raycraft.sweep.config import Sweep
+from raycraft.sweep.config import POINT, Sweep
 
 
 def _early(run: Any) -> bool:
@@ -27,9 +27,12 @@ def _series(sweep: Sweep, runs: list[Any], key: str) -> dict[str, list[Any]]:
 def metric_vs_params_png(sweep: Sweep, runs: list[Any], path: Path) -> None:
     """A row per metric (the sweep's, then plot_metrics), a column per hyperparameter: each trial's last
     value, a line per combination of the other categorical hyperparameters; early-stopped trials hollow.
-    Choices keep the sweep file's order (widths of double descent, sparsities of a lottery ticket)."""
+    Choices keep the sweep file's order (widths of double descent, sparsities of a lottery ticket). The index of
+    a sweep's points is no hyperparameter: a sweep of points alone has no such plot."""
     metrics = [sweep.config.metric, *sweep.config.plot_metrics]
-    keys = list(sweep.space)
+    keys = [k for k in sweep.space if k != POINT]
+    if not keys:
+        return
     fig, axes = plt.subplots(len(metrics), len(keys), figsize=(4.5 * len(keys), 3.2 * len(metrics)), squeeze=False)
     for col, key in enumerate(keys):
         domain = sweep.space[key]

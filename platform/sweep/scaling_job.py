@@ -1,4 +1,4 @@
-"""`raycraft scaling FILE.yaml`: train a grid of model sizes x data amounts, fit scaling laws, log them.
+"""`raycraft scaling FILE.yaml`: train model sizes x data amounts as Ray Tune trials, fit scaling laws, log them.
 
     name: scaling_transformer
     job: {model: transformer, dataset: shakespeare, ...}   # a `raycraft train` config
@@ -7,17 +7,28 @@
     metric: val_loss
     holdout: 1          # the largest sizes, predicted by the fit of the others
     budget: 1.0e+15     # FLOPs for the compute-optimal N and D
+    concurrency: 8      # trials at once, as the cluster's CPUs allow
+
+or, for IsoFLOP profiles (Hoffmann et al. 2022, approach 2; `sweep.isoflop`), budgets instead of `data`:
+
+    budgets: [2.0e+9, 6.0e+9, 2.0e+10, 6.0e+10]   # FLOPs; at least 4, the largest predicted by the others
+    sizes_per_budget: 5                          # sizes around N = sqrt(C / (6 tokens_per_param)) per budget
+
+Each point is one trial of the sweep engine `raycraft tune` uses (`sweep.engine`, with the sweep's
+`points`): one MLflow parent, a child per point, as many at once as resources and `concurrency` allow.
+`--resume NAME` continues a killed search: finished points are kept, unfinished ones rerun.
 
 N counts the model's parameters outside embedding tables (`nn.Embedding`), D the training targets seen
-(tokens for a language model: epochs x training windows x tokens per window), C = 6 N D. Every run is an
-MLflow child of one parent run, which gets the fitted constants with their standard errors, the held-out
-errors, the compute-optimal allocation and log-log plots with the fits.
+(tokens for a language model: epochs x training windows x tokens per window), C = 6 N D; each child run
+also logs the FLOPs torch counts (`torch.utils.flop_counter`, forward and backward of one example, times
+the examples seen), and the parent the mean ratio of counted to 6ND. The parent gets the fitted constants
+with their standard errors, the held-out errors, the compute-optimal allocation and log-log plots.
 """
 
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,83 +36,165 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
-from raycraft import lifecycle, tracking
-from raycraft.config import build, from_dict, load_yaml, to_dict
-from raycraft.errors import UserError, invalid_choice
+from raycraft import tracking
+from raycraft.config import build, from_dict, load_yaml, read_yaml, to_dict
+from raycraft.errors import TrainingError, UserError, invalid_choice
 from raycraft.plots import plt
 from raycraft.registry import create_model, field_doc, load_dataset
-from raycraft.runner import run_training
+from raycraft.sweep.config import POINT, Sweep, load_sweep
+from raycraft.sweep.engine import STATE_FILE, run_sweep, sweep_dir
+from raycraft.sweep.isoflop import analyse_isoflop, data_for, isoflop_png, pick_sizes
 from raycraft.sweep.probe import reported_metrics
-from raycraft.sweep.scaling import Fit, compute_optimal, fit_chinchilla, fit_power_law, held_out_error
+from raycraft.sweep.scaling import Fit, IsoFLOP, compute_optimal, fit_chinchilla, fit_power_law, held_out_error
 from raycraft.train.config import TrainConfig
 
 
 @dataclass
 class ScalingConfig:
-    name: str = field_doc("", "Name of the MLflow parent run (default: the file's stem).")
+    name: str = field_doc("", "Name of the MLflow parent run and of the Tune experiment `--resume NAME` "
+                              "continues (default: the file's stem).")
     job: dict[str, Any] = field_doc(doc="The base `raycraft train` config.", factory=dict)
     sizes: list[dict[str, Any]] = field_doc(doc="Job overrides, one per model size N.", factory=list)
     data: list[dict[str, Any]] = field_doc(doc="Job overrides, one per data amount D (data.train_fraction, "
-                                               "epochs); at least 3 for L(D).", factory=list)
+                                               "epochs); at least 3 for L(D). Empty with `budgets`.", factory=list)
+    budgets: list[float] = field_doc(doc="IsoFLOP profiles instead of a grid: compute budgets C in FLOPs, at "
+                                         "least 4, increasing; each trains `sizes_per_budget` of `sizes` on "
+                                         "D = C / 6N.", factory=list)
+    sizes_per_budget: int = field_doc(5, "IsoFLOP: sizes trained per budget (at least 3 for its parabola).")
+    tokens_per_param: float = field_doc(20.0, "IsoFLOP: the D/N ratio the sizes of each budget centre on "
+                                              "(Hoffmann et al. find about 20).")
     metric: str = field_doc("val_loss", "Loss to fit (a per-epoch metric; its last value is used).")
-    holdout: int = field_doc(1, "Largest sizes left out of the fits and predicted by them.")
+    holdout: int = field_doc(1, "Grid: largest sizes left out of the fits and predicted by them (IsoFLOP: "
+                                "the largest budget is).")
     irreducible: bool = field_doc(True, "Fit L(N) and L(D) with an irreducible term E.")
     budget: float = field_doc(1e15, "Compute budget C in FLOPs for the compute-optimal N and D.")
+    concurrency: int = field_doc(8, "Trials at once (each needs the job's workers x cpus_per_worker CPUs).")
     experiment: str = field_doc("raycraft-scaling", "MLflow experiment.")
+    storage_path: str = field_doc("ray_results", "Folder of Tune's experiment state (one subfolder per search).")
 
     def __post_init__(self) -> None:
-        fit_sizes = len(self.sizes) - self.holdout
-        if self.holdout < 1 or fit_sizes < 4:
-            raise UserError(f"sizes: {len(self.sizes)} sizes with holdout={self.holdout} leave {fit_sizes} to "
-                            "fit; the laws need at least 4 (and holdout >= 1 to test the prediction).")
-        if len(self.data) < 3:
-            raise UserError(f"data: {len(self.data)} data amounts; L(D) needs at least 3.")
-        if fit_sizes * len(self.data) < 6:
-            raise UserError("data: L(N, D) has 5 constants; fitted sizes x data amounts must be at least 6.")
         if self.budget <= 0:
             raise UserError(f"budget: {self.budget} must be > 0 FLOPs.")
+        if self.concurrency < 1:
+            raise UserError(f"concurrency: {self.concurrency} must be at least 1.")
+        (check_isoflop if self.budgets else check_grid)(self)
+
+
+def check_grid(cfg: ScalingConfig) -> None:
+    fit_sizes = len(cfg.sizes) - cfg.holdout
+    if cfg.holdout < 1 or fit_sizes < 4:
+        raise UserError(f"sizes: {len(cfg.sizes)} sizes with holdout={cfg.holdout} leave {fit_sizes} to "
+                        "fit; the laws need at least 4 (and holdout >= 1 to test the prediction).")
+    if len(cfg.data) < 3:
+        raise UserError(f"data: {len(cfg.data)} data amounts; L(D) needs at least 3.")
+    if fit_sizes * len(cfg.data) < 6:
+        raise UserError("data: L(N, D) has 5 constants; fitted sizes x data amounts must be at least 6.")
+
+
+def check_isoflop(cfg: ScalingConfig) -> None:
+    if cfg.data:
+        raise UserError("data: with budgets, each run's D is C / 6N; drop `data` (or drop `budgets` for a grid).")
+    if len(cfg.budgets) < 4 or any(b <= 0 for b in cfg.budgets) or sorted(set(cfg.budgets)) != cfg.budgets:
+        raise UserError(f"budgets: {cfg.budgets} must be at least 4 increasing FLOP counts > 0: N_opt and "
+                        "D_opt are fitted on all but the largest, which they predict.")
+    if not 3 <= cfg.sizes_per_budget <= len(cfg.sizes):
+        raise UserError(f"sizes_per_budget: {cfg.sizes_per_budget} must be at least 3 (a parabola) and at most "
+                        f"the {len(cfg.sizes)} sizes given.")
+    if cfg.tokens_per_param <= 0:
+        raise UserError(f"tokens_per_param: {cfg.tokens_per_param} must be > 0.")
 
 
 @dataclass
 class Point:
-    """One run of the grid: its config and, once trained, its size N, data D and loss."""
+    """One run: its job overrides and config, its size N, data D and (at a budget) C; once trained, its loss."""
 
     size: int
+    overrides: dict[str, Any]
     cfg: TrainConfig
     n: float
     d: float
+    flops: float
+    budget: float = float("nan")
     loss: float = float("nan")
     run_id: str = ""
 
 
-def measure(cfg: TrainConfig) -> tuple[float, float]:
-    """(N, D): parameters outside embedding tables, and training targets seen over all epochs."""
+def non_embedding_parameters(model: nn.Module) -> int:
+    embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    return sum(p.numel() for p in model.parameters() if id(p) not in embedded)
+
+
+def counted_flops(model: nn.Module, x: torch.Tensor) -> float:
+    """FLOPs of one forward and backward pass of `x` (one example) as torch counts them; NaN for a model whose
+    output is no tensor."""
+    with FlopCounterMode(display=False) as counter:
+        out = model(x)
+        if not isinstance(out, torch.Tensor):
+            return float("nan")
+        out.float().sum().backward()
+    return float(counter.get_total_flops())
+
+
+def measure(cfg: TrainConfig) -> tuple[float, float, float]:
+    """(N, D, FLOPs): parameters outside embedding tables, training targets seen over all epochs, and the FLOPs
+    torch counts for them."""
     splits = load_dataset(cfg.dataset, cfg.data)
     model = create_model(cfg.model, cfg.model_config, splits.info)
-    embedded = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    n = sum(p.numel() for p in model.parameters() if id(p) not in embedded)
-    per_example = splits.train[torch.arange(1)][-1][0].numel()
-    return float(n), float(cfg.epochs * len(splits.train) * per_example)
+    x, y = splits.train[torch.arange(1)][0], splits.train[torch.arange(1)][-1]
+    examples = cfg.epochs * len(splits.train)
+    return (float(non_embedding_parameters(model)), float(examples * y[0].numel()),
+            counted_flops(model, x) * examples)
 
 
-def load_scaling(path: str | Path) -> tuple[ScalingConfig, list[Point]]:
-    """Validate the file and build every run's config before Ray starts."""
+def make_point(cfg: ScalingConfig, size: int, layers: list[dict[str, Any]], where: str) -> Point:
+    overrides = {k: v for layer in layers for k, v in layer.items()}
+    try:  # the job's keys, then the point's, as `raycraft train` layers a --config file and --set
+        train_cfg, _ = build(TrainConfig, [cfg.job, {"experiment": cfg.experiment}, *layers])
+    except UserError as exc:
+        raise UserError(f"{where}: {exc}") from None
+    return Point(size, overrides, train_cfg, *measure(train_cfg))
+
+
+def isoflop_points(cfg: ScalingConfig) -> list[Point]:
+    """Each budget's sizes (`isoflop.pick_sizes`), each on D = C / 6N from one epoch's D at the full split."""
+    full = [make_point(cfg, i, [size, {"epochs": 1, "data.train_fraction": 1.0}], f"sizes[{i}]")
+            for i, size in enumerate(cfg.sizes)]
+    points = []
+    for c in cfg.budgets:
+        for i in pick_sizes(c, [p.n for p in full], cfg.sizes_per_budget, cfg.tokens_per_param):
+            point = make_point(cfg, i, [cfg.sizes[i], data_for(c, full[i].n, full[i].d)],
+                               f"budgets: C={c:.3g} with sizes[{i}]")
+            point.budget = c
+            points.append(point)
+    return points
+
+
+def load_scaling(path: str | Path, name: str | None = None) -> tuple[ScalingConfig, list[Point]]:
+    """Validate the file (its name replaced by `name`) and build every run's config before Ray starts."""
     raw = load_yaml(path)
     raw.setdefault("name", Path(path).stem)
+    if name:
+        raw["name"] = name
     cfg = from_dict(ScalingConfig, raw)
-    points = []
-    for i, size in enumerate(cfg.sizes):
-        for data in cfg.data:
-            try:  # the job's keys, then each point's, as `raycraft train` layers a --config file and --set
-                train_cfg, _ = build(TrainConfig, [cfg.job, {"experiment": cfg.experiment}, size, data])
-            except UserError as exc:
-                raise UserError(f"sizes[{i}] with data {data}: {exc}") from None
-            points.append(Point(i, train_cfg, *measure(train_cfg)))
+    if cfg.budgets:
+        points = isoflop_points(cfg)
+    else:
+        points = [make_point(cfg, i, [size, data], f"sizes[{i}] with data {data}")
+                  for i, size in enumerate(cfg.sizes) for data in cfg.data]
     names = reported_metrics(points[0].cfg)[1]  # a fit reads each run's end-of-run value
     if cfg.metric not in names:
         raise invalid_choice("metric", cfg.metric, names)
     return cfg, points
+
+
+def as_sweep(cfg: ScalingConfig, points: list[Point]) -> Sweep:
+    """The search as a sweep of the engine: a grid over its points, one trial each, ranked by the metric."""
+    return load_sweep(data={"name": cfg.name, "job": cfg.job, "points": [p.overrides for p in points],
+                            "search": "grid", "metric": cfg.metric, "mode": "min", "samples": 1,
+                            "concurrency": cfg.concurrency, "experiment": cfg.experiment,
+                            "storage_path": cfg.storage_path})
 
 
 @dataclass
@@ -109,9 +202,19 @@ class Analysis:
     fits: dict[str, Fit]
     held_out: dict[str, float]
     optimal: tuple[float, float]
+    profiles: list[IsoFLOP] = field(default_factory=list)
 
 
 def analyse(cfg: ScalingConfig, points: list[Point]) -> Analysis:
+    """IsoFLOP profiles (`budgets`), or the grid's laws."""
+    if not cfg.budgets:
+        return analyse_grid(cfg, points)
+    fits, held, profiles = analyse_isoflop(points)
+    n_opt = float(fits["a"].predict(cfg.budget))
+    return Analysis(fits, held, (n_opt, cfg.budget / 6 / n_opt), profiles)
+
+
+def analyse_grid(cfg: ScalingConfig, points: list[Point]) -> Analysis:
     """Fit on the smaller sizes; predict the held-out largest ones."""
     cut = len(cfg.sizes) - cfg.holdout
     fit_pts = [p for p in points if p.size < cut]
@@ -174,41 +277,66 @@ def log_analysis(parent: tracking.Run, cfg: ScalingConfig, points: list[Point], 
     values |= {f"{law}.rmse_log": fit.rmse_log for law, fit in result.fits.items()}
     values |= {f"heldout_rel_error.{law}": v for law, v in result.held_out.items()}
     values |= {"optimal_N": result.optimal[0], "optimal_D": result.optimal[1]}
+    values |= {f"isoflop.{i}.{k}": getattr(p, k) for i, p in enumerate(result.profiles)
+               for k in ("compute", "n_opt", "d_opt", "loss_opt")}
     parent.log_metrics(values)
-    table = [{"size": p.size, "N": p.n, "D": p.d, "C": 6 * p.n * p.d, cfg.metric: float(p.loss), "run_id": p.run_id}
-             for p in points]
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "runs.yaml").write_text(yaml.safe_dump(table, sort_keys=False))
-        loglog_png(cfg, points, result, Path(tmp) / "scaling_loglog.png")
+        if result.profiles:
+            isoflop_png(cfg.metric, points, result.fits, result.profiles, Path(tmp) / "isoflop.png")
+        else:
+            loglog_png(cfg, points, result, Path(tmp) / "scaling_loglog.png")
         parent.log_artifacts(tmp, "scaling")
 
 
-def run_scaling(cfg: ScalingConfig, points: list[Point], *, tracking_uri: str | None = None,
-                address: str | None = None, echo=None) -> tuple[str, Analysis]:
-    uri = tracking.resolve_tracking_uri(tracking_uri)
-    parent = tracking.Run.start(uri, cfg.experiment, f"scaling-{cfg.name}",
-                                {"metric": cfg.metric, "holdout": cfg.holdout, "budget": cfg.budget,
-                                 "runs": len(points)}, {"raycraft.kind": "scaling"},
-                                yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    try:
-        with parent.heartbeat(), lifecycle.stop_on_signals():
-            result = run_points(cfg, points, uri, parent.run_id, address, echo)
-        log_analysis(parent, cfg, points, result)
-    except BaseException as exc:
-        parent.end_with(exc)
-        raise
-    parent.end()
-    return parent.run_id, result
-
-
-def run_points(cfg: ScalingConfig, points: list[Point], uri: str, parent: str, address: str | None,
-               echo) -> Analysis:
-    """Train each point as a child of the scaling run, then fit the law."""
+def record_points(parent: tracking.Run, cfg: ScalingConfig, points: list[Point], runs: list) -> None:
+    """Each point's loss and run from its finished child run (the newest, if a resume reran it), its N, D, C
+    and counted FLOPs logged on that run, and the table of all on the parent; a TrainingError names the points
+    that did not finish."""
+    finished = {int(r.data.tags[f"raycraft.param.{POINT}"]): r for r in runs if r.info.status == "FINISHED"}
+    missing = [i for i in range(len(points)) if i not in finished]
+    if missing:
+        raise TrainingError(f"points {missing} of {len(points)} did not finish (see their child runs); rerun them "
+                            f"with `raycraft scaling FILE --resume {cfg.name}`.")
     for i, p in enumerate(points):
-        out = run_training(p.cfg, address=address, tracking_uri=uri, run_name=f"{cfg.name}-N{p.n:.3g}-D{p.d:.3g}",
-                           tags={"mlflow.parentRunId": parent, "raycraft.scaling.N": str(p.n),
-                                 "raycraft.scaling.D": str(p.d)})
-        p.loss, p.run_id = out.metrics[cfg.metric], out.run_id
-        if echo:
-            echo(f"run {i + 1}/{len(points)}: N={p.n:.3g} D={p.d:.3g} {cfg.metric}={p.loss:.4f}")
-    return analyse(cfg, points)
+        p.loss, p.run_id = finished[i].data.metrics[cfg.metric], finished[i].info.run_id
+        tracking.Run(parent.uri, p.run_id).log_metrics({"scaling.N": p.n, "scaling.D": p.d, "scaling.C": 6 * p.n * p.d,
+                                                        "scaling.flops_counted": p.flops})
+    ratios = [p.flops / (6 * p.n * p.d) for p in points if np.isfinite(p.flops)]
+    if ratios:
+        parent.log_metrics({"flops_counted_over_6ND": float(np.mean(ratios))})
+    table = [{"point": i, "size": p.size, "budget": p.budget, "N": p.n, "D": p.d, "C": 6 * p.n * p.d,
+              "flops_counted": p.flops, cfg.metric: float(p.loss), "run_id": p.run_id} for i, p in enumerate(points)]
+    parent.log_text(yaml.safe_dump(table, sort_keys=False), "scaling/runs.yaml")
+    parent.log_text(yaml.safe_dump(to_dict(cfg), sort_keys=False), "scaling/scaling.yaml")
+
+
+def check_unchanged(sweep: Sweep) -> None:
+    """`--resume`: the search saved under the name must be the one the file describes now."""
+    cfg = sweep.config
+    state_file = sweep_dir(cfg.storage_path, cfg.name) / STATE_FILE
+    if not state_file.is_file():
+        raise UserError(f"--resume: no scaling search {cfg.name!r} in {state_file.parent.parent}; start it "
+                        "without --resume.")
+    saved = read_yaml(state_file.read_text(), str(state_file))["sweep"]
+    for key, now in (("job", sweep.job), ("points", cfg.points), ("metric", cfg.metric)):
+        if saved.get(key) != now:
+            raise UserError(f"--resume: the file's {key} differ from those search {cfg.name!r} started with; "
+                            "resume it with the file it started from, or start a new search (`name`).")
+
+
+def run_scaling(cfg: ScalingConfig, points: list[Point], *, tracking_uri: str | None = None,
+                address: str | None = None, resume: bool = False, echo=None) -> tuple[str, Analysis]:
+    """Run (or with `resume`, continue) the search as Tune trials, then fit and log on the parent run."""
+    sweep = as_sweep(cfg, points)
+    if resume:
+        check_unchanged(sweep)
+    results: list[Analysis] = []
+
+    def finish(parent: tracking.Run, runs: list) -> None:
+        record_points(parent, cfg, points, runs)
+        results.append(analyse(cfg, points))
+        log_analysis(parent, cfg, points, results[0])
+
+    outcome = run_sweep(sweep, tracking_uri=tracking_uri, address=address, resume=resume, echo=echo,
+                        finish=finish, kind="scaling")
+    return outcome.parent_run_id, results[0]
