@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -83,6 +84,17 @@ def ray_session():
 @pytest.fixture(scope="session")
 def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@contextlib.contextmanager
+def killed_at_exit(driver: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """While entered, `driver` (started with `start_new_session`); on exit its session's processes (Ray's
+    daemons it started) are SIGKILLed by its process group, the driver's own PID."""
+    try:
+        yield driver
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
 
 
 def end_process_tree(pid: int) -> None:

@@ -13,6 +13,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from conftest import killed_at_exit
 from raycraft.sweep.config import load_sweep
 from raycraft.sweep.engine import EARLY_TAG, PARENT_TAG, TRIAL_TAG, run_sweep
 
@@ -89,7 +90,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(mlflow_uri, tmp
     exp_id = None
     deadline = time.time() + 400
     finished_before: dict[str, tuple[int, int]] = {}
-    try:
+    with killed_at_exit(driver):
         while time.time() < deadline and driver.poll() is None:
             exp = client.get_experiment_by_name("sweep-resume4")
             exp_id = exp.experiment_id if exp else None
@@ -105,11 +106,6 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(mlflow_uri, tmp
         assert finished_before, "no trial finished before the deadline"
         os.kill(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
-    finally:
-        try:  # Ray's own daemons started by the killed driver, in the session it led
-            os.killpg(driver.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
     resumed = subprocess.run(_cli(*args, "--resume", "resume4"), cwd=tmp_path, env=env, timeout=600,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

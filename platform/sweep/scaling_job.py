@@ -27,6 +27,8 @@ with their standard errors, the held-out errors, the compute-optimal allocation 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +42,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from raycraft import tracking
 from raycraft.config import build, from_dict, load_yaml, read_yaml, to_dict
+from raycraft.data.base import DataSplits
 from raycraft.errors import TrainingError, UserError, invalid_choice
 from raycraft.plots import plt
 from raycraft.registry import create_model, field_doc, load_dataset
@@ -137,10 +140,15 @@ def counted_flops(model: nn.Module, x: torch.Tensor) -> float:
     return float(counter.get_total_flops())
 
 
-def measure(cfg: TrainConfig) -> tuple[float, float, float]:
+def measure(cfg: TrainConfig, loaded: dict[str, DataSplits]) -> tuple[float, float, float]:
     """(N, D, FLOPs): parameters outside embedding tables, training targets seen over all epochs, and the FLOPs
-    torch counts for them."""
-    splits = load_dataset(cfg.dataset, cfg.data)
+    torch counts for them. `loaded` keeps each dataset read at its full training split, for the next point."""
+    full = dataclasses.replace(cfg.data, train_fraction=1.0)
+    key = f"{cfg.dataset} {full}"
+    if key not in loaded:
+        loaded[key] = load_dataset(cfg.dataset, full)
+    splits = copy.copy(loaded[key])
+    splits.keep_train_fraction(cfg.data.train_fraction)
     model = create_model(cfg.model, cfg.model_config, splits.info)
     x, y = splits.train[torch.arange(1)][0], splits.train[torch.arange(1)][-1]
     examples = cfg.epochs * len(splits.train)
@@ -148,24 +156,25 @@ def measure(cfg: TrainConfig) -> tuple[float, float, float]:
             counted_flops(model, x) * examples)
 
 
-def make_point(cfg: ScalingConfig, size: int, layers: list[dict[str, Any]], where: str) -> Point:
+def make_point(cfg: ScalingConfig, size: int, layers: list[dict[str, Any]], where: str,
+               loaded: dict[str, DataSplits]) -> Point:
     overrides = {k: v for layer in layers for k, v in layer.items()}
     try:  # the job's keys, then the point's, as `raycraft train` layers a --config file and --set
         train_cfg, _ = build(TrainConfig, [cfg.job, {"experiment": cfg.experiment}, *layers])
     except UserError as exc:
         raise UserError(f"{where}: {exc}") from None
-    return Point(size, overrides, train_cfg, *measure(train_cfg))
+    return Point(size, overrides, train_cfg, *measure(train_cfg, loaded))
 
 
-def isoflop_points(cfg: ScalingConfig) -> list[Point]:
+def isoflop_points(cfg: ScalingConfig, loaded: dict[str, DataSplits]) -> list[Point]:
     """Each budget's sizes (`isoflop.pick_sizes`), each on D = C / 6N from one epoch's D at the full split."""
-    full = [make_point(cfg, i, [size, {"epochs": 1, "data.train_fraction": 1.0}], f"sizes[{i}]")
+    full = [make_point(cfg, i, [size, {"epochs": 1, "data.train_fraction": 1.0}], f"sizes[{i}]", loaded)
             for i, size in enumerate(cfg.sizes)]
     points = []
     for c in cfg.budgets:
         for i in pick_sizes(c, [p.n for p in full], cfg.sizes_per_budget, cfg.tokens_per_param):
             point = make_point(cfg, i, [cfg.sizes[i], data_for(c, full[i].n, full[i].d)],
-                               f"budgets: C={c:.3g} with sizes[{i}]")
+                               f"budgets: C={c:.3g} with sizes[{i}]", loaded)
             point.budget = c
             points.append(point)
     return points
@@ -178,10 +187,11 @@ def load_scaling(path: str | Path, name: str | None = None) -> tuple[ScalingConf
     if name:
         raw["name"] = name
     cfg = from_dict(ScalingConfig, raw)
+    loaded: dict[str, DataSplits] = {}
     if cfg.budgets:
-        points = isoflop_points(cfg)
+        points = isoflop_points(cfg, loaded)
     else:
-        points = [make_point(cfg, i, [size, data], f"sizes[{i}] with data {data}")
+        points = [make_point(cfg, i, [size, data], f"sizes[{i}] with data {data}", loaded)
                   for i, size in enumerate(cfg.sizes) for data in cfg.data]
     names = reported_metrics(points[0].cfg)[1]  # a fit reads each run's end-of-run value
     if cfg.metric not in names:
