@@ -249,6 +249,8 @@ def read_text(uri: str) -> str:
         return f.read().decode()
 
 
+@pytest.mark.heavy  # about 200 s alone, 400 s beside other tests: its parts run by default (test_storage,
+# test_train_e2e's killed worker, test_step_checkpoints), the whole on demand with `-m heavy`
 def test_two_node_training_from_s3_survives_a_killed_worker(cluster, tmp_path):
     """Data and checkpoints only in the S3-compatible store; a worker killed mid-epoch; the run resumes from
     its newest step checkpoint with MLflow's history exact, tracked in the MLflow server."""

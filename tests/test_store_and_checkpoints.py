@@ -42,7 +42,8 @@ def test_a_broken_store_is_reported_with_what_to_do(tmp_path):
     assert f"mv {tmp_path / 'mlflow.db'} {tmp_path / 'mlflow.db'}.broken" in message and "Traceback" not in message
 
 
-@pytest.mark.parametrize("mode", ["in-process", "ray"])
+# The checksums are checked by one function on both paths; the Ray path (about 100 s) runs with `-m heavy`.
+@pytest.mark.parametrize("mode", ["in-process", pytest.param("ray", marks=pytest.mark.heavy)])
 def test_a_corrupt_newest_checkpoint_is_skipped_on_resume(tmp_path, mode):
     extra = ["--in-process"] if mode == "in-process" else []
     run_id = trained(tmp_path, "--epochs", "3", "--set", "keep_checkpoints=3", *extra)
