@@ -11,9 +11,10 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -86,15 +87,23 @@ def mlflow_uri(tmp_path_factory) -> str:
     return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
 
 
-@contextlib.contextmanager
-def killed_at_exit(driver: subprocess.Popen) -> Iterator[subprocess.Popen]:
-    """While entered, `driver` (started with `start_new_session`); on exit its session's processes (Ray's
-    daemons it started) are SIGKILLed by its process group, the driver's own PID."""
+def kill_when(driver: subprocess.Popen, ready: Callable[[], Any], timeout: float = 400) -> Any:
+    """Poll `ready()` every 0.5 s while `driver` (started with `start_new_session`, output piped) runs; once it
+    returns something, SIGKILL the driver and return that. The driver's session (the Ray daemons it started)
+    is SIGKILLed by its process group, the driver's own PID, whatever happens."""
     try:
-        yield driver
+        deadline = time.time() + timeout
+        while time.time() < deadline and driver.poll() is None:
+            if found := ready():
+                os.kill(driver.pid, signal.SIGKILL)
+                driver.wait(timeout=30)
+                return found
+            time.sleep(0.5)
+        alive = driver.poll() is None
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
+    raise AssertionError("not ready before the deadline" if alive else driver.communicate()[0][-3000:])
 
 
 def end_process_tree(pid: int) -> None:

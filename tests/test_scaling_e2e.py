@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import killed_at_exit
+from conftest import kill_when
 from raycraft.sweep.engine import PARENT_TAG
 
 pytestmark = [pytest.mark.slow, pytest.mark.heavy]  # about 5 min on 2 cores
@@ -41,25 +39,19 @@ def test_killed_scaling_search_resumes_with_each_point_once(mlflow_uri, tmp_path
     client = MlflowClient(mlflow_uri)
     driver = subprocess.Popen(_cli(*args), cwd=tmp_path, env=env, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    before: dict[str, int] = {}
-    with killed_at_exit(driver):
-        deadline = time.time() + 400
-        while time.time() < deadline and driver.poll() is None:
-            exp = client.get_experiment_by_name("scaling-kill")
-            done = [k for k in _children(client, exp.experiment_id) if k.info.status == "FINISHED"] if exp else []
-            if len(done) >= 2:
-                before = {k.info.run_id: k.info.end_time for k in done}
-                break
-            time.sleep(0.5)
-        assert driver.poll() is None, driver.communicate()[0][-3000:]
-        assert before, "no two points finished before the deadline"
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
+
+    def two_finished() -> dict[str, int]:
+        exp = client.get_experiment_by_name("scaling-kill")
+        done = [k for k in _children(client, exp.experiment_id) if k.info.status == "FINISHED"] if exp else []
+        return {k.info.run_id: k.info.end_time for k in done} if len(done) >= 2 else {}
+
+    before = kill_when(driver, two_finished)
 
     resumed = subprocess.run(_cli(*args, "--resume", "mlp_kill"), cwd=tmp_path, env=env, timeout=900,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
     assert "held-out relative error" in resumed.stdout
+    exp = client.get_experiment_by_name("scaling-kill")
     kids = _children(client, exp.experiment_id)
     assert sorted(int(k.data.tags[POINT_TAG]) for k in kids) == list(range(15))  # each point once
     for k in kids:

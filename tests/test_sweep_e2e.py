@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from conftest import killed_at_exit
+from conftest import kill_when
 from raycraft.sweep.config import load_sweep
 from raycraft.sweep.engine import EARLY_TAG, PARENT_TAG, TRIAL_TAG, run_sweep
 
@@ -87,25 +85,18 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(mlflow_uri, tmp
     driver = subprocess.Popen(_cli(*args), cwd=tmp_path, env=env, start_new_session=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     client = MlflowClient(mlflow_uri)
-    exp_id = None
-    deadline = time.time() + 400
-    finished_before: dict[str, tuple[int, int]] = {}
-    with killed_at_exit(driver):
-        while time.time() < deadline and driver.poll() is None:
-            exp = client.get_experiment_by_name("sweep-resume4")
-            exp_id = exp.experiment_id if exp else None
-            kids = client.search_runs([exp_id], f"tags.`{PARENT_TAG}` != ''") if exp_id else []
-            done = [k for k in kids if k.info.status == "FINISHED"]
-            running = [k for k in kids if k.info.status == "RUNNING" and _history(client, k.info.run_id)]
-            if done and running:
-                finished_before = {k.data.tags[TRIAL_TAG]: (k.info.end_time, len(_history(client, k.info.run_id)))
-                                   for k in done}
-                break
-            time.sleep(0.5)
-        assert driver.poll() is None, driver.communicate()[0][-3000:]
-        assert finished_before, "no trial finished before the deadline"
-        os.kill(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
+
+    def trial_finished_and_one_running() -> dict[str, tuple[int, int]]:
+        exp = client.get_experiment_by_name("sweep-resume4")
+        kids = client.search_runs([exp.experiment_id], f"tags.`{PARENT_TAG}` != ''") if exp else []
+        done = [k for k in kids if k.info.status == "FINISHED"]
+        running = [k for k in kids if k.info.status == "RUNNING" and _history(client, k.info.run_id)]
+        if not (done and running):
+            return {}
+        return {k.data.tags[TRIAL_TAG]: (k.info.end_time, len(_history(client, k.info.run_id))) for k in done}
+
+    finished_before = kill_when(driver, trial_finished_and_one_running)
+    exp_id = client.get_experiment_by_name("sweep-resume4").experiment_id
 
     resumed = subprocess.run(_cli(*args, "--resume", "resume4"), cwd=tmp_path, env=env, timeout=600,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -41,7 +41,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from raycraft import tracking
-from raycraft.config import build, from_dict, load_yaml, read_yaml, to_dict
+from raycraft.config import build, from_dict, load_yaml, merge_layers, read_yaml, to_dict
 from raycraft.data.base import DataSplits
 from raycraft.errors import TrainingError, UserError, invalid_choice
 from raycraft.plots import plt
@@ -158,7 +158,7 @@ def measure(cfg: TrainConfig, loaded: dict[str, DataSplits]) -> tuple[float, flo
 
 def make_point(cfg: ScalingConfig, size: int, layers: list[dict[str, Any]], where: str,
                loaded: dict[str, DataSplits]) -> Point:
-    overrides = {k: v for layer in layers for k, v in layer.items()}
+    overrides = merge_layers(TrainConfig, layers)  # one nested mapping: a size's and a data amount's keys merge
     try:  # the job's keys, then the point's, as `raycraft train` layers a --config file and --set
         train_cfg, _ = build(TrainConfig, [cfg.job, {"experiment": cfg.experiment}, *layers])
     except UserError as exc:
