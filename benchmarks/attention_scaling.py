@@ -3,7 +3,9 @@
 One multi-head attention layer (`models/attention.py`, bidirectional so every kind applies) at fixed
 width d, batch 1, for n = 256 ... 8192. Printed: a table of milliseconds and peak MB per kind and n, the
 growth ratio time(n) / time(n/2) (about 2 for linear cost, about 4 for quadratic), and each kind's
-speed-up over full attention at the same n (the baseline, measured in the same run).
+speed-up over full attention at the same n (the baseline, measured in the same run). `sliding` and
+`bigbird` are computed blockwise (`blocked_attention`); `sliding-masked` and `bigbird-masked` are the same
+patterns as a mask over the full n x n scores, the reference they are tested against.
 
 Peak memory: on CUDA the allocator's peak; on CPU the process's peak resident set (VmHWM), reset before
 each measurement through /proc/self/clear_refs, less the resident set before it. glibc is told to map
@@ -25,7 +27,7 @@ import torch
 
 from raycraft.models.attention import Attention
 
-KINDS = ("full", "sliding", "bigbird", "performer", "linformer")
+KINDS = ("full", "sliding", "bigbird", "performer", "linformer", "sliding-masked", "bigbird-masked")
 
 
 def _status_kb(field: str) -> int:
@@ -38,8 +40,8 @@ def _status_kb(field: str) -> int:
 def measure(kind: str, n: int, d: int, heads: int, device: torch.device, repeats: int) -> tuple[float, float]:
     """(median seconds of forward + backward, peak MB above the starting point)."""
     torch.manual_seed(0)
-    layer = Attention(d, heads, kind, causal=False, max_len=n, window=64, n_global=2, n_random=2, n_features=64,
-                      proj_len=64).to(device)
+    layer = Attention(d, heads, kind.removesuffix("-masked"), causal=False, max_len=n, window=64, n_global=2,
+                      n_random=2, n_features=64, proj_len=64, blockwise=not kind.endswith("-masked")).to(device)
     x = torch.randn(1, n, d, device=device, requires_grad=True)
 
     def run() -> None:

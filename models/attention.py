@@ -4,9 +4,11 @@ Full attention (Vaswani et al. 2017), through torch's `scaled_dot_product_attent
 
     Attention(Q, K, V) = softmax(Q K^T / sqrt(d_k) + B) V        B: mask (-inf) and position bias
 
-Sparse patterns (a mask on the same computation; they show which pairs interact, not the savings):
+Sparse patterns, computed blockwise (`blocked_attention`: n (3w + g + r) scores instead of n^2):
   sliding   query i sees keys |i - j| < window
   bigbird   sliding window + `n_global` tokens that see and are seen by all + `n_random` random keys per query
+  (`pattern_mask` gives the same patterns as a mask over the full scores: the reference, and the path taken
+  with a position bias)
 Linear-cost kinds:
   performer FAVOR+ (Choromanski et al. 2021): softmax(q.k) ~ phi(q).phi(k), with positive random features
             phi(x) = exp(w_r.x - |x|^2 / 2) / sqrt(m), w_r orthogonal Gaussian; attention becomes
@@ -99,6 +101,64 @@ def masked_attention(q, k, v, mask: torch.Tensor, bias: torch.Tensor | None, dro
     return F.scaled_dot_product_attention(q, k, v, attn_mask=B, dropout_p=dropout)
 
 
+def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:  # (B, H, T_p, d) -> (B, H, T_p / b, b, d)
+    return x.view(*x.shape[:2], x.shape[2] // b, b, x.shape[3])
+
+
+def _neighbours(x: torch.Tensor) -> torch.Tensor:  # (B, H, m, b, d) -> (B, H, m, 3b, d): blocks m-1, m, m+1
+    pad = F.pad(x, (0, 0, 0, 0, 1, 1))
+    return torch.cat([pad[:, :, :-2], pad[:, :, 1:-1], pad[:, :, 2:]], dim=3)
+
+
+def blocked_attention(q, k, v, window: int, causal: bool, n_global: int = 0, random_keys: torch.Tensor | None = None,
+                      dropout: float = 0.0) -> torch.Tensor:
+    """The sliding-window and BigBird patterns of `pattern_mask`, computed blockwise: blocks of b = window
+    queries score only their own key block and the two beside it (|i - j| < w lies within them), plus the
+    n_global first keys and each query's random keys, so scores take n (3w + g + r) entries, not n^2. Each
+    key counts once per query: a global or random key already in the window (or drawn twice) is masked. The
+    global queries attend to every key, as rows of full attention. q, k, v: (B, H, T, d_k) -> (B, H, T, d_k)."""
+    T, b = q.shape[2], window
+    n_global, pad = min(n_global, T), -T % b
+    qp, kp, vp = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    qb = _blocks(qp, b) / math.sqrt(q.shape[-1])                                # (B, H, m, b, d)
+    i = torch.arange(T + pad, device=q.device).view(-1, b, 1)                   # query positions (m, b, 1)
+    j = i.new_tensor(range(-b, 2 * b)).view(1, 1, -1) + (i[:, :1] - i[:, :1] % b)  # key positions (m, 1, 3b)
+    allowed = [((i - j).abs() < window) & (j >= 0) & (j < T)]
+    scores = [qb @ _neighbours(_blocks(kp, b)).transpose(-1, -2)]               # (B, H, m, b, 3b)
+    values = [_neighbours(_blocks(vp, b))]
+    if n_global:
+        g = torch.arange(n_global, device=q.device)
+        allowed.append((i - g).abs() >= window)                                 # (m, b, g)
+        scores.append(qb @ k[:, :, :n_global].transpose(-1, -2).unsqueeze(2))   # (B, H, m, b, g)
+        values.append(v[:, :, :n_global].unsqueeze(2))
+    if random_keys is not None:
+        r = F.pad(random_keys[:T] % T, (0, 0, 0, pad)).view(-1, b, random_keys.shape[1])  # (m, b, r)
+        seen = torch.stack([(r[..., :s] == r[..., s:s + 1]).any(-1) for s in range(r.shape[-1])], -1)
+        allowed.append(((i - r).abs() >= window) & (r >= n_global) & ~seen)
+        kr, vr = (x[:, :, r.flatten()].view(*x.shape[:2], *r.shape, x.shape[-1]) for x in (k, v))  # (B, H, m, b, r, d)
+        scores.append((qb.unsqueeze(-2) * kr).sum(-1))
+        values.append(vr)
+    if causal:
+        keys = [j, torch.arange(n_global, device=q.device), r if random_keys is not None else None]
+        allowed = [a & (key <= i) for a, key in zip(allowed, keys, strict=False)]
+    s = torch.cat([sc.masked_fill(~a, float("-inf")) for sc, a in zip(scores, allowed, strict=True)], -1)
+    p = F.dropout(torch.softmax(s, -1), dropout)
+    parts = p.split([sc.shape[-1] for sc in scores], -1)
+    out = parts[0] @ values[0]
+    if n_global:
+        out = out + parts[1] @ values[1]
+    if random_keys is not None:
+        out = out + (parts[-1].unsqueeze(-1) * values[-1]).sum(-2)
+    out = out.flatten(2, 3)[:, :, :T]
+    if n_global:  # the global queries see every key (causal: every earlier one)
+        rows = torch.ones(n_global, T, dtype=torch.bool, device=q.device)
+        if causal:
+            rows = rows.tril()
+        out = torch.cat([F.scaled_dot_product_attention(q[:, :, :n_global], k, v, attn_mask=rows, dropout_p=dropout),
+                         out[:, :, n_global:]], dim=2)
+    return out
+
+
 def orthogonal_gaussian(m: int, d: int, generator: torch.Generator) -> torch.Tensor:
     """m x d rows: blocks of orthogonal directions with chi(d)-distributed norms, as FAVOR+ draws them."""
     blocks = []
@@ -138,9 +198,10 @@ class Attention(nn.Module):
 
     def __init__(self, d_model: int, n_heads: int, kind: str, causal: bool, max_len: int, *, dropout: float = 0.0,
                  window: int = 64, n_global: int = 2, n_random: int = 2, n_features: int = 64,
-                 proj_len: int = 64, rotary: bool = False, seed: int = 0) -> None:
+                 proj_len: int = 64, rotary: bool = False, seed: int = 0, blockwise: bool = True) -> None:
         super().__init__()
         self.n_heads, self.kind, self.causal, self.dropout = n_heads, kind, causal, dropout
+        self.blockwise = blockwise  # sparse kinds: blocked_attention (False: the mask over all T x T scores)
         self.window, self.n_global, self.rotary = window, n_global, rotary
         self.q, self.k, self.v, self.o = (nn.Linear(d_model, d_model) for _ in range(4))
         d_k = d_model // n_heads
@@ -169,6 +230,9 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, E @ k, F_ @ v, dropout_p=p)
         elif self.kind == "full" and bias is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
+        elif self.kind in ("sliding", "bigbird") and bias is None and self.blockwise:
+            n_global = self.n_global if self.kind == "bigbird" else 0
+            out = blocked_attention(q, k, v, self.window, self.causal, n_global, self.random_keys, p)
         else:
             mask = pattern_mask(self.kind, T, self.causal, self.window, self.n_global, self.random_keys, x.device)
             out = masked_attention(q, k, v, mask, bias, p)

@@ -17,6 +17,7 @@ from raycraft.errors import UserError
 from raycraft.models.attention import (
     Attention,
     RelativeBias,
+    blocked_attention,
     masked_attention,
     orthogonal_gaussian,
     pattern_mask,
@@ -170,6 +171,35 @@ def test_masked_attention_is_the_formula_and_equals_sdpa():
     full = pattern_mask("full", 9, True, 3, 0, None, torch.device("cpu"))
     assert torch.allclose(masked_attention(q, k, v, full, None, 0.0),
                           F.scaled_dot_product_attention(q, k, v, is_causal=True), atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["sliding", "bigbird"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("T, window", [(100, 16), (64, 16), (5, 8)])
+def test_blocked_sparse_attention_equals_the_masked_reference(kind, causal, T, window):
+    """The blockwise computation gives the outputs and gradients of the mask over the full T x T scores, for
+    lengths that fill whole blocks or not, with the global and random keys of BigBird counted once each."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, T, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    n_global = 2 if kind == "bigbird" else 0
+    random_keys = torch.randint(0, 1 << 30, (T + 3, 3)) if kind == "bigbird" else None
+    mask = pattern_mask(kind, T, causal, window, n_global, random_keys, torch.device("cpu"))
+    expected = masked_attention(q, k, v, mask, None, 0.0)
+    out = blocked_attention(q, k, v, window, causal, n_global, random_keys)
+    assert torch.allclose(out, expected, atol=1e-12)
+    grads = torch.autograd.grad((out * expected.detach()).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * expected.detach()).sum(), (q, k, v))
+    for g, e in zip(grads, expected_grads, strict=True):
+        assert torch.allclose(g, e, atol=1e-12)
+
+
+def test_the_attention_layer_takes_the_blocked_path_and_agrees_with_its_mask():
+    torch.manual_seed(0)
+    blocked = Attention(16, 2, "bigbird", True, max_len=40, window=8)
+    masked = Attention(16, 2, "bigbird", True, max_len=40, window=8, blockwise=False)
+    masked.load_state_dict(blocked.state_dict())
+    x = torch.randn(2, 40, 16)
+    assert torch.allclose(blocked(x), masked(x), atol=1e-5)
 
 
 def test_sparse_patterns():
