@@ -260,6 +260,15 @@ def trainable(sweep: Sweep, parent_run_id: str, uri: str):
     return ray.tune.with_resources(trial, {"CPU": sweep.kind.trial_cpus})
 
 
+def local_cpus(sweep: Sweep) -> int:
+    """CPUs a local Ray declares for the sweep: the machine's, and for train jobs one more, which their trial
+    processes' reservations (`trial_cpus`, 0.01 each beside their workers' whole CPUs) take. On exactly the
+    machine's cores two 1-CPU trials on 2 cores need 2.02: the second trial's workers waited for the first trial
+    to end (measured on a scaling search: each of its 1-CPU trials' start-up ended when the one before ended)."""
+    cores = os.cpu_count() or 1
+    return cores + 1 if sweep.kind.trial_cpus < 1 else cores
+
+
 def check_fits(sweep: Sweep) -> None:
     sweep.kind.check_fits(sweep.kind.build(sweep.job)[0])
 
@@ -290,7 +299,7 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
     if not resume and folder.exists():
         raise UserError(f"name: a sweep {cfg.name!r} already exists in {folder.parent}; continue it with "
                         f"`--resume {cfg.name}` or give another name (`--set name=...`).")
-    init_ray(address)
+    init_ray(address, local_cpus(sweep))
     check_fits(sweep)
     # Tune's experiment state is written at most this often: a killed driver loses less on resume.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
