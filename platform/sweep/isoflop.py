@@ -89,6 +89,7 @@ def isoflop_png(metric: str, points: list[Point], fits: dict[str, Fit], profiles
         right.plot(grid, fits[law].predict(grid), "--", color=colour,
                    label=f"{name} ~ C^{fits[law].params['exponent']:.3f}±{fits[law].stderr['exponent']:.2g}")
     right.set(xscale="log", yscale="log", xlabel="C (FLOPs, 6ND)", title="hollow: held out, predicted")
+    right.xaxis.set_minor_formatter(plt.NullFormatter())  # budgets a few x apart: minor labels overlap
     for ax in (left, right):
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=6)
