@@ -273,7 +273,7 @@ def check_fits(sweep: Sweep) -> None:
     sweep.kind.check_fits(sweep.kind.build(sweep.job)[0])
 
 
-def start_parent(sweep: Sweep, uri: str, kind: str) -> str:
+def start_parent(sweep: Sweep, uri: str, kind: str = "sweep") -> str:
     cfg = sweep.config
     params = {"search": cfg.search, "scheduler": cfg.scheduler.name, "metric": cfg.metric, "mode": cfg.mode,
               "samples": cfg.samples, "concurrency": cfg.concurrency,
@@ -323,7 +323,8 @@ def run_sweep(sweep: Sweep, *, tracking_uri: str | None = None, address: str | N
     return summarize(sweep, uri, parent.run_id, finish)
 
 
-def new_tuner(sweep: Sweep, uri: str, folder: Path, verbose: bool, kind: str) -> tuple[tracking.Run, ray.tune.Tuner]:
+def new_tuner(sweep: Sweep, uri: str, folder: Path, verbose: bool,
+              kind: str = "sweep") -> tuple[tracking.Run, ray.tune.Tuner]:
     """(parent run, Tuner) of a new sweep: its parent run, and its state file in `folder`."""
     cfg = sweep.config
     parent = start_parent(sweep, uri, kind)
