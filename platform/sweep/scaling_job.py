@@ -150,7 +150,8 @@ def measure(cfg: TrainConfig, loaded: dict[str, DataSplits]) -> tuple[float, flo
     splits = copy.copy(loaded[key])
     splits.keep_train_fraction(cfg.data.train_fraction)
     model = create_model(cfg.model, cfg.model_config, splits.info)
-    x, y = splits.train[torch.arange(1)][0], splits.train[torch.arange(1)][-1]
+    first = splits.train[torch.arange(1)]
+    x, y = first[0], first[-1]
     examples = cfg.epochs * len(splits.train)
     return (float(non_embedding_parameters(model)), float(examples * y[0].numel()),
             counted_flops(model, x) * examples)
