@@ -130,10 +130,16 @@ def test_reap_marks_killed_the_runs_of_dead_clients_with_their_trials(uri):
 def test_every_new_run_reaps_and_a_trial_has_no_heartbeat_of_its_own(uri):
     dead = started(uri, "dead")
     dead.set_tags({tracking.CLIENT_TAG: dead_client(), tracking.HEARTBEAT_TAG: f"{time.time():.0f}"})
-    trial = started(uri, "trial", {tracking.PARENT_TAG: "some-sweep"})
+    sweep = started(uri, "sweep")
+    sweep.set_tags({tracking.COMMAND_TAG: "raycraft tune sweep.yaml", "mlflow.user": "someone"})
+    trial = started(uri, "trial", {tracking.PARENT_TAG: sweep.run_id})
     assert tracking.get_run(uri, dead.run_id).info.status == "KILLED"
     with trial.heartbeat():
-        assert tracking.CLIENT_TAG not in tracking.get_run(uri, trial.run_id).data.tags
+        tags = tracking.get_run(uri, trial.run_id).data.tags
+        assert tracking.CLIENT_TAG not in tags
+    # a trial runs in a Ray process: the command and the user that started it are its sweep's
+    assert tags[tracking.COMMAND_TAG] == "raycraft tune sweep.yaml" and tags["mlflow.user"] == "someone"
+    assert tags[tracking.HOST_TAG] == socket.gethostname()
 
 
 def test_store_queries(uri, tmp_path):
