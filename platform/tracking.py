@@ -95,10 +95,15 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/"))
 
 
-def ui_command(uri: str) -> str:
+def ui_command(uri: str, run_id: str) -> str:
+    """How to open run `run_id` in MLflow's UI, in its "Model training" view (runs, models, system metrics).
+    MLflow 3.17's UI takes the view from the link (`workflowType`), else from the user's last choice, GenAI
+    (traces, evaluation runs) at first, whatever the experiment's KIND_TAG says."""
+    page = f"#/experiments/{get_run(uri, run_id).info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if is_local_store(uri):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri}"
+        return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+                f"http://127.0.0.1:5000/{page}")
+    return f"open {uri.rstrip('/')}/{page}"
 
 
 _OPENED: set[str] = set()
