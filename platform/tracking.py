@@ -11,6 +11,10 @@ and a heartbeat every `HEARTBEAT_S`, so `reap` can tell a run whose client died 
 still working, and mark it KILLED. `raycraft runs` and every new run on the store call `reap`. A sweep's trials
 belong to the sweep's run: they have no heartbeat of their own and are reaped with it.
 
+What a run says of itself: how it came about (`provenance`: user, command line, code, versions, host), the data
+it trains on (`Run.log_datasets`), and at its end its logged model (`Run.logged_model`), which carries the run's
+final metrics. Its status is MLflow's own; the process that holds it may log system metrics.
+
 Nothing else in raycraft talks to MLflow's client: every write and query goes through this module.
 """
 
