@@ -209,3 +209,16 @@ def test_no_git_tags_outside_a_checkout_and_experiments_open_in_the_machine_lear
     assert client.get_experiment(genai).tags[tracking.KIND_TAG] == "genai_development"  # a user's choice stays
     new = tracking.experiment_id(uri, "new")
     assert client.get_experiment(new).tags[tracking.KIND_TAG] == tracking.KIND == "custom_model_development"
+
+
+def test_system_metrics_are_sampled_while_the_run_is_held_and_only_if_asked(uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    runs = {asked: started(uri, f"system-{asked}") for asked in (True, False)}
+    for asked, run in runs.items():
+        with run.heartbeat(system_metrics=asked):
+            time.sleep(1.5)
+    sampled = steps(uri, runs[True].run_id, "system/cpu_utilization_percentage")
+    assert len(sampled) >= 2 and "system/system_memory_usage_megabytes" in runs[True].fetch().data.metrics
+    assert not [k for k in runs[False].fetch().data.metrics if k.startswith("system/")]
+    time.sleep(1)  # the monitor stopped with the heartbeat: no sample comes after it
+    assert steps(uri, runs[True].run_id, "system/cpu_utilization_percentage") == sampled
