@@ -22,6 +22,7 @@ import yaml
 from raycraft import lifecycle, storage, tracking
 from raycraft.cluster import init_ray
 from raycraft.config import flatten, to_dict
+from raycraft.data.base import SPLITS
 from raycraft.errors import Stopped, TrainingError, UserError
 from raycraft.registry import check_compatible, dataset_spec, load_dataset, model_spec
 from raycraft.train.config import TrainConfig
@@ -193,7 +194,7 @@ def run_training(cfg: TrainConfig, *, address: str | None = None, tracking_uri: 
     fit = worker.trainer(args, ray_name, storage, trial.callbacks if trial else [],
                          source.datasets() if source else None).fit
     try:
-        with run.heartbeat(), lifecycle.stop_on_signals(), progress or contextlib.nullcontext():
+        with run.heartbeat(cfg.system_metrics), lifecycle.stop_on_signals(), progress or contextlib.nullcontext():
             result = fit() if cfg.in_process else lifecycle.watched(fit)
     except BaseException as exc:
         return attempt_stopped(exc, run, trial)
@@ -234,7 +235,8 @@ def ray_name_of(uri: str, run_id: str) -> str:
 
 def open_run(cfg: TrainConfig, uri: str, storage: str, resume_run_id: str | None, run_name: str | None,
              tags: dict[str, str] | None, trial: Trial | None) -> tuple[tracking.Run, str]:
-    """(the MLflow run, its Ray Train run's name): a new run, or the resumed one, reopened."""
+    """(the MLflow run, its Ray Train run's name): a new run, with its dataset's splits as inputs, or the
+    resumed one, reopened."""
     if resume_run_id:
         run, ray_name = tracking.Run.resume(uri, resume_run_id), ray_name_of(uri, resume_run_id)
     else:
@@ -245,6 +247,7 @@ def open_run(cfg: TrainConfig, uri: str, storage: str, resume_run_id: str | None
                                  yaml.safe_dump(to_dict(cfg), sort_keys=False))
         ray_name = f"raycraft-{run.run_id}"
         run.set_tags({"raycraft.ray_name": ray_name})
+        run.log_datasets(cfg.dataset, cfg.data.data_dir, to_dict(cfg.data), SPLITS)
     return run, f"{ray_name}-pbt{trial.clone[0]}" if trial and trial.clone else ray_name
 
 

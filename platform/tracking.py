@@ -11,19 +11,34 @@ and a heartbeat every `HEARTBEAT_S`, so `reap` can tell a run whose client died 
 still working, and mark it KILLED. `raycraft runs` and every new run on the store call `reap`. A sweep's trials
 belong to the sweep's run: they have no heartbeat of their own and are reaped with it.
 
+What a run says of itself: how it came about (`provenance`: user, command line, code, versions, host), the data
+it trains on (`Run.log_datasets`), and at its end its logged model (`Run.logged_model`), which carries the run's
+final metrics. Its status is MLflow's own; the process that holds it may log system metrics.
+
 Nothing else in raycraft talks to MLflow's client: every write and query goes through this module.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
+import getpass
+import hashlib
+import importlib
+import importlib.metadata
+import json
 import logging
 import os
+import shlex
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import warnings
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +58,20 @@ COMPLETED_TAG = "raycraft.completed"  # rank 0 logged everything (test metrics, 
 ERROR_TAG = "raycraft.error"  # why a run ended FAILED or KILLED
 DIVERGED_TAG = "raycraft.diverged"  # why the loop stopped an attempt whose values went non-finite or exploded
 FAILED_RESUME_TAG = "raycraft.failed_resume"  # why a resume of a FINISHED run failed (the run stays FINISHED)
-STATUS_TAG = "raycraft.status"
 CLIENT_TAG = "raycraft.client"  # host:pid:process start time of the process that holds the run
 HEARTBEAT_TAG = "raycraft.heartbeat"  # Unix time of the holder's latest heartbeat
 PARENT_TAG = "mlflow.parentRunId"  # a sweep's (or scaling search's) trial: the run it belongs to
+COMMAND_TAG = "raycraft.command"  # the command line that started the run (credentials in URIs hidden)
+HOST_TAG = "raycraft.host"  # the machine of the process that started the run
+DIRTY_TAG = "raycraft.git_dirty"  # raycraft's git checkout had changes not committed ("true"/"false")
+VERSION_PREFIX = "raycraft.version."  # + package: the installed version of each of VERSIONED
+VERSIONED = ("raycraft", "torch", "ray", "mlflow")
+GIT_TAGS = ("mlflow.source.git.commit", "mlflow.source.git.branch", DIRTY_TAG)
+INVOCATION_TAGS = ("mlflow.user", "mlflow.source.name", "mlflow.source.type", COMMAND_TAG, *GIT_TAGS)
+KIND_TAG = "mlflow.experimentKind"  # which view MLflow's UI opens an experiment in
+KIND = "custom_model_development"  # its "Machine learning" view (runs, models), not GenAI's traces
+CONTEXT_TAG = "mlflow.data.context"  # a dataset input's role in the run: the split ("train", "val", "test")
+MODEL_NAME = "model"  # the logged model of a run: runs:/RUN_ID/model
 HEARTBEAT_S = 30.0
 STALE_S = 4 * HEARTBEAT_S  # a holder on another host is taken for dead after this long without a beat
 MAX_TEXT = 5000  # characters of a reason kept in a tag
@@ -74,10 +99,15 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/"))
 
 
-def ui_command(uri: str) -> str:
+def ui_command(uri: str, run_id: str) -> str:
+    """How to open run `run_id` in MLflow's UI, in its "Model training" view (runs, models, system metrics).
+    MLflow 3.17's UI takes the view from the link (`workflowType`), else from the user's last choice, GenAI
+    (traces, evaluation runs) at first, whatever the experiment's KIND_TAG says."""
+    page = f"#/experiments/{get_run(uri, run_id).info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
     if is_local_store(uri):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri}"
+        return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
+                f"http://127.0.0.1:5000/{page}")
+    return f"open {uri.rstrip('/')}/{page}"
 
 
 _OPENED: set[str] = set()
@@ -118,13 +148,54 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+# --- provenance: who ran what, from which code, where -------------------------------------------------------
+
+
+def provenance(parent: dict[str, str] | None = None) -> dict[str, str]:
+    """The tags that say how a run came about: MLflow's own (the UI's "Created by", "Source" and git commit)
+    and raycraft's: the command line (credentials in URIs hidden), the host, and the versions of Python and
+    of VERSIONED, read from package metadata (no torch or Ray import). The git tags come only from a git
+    checkout of raycraft (`git_provenance`). With `parent` (the tags of a sweep's run, for its trial, which a
+    Ray process starts) the user, command and code are the parent's; host and versions are this process's."""
+    versions = {f"{VERSION_PREFIX}python": sys.version.split()[0]}
+    for package in VERSIONED:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[VERSION_PREFIX + package] = importlib.metadata.version(package)
+    here = {HOST_TAG: socket.gethostname(), **versions}
+    if parent is not None:
+        return {**{k: v for k, v in parent.items() if k in INVOCATION_TAGS}, **here}
+    argv = [Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python", *sys.argv[1:]]
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no login name, no passwd entry (some containers)
+        user = "unknown"
+    return {"mlflow.user": user, "mlflow.source.name": " ".join(argv[:2]), "mlflow.source.type": "LOCAL",
+            COMMAND_TAG: shlex.join(storage.redact(a) for a in argv), **here, **git_provenance()}
+
+
+def git_provenance(folder: Path = Path(__file__).resolve().parent) -> dict[str, str]:
+    """The commit and branch of the git checkout `folder` (raycraft's code) is in, and whether it has changes
+    not committed (files git ignores aside); none when it is not a checkout or git is missing."""
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
+
+    try:
+        head, status = git("rev-parse", "HEAD", "--abbrev-ref", "HEAD"), git("status", "--porcelain")
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if head.returncode or status.returncode or len(head.stdout.split()) != 2:
+        return {}
+    return dict(zip(GIT_TAGS, [*head.stdout.split(), str(bool(status.stdout.strip())).lower()], strict=True))
+
+
 # --- the store: queries, and runs whose client died ---------------------------------------------------------
 
 
 def experiment_id(uri: str, name: str, artifact_root: str | None = None) -> str:
     """The experiment's id, creating it if needed with its artifacts under `artifact_root` (a folder or URI; by
     default beside a local database, or where a tracking server puts them). An experiment that exists keeps its
-    artifact location: a different `artifact_root` for it is a UserError, not a silent change of place."""
+    artifact location: a different `artifact_root` for it is a UserError, not a silent change of place. The
+    experiment is of MLflow's machine-learning kind (KIND_TAG), which an existing one without a kind gets too."""
     client = _client(uri)
     exp = client.get_experiment_by_name(name)
     location = artifact_location(artifact_root) if artifact_root else None
@@ -133,12 +204,14 @@ def experiment_id(uri: str, name: str, artifact_root: str | None = None) -> str:
             raise UserError(f"artifact_root: experiment {name!r} keeps its artifacts at "
                             f"{storage.redact(exp.artifact_location)}, not {storage.redact(artifact_root)}; name "
                             "a new experiment (--set experiment=NAME) for the new place.")
+        if KIND_TAG not in exp.tags:
+            client.set_experiment_tag(exp.experiment_id, KIND_TAG, KIND)
         return exp.experiment_id
     if location is None and uri.startswith("sqlite:"):
         db = Path(uri.removeprefix("sqlite:///"))
         location = (db.parent / DEFAULT_ARTIFACTS).resolve().as_uri()
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags={KIND_TAG: KIND})
     except Exception:  # created concurrently by another process
         return client.get_experiment_by_name(name).experiment_id
 
@@ -201,10 +274,15 @@ def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path
 
 
 def load_model(uri: str, run_id: str):
+    """The torch network of a run's logged model, on CPU: a `mlflow.pytorch` model, or a classifier's network
+    (served by `raycraft.serving`)."""
     mlflow = _mlflow()
     mlflow.set_tracking_uri(uri)
+    model_uri = f"runs:/{run_id}/{MODEL_NAME}"
     try:
-        return mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu")
+        if "pytorch" in mlflow.models.get_model_info(model_uri).flavors:
+            return mlflow.pytorch.load_model(model_uri, map_location="cpu")
+        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().network
     except Exception as exc:
         raise UserError(f"RUN_ID: run {run_id!r} has no loadable model ({type(exc).__name__}: {exc}).") from None
 
@@ -263,17 +341,17 @@ class Run:
     @classmethod
     def start(cls, uri: str, experiment: str, name: str, params: dict[str, Any], tags: dict[str, str],
               config_yaml: str) -> Run:
-        """A new RUNNING run of `experiment` with its params, tags and config.yaml. Runs whose client died stay
-        RUNNING until someone looks: every new run does (`reap`)."""
+        """A new RUNNING run of `experiment` with its params, tags (and `provenance`'s) and config.yaml. Runs
+        whose client died stay RUNNING until someone looks: every new run does (`reap`)."""
         reap(uri)
-        mlflow = _mlflow()
-        created = _client(uri).create_run(experiment_id(uri, experiment), run_name=name,
-                                          tags={"mlflow.runName": name, **tags})
+        mlflow, client = _mlflow(), _client(uri)
+        origin = provenance(client.get_run(tags[PARENT_TAG]).data.tags if PARENT_TAG in tags else None)
+        created = client.create_run(experiment_id(uri, experiment), run_name=name,
+                                    tags={"mlflow.runName": name, **origin, **tags})
         run = cls(uri, created.info.run_id)
         for batch in _batches("params", [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]):
             run.client.log_batch(run.run_id, params=batch)
         run.log_text(config_yaml, "config.yaml")
-        run.set_tags({STATUS_TAG: "running"})
         return run
 
     @classmethod
@@ -338,27 +416,122 @@ class Run:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
-    def log_model(self, model, example_input) -> None:
-        """The final model through `mlflow.pytorch`, with a signature inferred from a real batch."""
+    def log_datasets(self, name: str, location: str | None, identity: dict[str, Any],
+                     splits: Iterable[str]) -> None:
+        """One MLflow dataset input per split of the data the run trains on, its CONTEXT_TAG the split: the run
+        page lists them, and a logged model's metrics of a split (`<split>_*`) name theirs. Each is named
+        `name`, its digest fixed by `identity` (what decides its contents: the reader's config) and the split;
+        its source is `location` (a folder or URI, credentials hidden), or raycraft's reader of `name`."""
+        entities = _mlflow().entities
+        if location is None:
+            source_type, source = "code", {"tags": {"raycraft.dataset": name}}
+        else:
+            remote = storage.is_remote(location)
+            source_type = location.split("://", 1)[0] if remote else "local"
+            source = {"uri": storage.redact(location) if remote else Path(location).resolve().as_uri()}
+        inputs = []
+        for split in splits:
+            key = json.dumps({"dataset": name, "split": split, **identity}, sort_keys=True, default=str)
+            data = entities.Dataset(name, hashlib.sha256(key.encode()).hexdigest()[:8], source_type,
+                                    json.dumps(source))
+            inputs.append(entities.DatasetInput(data, [entities.InputTag(CONTEXT_TAG, split)]))
+        self.client.log_inputs(self.run_id, datasets=inputs)
+
+    def log_model(self, model, example_input, final: Iterable[str], classes: list[str] | None = None,
+                  about: str = "") -> str:
+        """The final torch model as the run's logged model (`logged_model`), exported for CPU by torch.export
+        (MLflow's 'pt2' format, no pickle; an example batch of > 1 keeps the batch dimension dynamic). A
+        classifier (`classes`: its class names) is served by `raycraft.serving`, answering labels, class names
+        and probabilities; any other model by `mlflow.pytorch`, answering the network's output. `about`:
+        what the model is and the input it expects. Returns the model's id."""
         import torch  # 1.3 s: only rank 0's final log needs it, and `raycraft runs` must not pay for it
 
         mlflow = _mlflow()
-        model = model.eval()
+        model = copy.deepcopy(model).cpu().eval()
+        example = example_input.detach().cpu().numpy()
         with torch.no_grad():
-            output = model(example_input)
-        example = example_input.cpu().numpy()
-        signature = mlflow.models.infer_signature(example, output.detach().cpu().numpy())
-        mlflow.set_tracking_uri(self.uri)
-        with mlflow.start_run(run_id=self.run_id):
-            # MLflow's default 'pt2' format is a torch.export graph (no pickle); a batch of > 1 in the
-            # example keeps the batch dimension dynamic.
-            mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
-                                     pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            output = model(torch.from_numpy(example)).detach().numpy()
+        tensors = mlflow.models.infer_signature(example, output)
+        pins = [f"torch=={torch.__version__.split('+')[0]}"]
+        if classes is None:
+            return self.logged_model(lambda model_id: mlflow.pytorch.log_model(
+                model, name=MODEL_NAME, signature=tensors, input_example=example, pip_requirements=pins,
+                metadata={"description": about}, model_id=model_id), final, about=about)
+        from raycraft import serving  # its import runs MLflow's and torch's, deferred with them
 
-    def heartbeat(self) -> Heartbeat:
-        """While entered, this process holds the run (see `Heartbeat`). A sweep's trial has no heartbeat of
-        its own: it is reaped with its sweep's run."""
-        return Heartbeat(self, enabled=PARENT_TAG not in self.fetch().data.tags)
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.pytorch.save_model(model, Path(tmp) / "network", signature=tensors, input_example=example,
+                                      pip_requirements=pins)
+            return self.log_pyfunc(Path(serving.__file__), {"network": str(Path(tmp) / "network")}, final,
+                                   example, serving.answer(model, classes, example), params={"logits": False},
+                                   config={"classes": classes}, about=f"{about} {serving.describe(classes)}",
+                                   requirements=pins, model_type="classifier")
+
+    def log_pyfunc(self, code: Path, artifacts: dict[str, str], final: Iterable[str], input_example: Any,
+                   output_example: Any, *, params: dict[str, Any] | None = None,
+                   config: dict[str, Any] | None = None, about: str = "", requirements: Iterable[str] = (),
+                   model_type: str | None = None) -> str:
+        """A model whose code is the Python file `code` (MLflow's "models from code": the file is logged, no
+        object pickled), with `artifacts` {name: local path} and `config` (its model_config), as the run's
+        logged model (`logged_model`), `about` its description (also in its MLmodel's metadata). Its signature
+        is inferred from `input_example` (also logged), an `output_example` and `params` (each with its
+        default). Returns the model's id."""
+        mlflow = _mlflow()
+        with warnings.catch_warnings():  # that an integer output (a class index) cannot be missing: it never is
+            warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer", UserWarning)
+            signature = mlflow.models.infer_signature(input_example, output_example, params)
+        return self.logged_model(lambda model_id: mlflow.pyfunc.log_model(
+            name=MODEL_NAME, python_model=str(code), artifacts=artifacts, model_config=config,
+            signature=signature, input_example=input_example, pip_requirements=list(requirements),
+            metadata={"description": about}, model_id=model_id), final, about=about, model_type=model_type)
+
+    def logged_model(self, save: Callable[[str], Any], final: Iterable[str], about: str = "",
+                     model_type: str | None = None) -> str:
+        """The run's logged model (MLflow 3's LoggedModel, named MODEL_NAME: `runs:/RUN_ID/model`), with the
+        run's params and provenance tags, `about` as its description, and the run's metrics `final` (each key's
+        last value, with the dataset of its split, `log_datasets`): what the model page shows. `save(model_id)`
+        writes the model's files through a flavour's `log_model(..., model_id=model_id)`; with no active run
+        MLflow links nothing itself (it would link the metrics logged at one step, by default the first
+        epoch's). Returns the model's id."""
+        mlflow, record = _mlflow(), self.fetch()
+        tags = {k: v for k, v in record.data.tags.items() if k in INVOCATION_TAGS or k == HOST_TAG
+                or k.startswith(VERSION_PREFIX)}
+        created = self.client.create_logged_model(
+            record.info.experiment_id, MODEL_NAME, self.run_id, {**tags, "mlflow.note.content": about[:MAX_TEXT]},
+            record.data.params, model_type)
+        mlflow.set_tracking_uri(self.uri)
+        save(created.model_id)
+        linked = self._final_metrics(created.model_id, final, record)
+        step = max((m.step for m in linked), default=0)
+        self.client.log_outputs(self.run_id, [mlflow.entities.LoggedModelOutput(created.model_id, step)])
+        return created.model_id
+
+    def _final_metrics(self, model_id: str, keys: Iterable[str], record: Any) -> list:
+        """Link each of `keys`' last logged value to the model `model_id` (logged again with the model's id,
+        its step and time unchanged, so the run's history gains no point) with the dataset of its split."""
+        datasets = {}
+        for given in record.inputs.dataset_inputs if record.inputs else []:
+            context = {t.key: t.value for t in given.tags}.get(CONTEXT_TAG)
+            datasets[context] = given.dataset
+        metric, linked = _mlflow().entities.Metric, []
+        for key in keys:
+            history = self.client.get_metric_history(self.run_id, key)
+            if not history:
+                continue
+            last = max(history, key=lambda m: (m.step, m.timestamp))
+            data = datasets.get(key.split("_", 1)[0])
+            linked.append(metric(key, last.value, last.timestamp, last.step, model_id=model_id,
+                                 dataset_name=data.name if data else None,
+                                 dataset_digest=data.digest if data else None, run_id=self.run_id))
+        for batch in _batches("metrics", linked):
+            self.client.log_batch(self.run_id, metrics=batch)
+        return linked
+
+    def heartbeat(self, system_metrics: bool = False) -> Heartbeat:
+        """While entered, this process holds the run (see `Heartbeat`), and with `system_metrics` logs this
+        machine's CPU, memory, disk, network and GPU use to it. A sweep's trial has no heartbeat of its own:
+        it is reaped with its sweep's run."""
+        return Heartbeat(self, enabled=PARENT_TAG not in self.fetch().data.tags, system_metrics=system_metrics)
 
     def end(self, status: str = "FINISHED", reason: str = "", end_time: int | None = None) -> None:
         """status: FINISHED, FAILED or KILLED; the reason for a FAILED or KILLED end is kept in ERROR_TAG. A
@@ -384,12 +557,16 @@ class Run:
 
 class Heartbeat:
     """While entered: the run's CLIENT_TAG names this process, and HEARTBEAT_TAG is renewed every HEARTBEAT_S
-    (on a thread of its own), so that `reap` can tell whether the run's client died."""
+    (on a thread of its own), so that `reap` can tell whether the run's client died. With `system_metrics`,
+    MLflow's SystemMetricsMonitor samples the machine on a thread of its own (every 10 s, or
+    MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) and logs `system/*` metrics, continuing a resumed run's steps;
+    it stops on exit, before the run ends."""
 
-    def __init__(self, run: Run, enabled: bool = True) -> None:
-        self.run, self.enabled = run, enabled
+    def __init__(self, run: Run, enabled: bool = True, system_metrics: bool = False) -> None:
+        self.run, self.enabled, self.system_metrics = run, enabled, system_metrics and enabled
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
+        self.monitor = None
 
     def _beat(self) -> None:
         while not self.stop.wait(HEARTBEAT_S):
@@ -400,9 +577,17 @@ class Heartbeat:
         if self.enabled:
             self.run.set_tags({CLIENT_TAG: client_id(), HEARTBEAT_TAG: f"{time.time():.0f}"})
             self.thread.start()
+        if self.system_metrics:
+            monitors = importlib.import_module("mlflow.system_metrics.system_metrics_monitor")
+            logging.getLogger(monitors.__name__).setLevel(logging.WARNING)  # its start and stop INFO lines
+            self.monitor = monitors.SystemMetricsMonitor(self.run.run_id, resume_logging=True,
+                                                         tracking_uri=self.run.uri)
+            self.monitor.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self.monitor is not None:
+            self.monitor.finish()
         if self.enabled:
             self.stop.set()
             self.thread.join()

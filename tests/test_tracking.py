@@ -10,8 +10,11 @@ import socket
 import subprocess
 import time
 
+import mlflow
 import pytest
+import torch
 
+from conftest import REPO
 from raycraft import tracking
 from raycraft.errors import Stopped, UserError
 from raycraft.tracking import Run
@@ -130,10 +133,16 @@ def test_reap_marks_killed_the_runs_of_dead_clients_with_their_trials(uri):
 def test_every_new_run_reaps_and_a_trial_has_no_heartbeat_of_its_own(uri):
     dead = started(uri, "dead")
     dead.set_tags({tracking.CLIENT_TAG: dead_client(), tracking.HEARTBEAT_TAG: f"{time.time():.0f}"})
-    trial = started(uri, "trial", {tracking.PARENT_TAG: "some-sweep"})
+    sweep = started(uri, "sweep")
+    sweep.set_tags({tracking.COMMAND_TAG: "raycraft tune sweep.yaml", "mlflow.user": "someone"})
+    trial = started(uri, "trial", {tracking.PARENT_TAG: sweep.run_id})
     assert tracking.get_run(uri, dead.run_id).info.status == "KILLED"
     with trial.heartbeat():
-        assert tracking.CLIENT_TAG not in tracking.get_run(uri, trial.run_id).data.tags
+        tags = tracking.get_run(uri, trial.run_id).data.tags
+        assert tracking.CLIENT_TAG not in tags
+    # a trial runs in a Ray process: the command and the user that started it are its sweep's
+    assert tags[tracking.COMMAND_TAG] == "raycraft tune sweep.yaml" and tags["mlflow.user"] == "someone"
+    assert tags[tracking.HOST_TAG] == socket.gethostname()
 
 
 def test_store_queries(uri, tmp_path):
@@ -154,3 +163,62 @@ def test_store_queries(uri, tmp_path):
     (tmp_path / "plots" / "a.txt").write_text("a")
     first.log_artifacts(tmp_path / "plots", "plots")
     assert tracking.download_artifact(uri, first.run_id, "plots/a.txt", tmp_path / "out").read_text() == "a"
+
+
+def test_a_logged_model_carries_each_final_metric_with_its_split(store_uri):
+    """On a SQLite store and a tracking server: the model's metrics are each key's last value (the last epoch's,
+    the test split's), linked to their split's dataset without adding a point to the run's history; the
+    classifier loads back as MLflow serves it, and `load_model` gives its network."""
+    run = Run.start(store_uri, "tracking-test", "model", {"lr": 0.1}, {}, "")
+    run.log_datasets("digits", None, {"split_seed": 0}, ("train", "val", "test"))
+    for epoch, (loss, accuracy) in enumerate([(3.0, 0.25), (2.0, 0.5), (1.0, 0.75)]):
+        run.log_epoch({"epoch": epoch, "train_loss": loss, "val_accuracy": accuracy})
+    run.log_metrics({"test_accuracy": 0.625})
+    network, x = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)), torch.rand(5, 1, 2, 2)
+    model_id = run.log_model(network, x, ["train_loss", "val_accuracy", "test_accuracy"], ["a", "b", "c"], "tiny")
+    run.end()
+
+    client = mlflow.MlflowClient(store_uri)
+    model = client.get_logged_model(model_id)
+    assert {m.key: (m.value, m.step) for m in model.metrics} == {
+        "train_loss": (1.0, 2), "val_accuracy": (0.75, 2), "test_accuracy": (0.625, 0)}
+    assert steps(store_uri, run.run_id, "val_accuracy") == [0, 1, 2]
+    inputs = client.get_run(run.run_id).inputs.dataset_inputs
+    digest = {d.tags[0].value: d.dataset.digest for d in inputs}
+    assert len(set(digest.values())) == 3
+    assert {m.key: m.dataset_digest for m in model.metrics} == {
+        "train_loss": digest["train"], "val_accuracy": digest["val"], "test_accuracy": digest["test"]}
+    assert model.tags["mlflow.note.content"].startswith("tiny It answers")
+    assert client.get_run(run.run_id).outputs.model_outputs[0].step == 2
+
+    mlflow.set_tracking_uri(store_uri)
+    answers = mlflow.pyfunc.load_model(f"runs:/{run.run_id}/model").predict(x.numpy())
+    expected = network(x).argmax(-1).tolist()
+    assert answers["label"].tolist() == expected and answers["class"].tolist() == [("a", "b", "c")[i] for i in expected]
+    assert torch.allclose(tracking.load_model(store_uri, run.run_id)(x), network(x))
+
+
+def test_no_git_tags_outside_a_checkout_and_experiments_open_in_the_machine_learning_view(uri, tmp_path):
+    assert tracking.git_provenance(tmp_path) == {}
+    assert tracking.git_provenance(REPO)["mlflow.source.git.commit"]
+    client = mlflow.MlflowClient(uri)
+    older = client.create_experiment("older")  # made before raycraft set a kind
+    genai = client.create_experiment("genai", tags={tracking.KIND_TAG: "genai_development"})
+    tracking.experiment_id(uri, "older"), tracking.experiment_id(uri, "genai")
+    assert client.get_experiment(older).tags[tracking.KIND_TAG] == tracking.KIND
+    assert client.get_experiment(genai).tags[tracking.KIND_TAG] == "genai_development"  # a user's choice stays
+    new = tracking.experiment_id(uri, "new")
+    assert client.get_experiment(new).tags[tracking.KIND_TAG] == tracking.KIND == "custom_model_development"
+
+
+def test_system_metrics_are_sampled_while_the_run_is_held_and_only_if_asked(uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    runs = {asked: started(uri, f"system-{asked}") for asked in (True, False)}
+    for asked, run in runs.items():
+        with run.heartbeat(system_metrics=asked):
+            time.sleep(1.5)
+    sampled = steps(uri, runs[True].run_id, "system/cpu_utilization_percentage")
+    assert len(sampled) >= 2 and "system/system_memory_usage_megabytes" in runs[True].fetch().data.metrics
+    assert not [k for k in runs[False].fetch().data.metrics if k.startswith("system/")]
+    time.sleep(1)  # the monitor stopped with the heartbeat: no sample comes after it
+    assert steps(uri, runs[True].run_id, "system/cpu_utilization_percentage") == sampled

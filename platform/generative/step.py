@@ -80,6 +80,9 @@ class GenerativeStep(Step):
         """The logged model maps noise to images: its example input is noise, not a data batch."""
         return self.model.noise(2, torch.Generator(batch[0].device).manual_seed(0))
 
+    def input_about(self, info: dict[str, Any]) -> str:
+        return "noise from a standard normal distribution (the model's prior); it answers images in [0, 1]"
+
     @torch.no_grad()
     def epoch_artifacts(self, model: nn.Module, epoch: int, info: dict[str, Any], out_dir: Path) -> None:
         was_training = model.training

@@ -179,8 +179,6 @@ class MlflowSweepCallback(Callback):
             child.set_tags({EARLY_TAG: str(early).lower()})
             # Tune stopped the actor before the run ended, or the stop interrupted the run (RL: FAILED)
             if run.info.status == "RUNNING" or (early and run.info.status == "FAILED"):
-                if early:
-                    child.set_tags({tracking.STATUS_TAG: "early_stopped"})
                 child.end("KILLED" if early else "FINISHED")
         self.echo(f"trial {trial.trial_id} {'stopped early' if early else 'finished'}", trials, trial,
                   Trial.TERMINATED)

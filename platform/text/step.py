@@ -96,6 +96,10 @@ class LanguageModelStep(Step):
             out["tokens_per_s"] = 1.0 / means["s_per_token"]
         return out
 
+    def input_about(self, info: dict[str, Any]) -> str:
+        return (f"token ids of the run's tokenizer (plots/{TOKENIZER_FILE}), up to {info['seq_len']} a row; it "
+                "answers the next token's logits at each position")
+
     def epoch_artifacts(self, model: nn.Module, epoch: int, info: dict[str, Any], out_dir: Path) -> None:
         (out_dir / "sample.txt").write_text(sample_text(model, info, seed=epoch))
 

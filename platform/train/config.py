@@ -119,6 +119,10 @@ class TrainConfig(JobConfig):
               "tracking server's default. An experiment that exists keeps its own (docs/storage.md).")
     init_from: str | None = field_doc(None, "MLflow run id whose final weights start this run (fine-tuning, "
                                             "e.g. with LoRA); weights the new model adds keep their init.")
+    system_metrics: bool = field_doc(
+        True, "Log the machine's CPU, memory, disk, network and (with nvidia-ml-py) GPU use to the run as "
+              "MLflow system metrics (`system/*`), sampled by the process that holds the run every 10 s "
+              "(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL). A sweep's trials log none.")
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "workers", "cpus_per_worker", "keep_checkpoints"):

@@ -60,6 +60,16 @@ class Step:
         (for models that take several tensors or do not export), only the checkpoint."""
         return batch[0]
 
+    def input_about(self, info: dict[str, Any]) -> str:
+        """What the logged model's input holds, for its description: by default the data's examples, scaled
+        as the dataset's reader scales them (its info's 'input_scale')."""
+        return info.get("input_scale", "the dataset's examples")
+
+    def class_names(self, info: dict[str, Any]) -> list[str] | None:
+        """A classifier's class names, by class index: its logged model answers labels and probabilities.
+        None: the model answers its raw output."""
+        return None
+
     def epoch_artifacts(self, model: nn.Module, epoch: int, info: dict[str, Any], out_dir: Path) -> None:
         """Write per-epoch files (a text sample, an image grid) into `out_dir`; logged under
         `epochs/epoch_NNNN/`. Runs on rank 0 only, after the epoch's checkpoint."""

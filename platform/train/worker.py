@@ -449,7 +449,8 @@ def finish(w: Worker, rank0: Rank0 | None) -> None:
 
 
 def log_finished(w: Worker, run: Run, final: dict[str, float]) -> None:
-    """Test metrics, learning curves, the family's end-of-run artifacts, the final checkpoint and the model."""
+    """Test metrics, learning curves, the family's end-of-run artifacts, the final checkpoint and the model,
+    which carries the final metrics (the last epoch's, the test split's and the end-of-run ones)."""
     run.log_metrics({k: v for k, v in final.items() if k.startswith("test_")})
     model = unwrap(w.model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -464,8 +465,16 @@ def log_finished(w: Worker, run: Run, final: dict[str, float]) -> None:
         run.log_artifacts(tmp, "checkpoint")
     example = w.step.example_input(next(iter(w.full_test)))
     if example is not None:
-        run.log_model(model, example)
+        run.log_model(model, example, [*final, *(end_metrics or {})], w.step.class_names(w.info),
+                      model_about(w, example))
     run.set_tags({COMPLETED_TAG: "true"})
+
+
+def model_about(w: Worker, example: torch.Tensor) -> str:
+    """The logged model's description: what it is, and the input it takes (shape, type and scale)."""
+    dims = ", ".join(["batch", *map(str, example.shape[1:])])
+    return (f"{w.cfg.model} trained by raycraft on {w.cfg.dataset} for {len(w.history)} epochs. Input: "
+            f"{str(example.dtype).removeprefix('torch.')} tensors of shape ({dims}): {w.step.input_about(w.info)}.")
 
 
 def quiet_ray_train_worker_logs() -> None:
