@@ -338,8 +338,9 @@ class Run:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str) -> None:
         self.client.log_artifacts(self.run_id, str(local_dir), artifact_path)
 
-    def log_model(self, model, example_input) -> None:
-        """The final model through `mlflow.pytorch`, with a signature inferred from a real batch."""
+    def log_model(self, model, example_input, step: int = 0) -> None:
+        """The final model through `mlflow.pytorch`, with a signature inferred from a real batch; the run's
+        metrics at `step` become the model's (MLflow's LoggedModel)."""
         import torch  # 1.3 s: only rank 0's final log needs it, and `raycraft runs` must not pay for it
 
         mlflow = _mlflow()
@@ -352,8 +353,17 @@ class Run:
         with mlflow.start_run(run_id=self.run_id):
             # MLflow's default 'pt2' format is a torch.export graph (no pickle); a batch of > 1 in the
             # example keeps the batch dimension dynamic.
-            mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example,
+            mlflow.pytorch.log_model(model, name="model", signature=signature, input_example=example, step=step,
                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+
+    def drop_older_models(self, name: str = "model") -> None:
+        """Delete the run's logged models called `name` but the newest: `runs:/RUN_ID/name` loads the oldest of
+        them, and a resumed run's final model supersedes those logged before."""
+        experiment = self.fetch().info.experiment_id
+        models = self.client.search_logged_models(
+            experiment_ids=[experiment], filter_string=f"name = '{name}' AND source_run_id = '{self.run_id}'")
+        for model in sorted(models, key=lambda m: m.creation_timestamp)[:-1]:
+            self.client.delete_logged_model(model.model_id)
 
     def heartbeat(self) -> Heartbeat:
         """While entered, this process holds the run (see `Heartbeat`). A sweep's trial has no heartbeat of
