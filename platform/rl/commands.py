@@ -24,6 +24,7 @@ from raycraft.tracking import resolve_tracking_uri, ui_command
 from raycraft.train.config import config_layers
 
 app = typer.Typer()
+# An iteration's figures on its progress line, and their names there.
 LABELS = {"iteration": "iter", "env_steps": "steps", "return_mean": "return", "eval_return_mean": "eval",
           "steps_per_s": "steps/s"}
 
@@ -55,7 +56,7 @@ def rl(
     flags = {"algo": algo, "env": env, "model": model, "stop_reward": stop_reward, "timesteps": timesteps,
              "workers": workers, "seed": seed, "experiment": experiment}
     cfg, model_cfg = build(RLConfig, config_layers(uri, config, resume, flags), set_ or [])
-    from raycraft.rl.run import train_rl  # RLlib (3 s, the `rl` extra): once the flags are known to be good
+    from raycraft.rl.run import CHECKPOINT_ARTIFACT, train_rl  # RLlib (3 s, the `rl` extra): once the flags are good
 
     def on_start(run_id: str) -> None:
         verb = "resuming" if resume else "training"
@@ -67,6 +68,9 @@ def rl(
     eval_return = "-" if outcome.eval_return is None else figure(outcome.eval_return)
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]  env steps {outcome.env_steps}  "
                   f"eval return {eval_return}  wall {outcome.wall_s:.0f} s")
+    if outcome.checkpoint_logged is not None:
+        console.print(f"checkpoint: {outcome.checkpoint_logged / 2**20:.1f} MiB logged to MLflow as artifact "
+                      f"{CHECKPOINT_ARTIFACT}/, for --resume on another machine")
     console.print(f"MLflow UI: {ui_command(uri)}")
 
 
