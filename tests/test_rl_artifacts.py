@@ -19,6 +19,7 @@ from conftest import RAYCRAFT
 from raycraft import checksums
 from raycraft.config import to_dict
 from raycraft.errors import UserError
+from raycraft.evaluate import run_config
 from raycraft.rl.config import build_rl_config
 from raycraft.rl.run import CHECKPOINT_ARTIFACT, CHECKPOINT_TAG, trusted_checkpoint
 
@@ -71,6 +72,12 @@ def test_rl_eval_never_unpickles_a_logged_policy(tmp_path, weights):
     assert run_id in message and "policy/weights.pt" in message
     assert ("is not a file of tensors" if weights else "has no policy/weights.pt") in message
     assert not marker.exists()
+
+
+def test_train_commands_point_an_rl_run_to_rl_eval(tmp_path):
+    _, run_id = crafted_run(tmp_path, {})
+    with pytest.raises(UserError, match=f"is a `raycraft rl` run: play its policy with `raycraft rl-eval {run_id}`"):
+        run_config(f"sqlite:///{tmp_path / 'mlflow.db'}", run_id)
 
 
 @pytest.mark.parametrize(("manifest", "where"), [("none", "folder"), ("unsigned", "folder"), ("other-key", "folder"),

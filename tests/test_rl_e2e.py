@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import mlflow
@@ -14,7 +15,6 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import run_raycraft
 from raycraft import checksums
 from raycraft.console import figure
 from raycraft.rl.config import build_rl_config
@@ -116,22 +116,29 @@ def test_dqn_train_resume_reload_gif(ray_session, mlflow_uri, storage, tmp_path)
     assert "rl_eval_return_mean" in client.get_run(first.run_id).data.metrics
 
 
-def test_ddpg_pendulum_cli(tmp_path):
-    """`raycraft rl ddpg` as a user runs it: its figures printed as `raycraft train` prints them, and its MLflow
-    model acting in Pendulum's torque units, [-2, 2]."""
+def test_ddpg_pendulum_through_the_cli(ray_session, tmp_path, monkeypatch, capsys):
+    """`raycraft rl ddpg` through the CLI's own entry point, in this process (its Ray is the session's): its
+    figures printed as `raycraft train` prints them, and its MLflow model acting in Pendulum's torque units."""
     from ray.rllib.core.columns import Columns
+
+    from raycraft.cli import main
 
     keys = ["steps_per_iter=100", "learning_starts=50", "eval_episodes=1", "checkpoint_every=1", "batch_size=32",
             "training_intensity=32", "replay.prioritized=true"]  # also exercises importance weights in DDPG's loss
-    out = run_raycraft(["rl", "ddpg", "--env", "Pendulum-v1", "--timesteps", "400",
-                        *(arg for key in keys for arg in ("--set", key))], tmp_path)
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    run_id = re.search(r"run id: (\w{32})", out.stdout).group(1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["raycraft", "rl", "ddpg", "--env", "Pendulum-v1", "--timesteps", "400",
+                                      "--tracking-uri", uri, *(arg for key in keys for arg in ("--set", key))])
+    try:
+        main(use_warm=False)
+    except SystemExit as exc:
+        assert exc.code == 0, exc
+    out = capsys.readouterr()
+    run_id = re.search(r"run id: (\w{32})", out.out).group(1)
     evals = sorted(MlflowClient(uri).get_metric_history(run_id, "eval_return_mean"), key=lambda m: m.step)
     assert evals[-1].step >= 400 and all(-2000 < m.value <= 0 for m in evals)
 
-    lines = [line for line in out.stdout.splitlines() if line.startswith(("iter ", "done "))]
+    lines = [line for line in out.out.splitlines() if line.startswith(("iter ", "done "))]
     assert len(lines) >= 3 and f"eval return {figure(evals[-1].value)}  " in lines[-1], lines
     decimals = [x for line in lines for x in re.findall(r"\d+\.\d+", line)]
     assert all(len(x.replace(".", "").lstrip("0")) <= 4 for x in decimals), lines  # 4 significant digits

@@ -87,7 +87,7 @@ class RLConfig(JobConfig):
     log_checkpoint: bool = field_doc(
         True, "When the run ends, log its last algorithm checkpoint to MLflow (artifact checkpoint/), so that "
               "`--resume` works on a machine without the local folder. It holds the networks with their target "
-              "copies and optimizer state (CartPole's MLP: about 0.5 MB; Pong's Nature CNN: about 40 MB) and, with "
+              "copies and optimizer state (CartPole's MLP: about 0.6 MiB; Pong's Nature CNN: about 28 MiB) and, with "
               "replay.save_in_checkpoint, the replay buffer (Atari: about 56 KB a transition, 5.6 GB at 100k).")
 
     def __post_init__(self) -> None:
