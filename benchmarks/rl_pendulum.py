@@ -41,12 +41,6 @@ def rollout(env_name: str, policy, episodes: int, seed: int) -> float:
     return float(np.mean(total))
 
 
-def learned_policy(module, env_name: str):
-    from raycraft.rl.environments import make
-    from raycraft.rl.run import policy_actions
-
-    space = make(env_name).action_space
-    return lambda obs: policy_actions(module, obs[None], space)[0]
 
 
 def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, uri: str, storage: str) -> None:
@@ -54,6 +48,7 @@ def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, uri: s
 
     from raycraft.rl.config import build_rl_config
     from raycraft.rl.environments import make
+    from raycraft.rl.modules import GreedyPolicy
     from raycraft.rl.run import train_rl
 
     cfg, model_cfg = build_rl_config({"algo": "ddpg", "env": env_name, "seed": seed, "storage_path": storage}, [])
@@ -65,7 +60,7 @@ def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, uri: s
     module = RLModule.from_checkpoint(f"{out.checkpoint}/learner_group/learner/rl_module/default_policy")
     space = make(env_name).action_space
     space.seed(seed)
-    results = {"ddpg": rollout(env_name, learned_policy(module, env_name), episodes, 10_000),
+    results = {"ddpg": rollout(env_name, GreedyPolicy(module).act, episodes, 10_000),
                "random": rollout(env_name, lambda obs: space.sample(), episodes, 10_000),
                "heuristic": rollout(env_name, heuristic, episodes, 10_000)}
     print(f"\n{env_name}: trained {out.env_steps} env steps in {out.wall_s:.0f} s wall"

@@ -27,11 +27,14 @@ def home() -> Path:
     return Path(os.environ.get("RAYCRAFT_HOME") or Path.home() / ".raycraft")
 
 
+def key_path() -> Path:
+    return home() / KEY_FILE
+
+
 def signing_key() -> bytes:
     """This user's 32-byte key, created (mode 0600, in a 0700 folder) the first time it is needed."""
-    folder = home()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = folder / KEY_FILE
+    path = key_path()
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -68,18 +71,28 @@ def write_manifest(folder: str | Path, *, sign: bool = False) -> None:
     os.replace(tmp, folder / MANIFEST)
 
 
+def listing(folder: str | Path, *, signed: bool = False) -> dict[str, str]:
+    """{file: digest} as `folder`'s manifest lists them (with `signed`: only if this user's key signed it), read
+    without looking at the files themselves; a ValueError saying why not."""
+    try:
+        record = json.loads((Path(folder) / MANIFEST).read_text())
+        files = {str(name): str(digest) for name, digest in dict(record["files"]).items()}
+    except FileNotFoundError:
+        raise ValueError(f"no {MANIFEST} (the write did not finish, or raycraft did not write it)") from None
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ValueError(f"{MANIFEST} is unreadable") from None
+    if signed and not hmac.compare_digest(str(record.get("hmac", "")), _signature(files)):
+        raise ValueError("its signature does not match this user's key: raycraft on this account did not write it")
+    return files
+
+
 def problem(folder: str | Path, *, signed: bool = False) -> str | None:
     """Why `folder` is not an intact checkpoint (with `signed`: one this user's raycraft wrote), or None."""
     folder = Path(folder)
     try:
-        record = json.loads((folder / MANIFEST).read_text())
-        files = dict(record["files"])
-    except FileNotFoundError:
-        return f"no {MANIFEST} (the write did not finish, or raycraft did not write it)"
-    except (OSError, ValueError, KeyError, TypeError):
-        return f"{MANIFEST} is unreadable"
-    if signed and not hmac.compare_digest(str(record.get("hmac", "")), _signature(files)):
-        return "its signature does not match this user's key: raycraft on this account did not write it"
+        files = listing(folder, signed=signed)
+    except ValueError as why:
+        return str(why)
     actual = _files(folder)
     for name, digest in files.items():
         if name not in actual:

@@ -39,6 +39,21 @@ AddressOpt = Annotated[Optional[str], typer.Option(
     "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray).")]
 
 
+def figure(value: float) -> str:
+    """A metric as every command prints it: 4 significant digits (0.4123, 21.5, -1329), whole numbers and
+    numbers of 10,000 or more in plain digits (500, 12000, not 1.2e+04)."""
+    if not math.isfinite(value):
+        return str(value)
+    if value == int(value) or abs(value) >= 1e4:
+        return f"{value:.0f}"
+    return f"{value:.4g}"
+
+
+def metrics_line(metrics: dict[str, float], labels: dict[str, str] | None = None) -> str:
+    """`metrics` as one line, `key value` each (named by `labels` where it has the key): `loss 0.4123  acc 0.97`."""
+    return "  ".join(f"{(labels or {}).get(k, k)} {figure(v)}" for k, v in metrics.items())
+
+
 def field_option(cls: type, key: str, *names: str) -> Any:
     """The annotation of a command's option that sets field `key` (dotted: `data.data_dir`) of config
     dataclass `cls`, with the field's type and, as its help, the field's documentation, so neither is written
@@ -159,7 +174,7 @@ class EpochProgress(LiveProgress):
         where = f"epoch {event['epoch'] + 1}/{self.epochs}"
         loss = event.get("loss")
         figures = [f"{event['samples_per_s']:,.0f} samples/s"] + (
-            [f"loss {loss:.4g}"] if loss is not None and not math.isnan(loss) else [])  # NaN: the step has none
+            [f"loss {figure(loss)}"] if loss is not None and not math.isnan(loss) else [])  # NaN: the step has none
         steps = f"{event['step']}/{event['steps']}"
         self.show(where, event["step"], event["steps"], " · ".join([f"{steps} steps", *figures]),
                   restart=event["epoch"] != self.epoch)
@@ -186,8 +201,8 @@ class IterationProgress(LiveProgress):
         · ETA 0:00:40; elsewhere, `line`."""
         i, steps = int(m["iteration"]), int(m["env_steps"])
         detail = [f"{steps:,}/{self.timesteps:,} env steps", f"{m.get('steps_per_s', 0):,.0f} steps/s"]
-        detail += [f"{label} {m[key]:.4g}" for key, label in (("return_mean", "return"), ("eval_return_mean", "eval"))
-                   if key in m]
+        detail += [f"{label} {figure(m[key])}"
+                   for key, label in (("return_mean", "return"), ("eval_return_mean", "eval")) if key in m]
         self.show(f"iteration {i}/{max(i, self.iterations)}", min(steps, self.timesteps), self.timesteps,
                   " · ".join(detail))
         self.note(line)
@@ -211,6 +226,6 @@ class TrialProgress(LiveProgress):
         """`done` trials ended, `running` running, `progressed`: iterations reported by trials not done."""
         total = self.trials * self.length
         best = (min if self.mode == "min" else max)(self.latest.values()) if self.latest else None
-        detail = [f"{running} running", f"best {self.metric} " + ("-" if best is None else f"{best:.4g}")]
+        detail = [f"{running} running", f"best {self.metric} " + ("-" if best is None else figure(best))]
         self.show(f"trials {done}/{self.trials}", min(done * self.length + progressed, total), total,
                   " · ".join(detail))

@@ -18,7 +18,9 @@ from raycraft.train.loop import CHECKPOINT_FILE, Batches, evaluate, load_state
 
 def run_config(uri: str, run_id: str, task: str | None = None, command: str = "") -> tuple[TrainConfig, ModelSpec]:
     """A run's TrainConfig and model spec; with `task`, a UserError unless the run's model is of that task."""
-    tracking.get_run(uri, run_id)
+    if tracking.get_run(uri, run_id).data.tags.get("raycraft.task") == "rl":
+        raise UserError(f"RUN_ID: run {run_id!r} is a `raycraft rl` run: play its policy with `raycraft rl-eval "
+                        f"{run_id}`, or load it with mlflow.pyfunc.load_model('runs:/{run_id}/model').")
     text = tracking.download_text(uri, run_id, "config.yaml")
     cfg = from_dict(TrainConfig, read_yaml(text, f"run {run_id}'s config.yaml"))
     spec = model_spec(cfg.model)

@@ -504,6 +504,7 @@ class Run:
         linked = self._final_metrics(created.model_id, final, record)
         step = max((m.step for m in linked), default=0)
         self.client.log_outputs(self.run_id, [mlflow.entities.LoggedModelOutput(created.model_id, step)])
+        self.drop_older_models()
         return created.model_id
 
     def _final_metrics(self, model_id: str, keys: Iterable[str], record: Any) -> list:
@@ -526,6 +527,15 @@ class Run:
         for batch in _batches("metrics", linked):
             self.client.log_batch(self.run_id, metrics=batch)
         return linked
+
+    def drop_older_models(self) -> None:
+        """Delete the run's logged models called MODEL_NAME but the newest: `runs:/RUN_ID/model` loads the oldest
+        of them, and a resumed run's final model supersedes those logged before."""
+        experiment = self.fetch().info.experiment_id
+        models = self.client.search_logged_models(
+            experiment_ids=[experiment], filter_string=f"name = '{MODEL_NAME}' AND source_run_id = '{self.run_id}'")
+        for model in sorted(models, key=lambda m: m.creation_timestamp)[:-1]:
+            self.client.delete_logged_model(model.model_id)
 
     def heartbeat(self, system_metrics: bool = False) -> Heartbeat:
         """While entered, this process holds the run (see `Heartbeat`), and with `system_metrics` logs this

@@ -1,5 +1,6 @@
 """RL artifacts from a tracking server are never unpickled: `raycraft rl-eval` loads tensors only, and
-`raycraft rl --resume` loads an RLlib checkpoint only when this account's raycraft signed it."""
+`raycraft rl --resume` loads an RLlib checkpoint, from its folder or from the run's artifact, only when this
+account's raycraft signed it."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from conftest import RAYCRAFT
 from raycraft import checksums
 from raycraft.config import to_dict
 from raycraft.errors import UserError
+from raycraft.evaluate import run_config
 from raycraft.rl.config import build_rl_config
-from raycraft.rl.run import CHECKPOINT_TAG, trusted_checkpoint
+from raycraft.rl.run import CHECKPOINT_ARTIFACT, CHECKPOINT_TAG, trusted_checkpoint
 
 
 class Exploit:
@@ -32,9 +34,11 @@ class Exploit:
         return (open, (self.marker, "w"))
 
 
-def cli(tmp_path: Path, *args: str, home: Path | None = None) -> subprocess.CompletedProcess:
+def cli(tmp_path: Path, *args: str, home: Path | None = None,
+        unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
            "RAYCRAFT_WARM_DIR": str(tmp_path / "warm"), **({"RAYCRAFT_HOME": str(home)} if home else {})}
+    env = {k: v for k, v in env.items() if k not in unset}
     return subprocess.run([str(RAYCRAFT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
                           timeout=300)
 
@@ -70,8 +74,17 @@ def test_rl_eval_never_unpickles_a_logged_policy(tmp_path, weights):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("manifest", ["none", "unsigned", "other-key"])
-def test_resume_refuses_a_checkpoint_this_account_did_not_sign(tmp_path, monkeypatch, manifest):
+def test_train_commands_point_an_rl_run_to_rl_eval(tmp_path):
+    _, run_id = crafted_run(tmp_path, {})
+    with pytest.raises(UserError, match=f"is a `raycraft rl` run: play its policy with `raycraft rl-eval {run_id}`"):
+        run_config(f"sqlite:///{tmp_path / 'mlflow.db'}", run_id)
+
+
+@pytest.mark.parametrize(("manifest", "where"), [("none", "folder"), ("unsigned", "folder"), ("other-key", "folder"),
+                                                 ("other-key", "artifact")])
+def test_resume_refuses_a_checkpoint_this_account_did_not_sign(tmp_path, monkeypatch, manifest, where):
+    """A tag pointed at someone else's folder, or a checkpoint artifact someone else logged (on another machine,
+    where the tagged folder is not): refused before anything but the manifest is read or downloaded."""
     marker = tmp_path / "pwned"
     folder = tmp_path / "elsewhere" / "checkpoint"
     folder.mkdir(parents=True)
@@ -83,12 +96,18 @@ def test_resume_refuses_a_checkpoint_this_account_did_not_sign(tmp_path, monkeyp
             m.setenv("RAYCRAFT_HOME", str(tmp_path / "other-account"))
             checksums.write_manifest(folder, sign=True)
     client, run_id = crafted_run(tmp_path, {CHECKPOINT_TAG: str(folder)})
+    if where == "artifact":
+        client.log_artifacts(run_id, str(folder), CHECKPOINT_ARTIFACT)
+        client.set_tag(run_id, CHECKPOINT_TAG, "/on/another/machine/checkpoint")
 
     out = cli(tmp_path, "rl", "dqn", "--resume", run_id, "--timesteps", "200")
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-3000:]
     message = " ".join(out.stderr.split())
-    assert f"the checkpoint at {folder} is refused" in message and "this account" in message
+    shown = f"at {folder}" if where == "folder" else f"of run {run_id} in MLflow"
+    assert f"the checkpoint {shown} is refused" in message and "this account" in message
+    assert "signing.key" in message  # what another machine of the same account needs
     assert not marker.exists()
+    assert not any(p.name == "algorithm_state.pkl" for p in (tmp_path / "ray_results").rglob("*"))
     assert client.get_run(run_id).info.status == "FINISHED"
 
 
@@ -102,13 +121,14 @@ def test_resume_completes_a_killed_save_and_leaves_unsigned_folders_alone(tmp_pa
     Path(f"{ours}.tmp").mkdir()
     Path(f"{theirs}.old").mkdir()
     client, run_id = crafted_run(tmp_path, {CHECKPOINT_TAG: str(ours)})
-    assert trusted_checkpoint(client.get_run(run_id)) == ours
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert trusted_checkpoint(uri, client.get_run(run_id), tmp_path / "unused") == ours
     assert (ours / "algorithm_state.pkl").is_file()
     assert not Path(f"{ours}.old").exists() and not Path(f"{ours}.tmp").exists()
 
     client.set_tag(run_id, CHECKPOINT_TAG, str(theirs))
     with pytest.raises(UserError, match="is refused"):
-        trusted_checkpoint(client.get_run(run_id))
+        trusted_checkpoint(uri, client.get_run(run_id), tmp_path / "unused")
     assert Path(f"{theirs}.old").is_dir()
 
 
@@ -121,9 +141,12 @@ def test_cli_train_eval_resume(tmp_path):
     assert train.returncode == 0, train.stdout[-2000:] + train.stderr[-3000:]
     run_id = re.search(r"run id: (\w{32})", train.stdout).group(1)
 
-    played = cli(tmp_path, "rl-eval", run_id, "--episodes", "2")
+    # A headless machine (no sound card, no XDG_RUNTIME_DIR): drawing the GIF's frames prints nothing of ALSA/SDL.
+    played = cli(tmp_path, "rl-eval", run_id, "--episodes", "2", "--video", "episode.gif", unset=("XDG_RUNTIME_DIR",))
     assert played.returncode == 0, played.stderr[-3000:]
     assert "mean return" in played.stdout and "over 2 episodes" in played.stdout
+    assert (tmp_path / "episode.gif").stat().st_size > 1000
+    assert not re.search("ALSA|XDG_RUNTIME_DIR", played.stdout + played.stderr), played.stderr[-3000:]
 
     other = cli(tmp_path, "rl", "dqn", "--resume", run_id, "--timesteps", "400", home=tmp_path / "other-account")
     assert other.returncode == 2 and "is refused" in other.stderr, other.stderr[-3000:]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from raycraft.config import build
-from raycraft.console import AddressOpt, EpochProgress, SetOpt, TrackingOpt, console, field_option
+from raycraft.console import AddressOpt, EpochProgress, SetOpt, TrackingOpt, console, field_option, metrics_line
 from raycraft.errors import UserError
 from raycraft.evaluate import evaluate_run
 from raycraft.lifecycle import process_start_time
@@ -20,8 +20,7 @@ app = typer.Typer()
 
 
 def _fmt(metrics: dict[str, float]) -> str:
-    keys = [k for k in metrics if k not in ("epoch",)]
-    return "  ".join(f"{k} {metrics[k]:.4g}" for k in sorted(keys))
+    return metrics_line({k: metrics[k] for k in sorted(metrics) if k != "epoch"})
 
 
 def _epoch_line(m: dict[str, float], epochs: int) -> str:

@@ -8,21 +8,29 @@ from typing import Annotated, Optional
 import typer
 
 from raycraft.config import build
-from raycraft.console import AddressOpt, IterationProgress, SetOpt, TrackingOpt, console, field_option
+from raycraft.console import (
+    AddressOpt,
+    IterationProgress,
+    SetOpt,
+    TrackingOpt,
+    console,
+    field_option,
+    figure,
+    metrics_line,
+)
 from raycraft.errors import invalid_choice
 from raycraft.rl.config import ALGOS, RLConfig
 from raycraft.tracking import resolve_tracking_uri, ui_command
 from raycraft.train.config import config_layers
 
 app = typer.Typer()
+# An iteration's figures on its progress line, and their names there.
+LABELS = {"iteration": "iter", "env_steps": "steps", "return_mean": "return", "eval_return_mean": "eval",
+          "steps_per_s": "steps/s"}
 
 
 def _fmt(m: dict[str, float]) -> str:
-    parts = [f"iter {int(m['iteration'])}", f"steps {int(m['env_steps'])}"]
-    for key, label in (("return_mean", "return"), ("eval_return_mean", "eval"), ("steps_per_s", "steps/s")):
-        if key in m:
-            parts.append(f"{label} {m[key]:.4g}")
-    return "  ".join(parts)
+    return metrics_line({k: m[k] for k in LABELS if k in m}, LABELS)
 
 
 @app.command("rl")
@@ -48,7 +56,7 @@ def rl(
     flags = {"algo": algo, "env": env, "model": model, "stop_reward": stop_reward, "timesteps": timesteps,
              "workers": workers, "seed": seed, "experiment": experiment}
     cfg, model_cfg = build(RLConfig, config_layers(uri, config, resume, flags), set_ or [])
-    from raycraft.rl.run import train_rl  # RLlib (3 s, the `rl` extra): once the flags are known to be good
+    from raycraft.rl.run import CHECKPOINT_ARTIFACT, train_rl  # RLlib (3 s, the `rl` extra): once the flags are good
 
     def on_start(run_id: str) -> None:
         verb = "resuming" if resume else "training"
@@ -57,8 +65,12 @@ def rl(
     with IterationProgress(cfg.timesteps, cfg.steps_per_iter) as shown:
         outcome = train_rl(cfg, model_cfg, tracking_uri=uri, address=address, resume_run_id=resume,
                            on_start=on_start, on_iteration=lambda m: shown.iteration(m, _fmt(m)))
+    eval_return = "-" if outcome.eval_return is None else figure(outcome.eval_return)
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]  env steps {outcome.env_steps}  "
-                  f"eval return {outcome.eval_return}  wall {outcome.wall_s:.0f} s")
+                  f"eval return {eval_return}  wall {outcome.wall_s:.0f} s")
+    if outcome.checkpoint_logged is not None:
+        console.print(f"checkpoint: {outcome.checkpoint_logged / 2**20:.1f} MiB logged to MLflow as artifact "
+                      f"{CHECKPOINT_ARTIFACT}/, for --resume on another machine")
     console.print(f"MLflow UI: {ui_command(uri, outcome.run_id)}")
 
 
@@ -73,7 +85,7 @@ def rl_eval(
     from raycraft.rl.run import evaluate_rl  # RLlib (3 s): not at the top, where `rl`'s bad input would wait
 
     returns = evaluate_rl(run_id, episodes=episodes, video=video, tracking_uri=tracking_uri)
-    console.print(f"run {run_id}: mean return {sum(returns) / len(returns):.4g} over {len(returns)} episodes "
-                  f"(min {min(returns):.4g}, max {max(returns):.4g})")
+    console.print(f"run {run_id}: mean return {figure(sum(returns) / len(returns))} over {len(returns)} episodes "
+                  f"(min {figure(min(returns))}, max {figure(max(returns))})")
     if video:
         console.print(f"GIF: {video}")

@@ -10,6 +10,7 @@ processes) and returns the name to put in `config.environment(env=...)`.
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import ale_py
@@ -22,6 +23,10 @@ from raycraft.envs import ATARI_PREFIX, PORTFOLIO
 from raycraft.errors import UserError, closest
 
 gym.register_envs(ale_py)  # the ALE/ games, on the driver and on every process that unpickles `_create`
+# Frames drawn into arrays need no sound card and no display: without these, pygame's init (gymnasium's classic
+# control envs draw with it) probes both and a headless machine prints ALSA's "cannot find card" lines and SDL's
+# "XDG_RUNTIME_DIR is invalid". Set only where the user has not chosen a driver.
+OFFSCREEN_SDL = {"SDL_AUDIODRIVER": "dummy", "SDL_VIDEODRIVER": "dummy"}
 
 
 def make_atari(name: str, env_config: dict[str, Any] | None = None, render_mode: str | None = None) -> gym.Env:
@@ -35,6 +40,9 @@ def make_atari(name: str, env_config: dict[str, Any] | None = None, render_mode:
 
 
 def make(name: str, env_config: dict[str, Any] | None = None, render_mode: str | None = None) -> gym.Env:
+    if render_mode == "rgb_array":
+        for key, value in OFFSCREEN_SDL.items():
+            os.environ.setdefault(key, value)  # read when pygame first initialises SDL, at the first render
     cfg = {k: v for k, v in dict(env_config or {}).items() if k != "num_envs"}  # RLlib adds num_envs
     if name.startswith(ATARI_PREFIX):
         return make_atari(name, cfg, render_mode)

@@ -23,6 +23,8 @@ import abc
 import dataclasses
 from typing import Any
 
+import gymnasium as gym
+import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.utils import make_target_network
@@ -183,6 +185,33 @@ class DDPGModule(TorchRLModule, DeterministicActorCriticAPI, QNetAPI, TargetNetw
         for p in self.critic.parameters():
             p.requires_grad_(True)
         return out
+
+
+class GreedyPolicy(nn.Module):
+    """An RLModule's greedy policy as a plain torch module: observations (B, *observation shape), float32, to
+    actions in the env's own units, what `env.step` takes: DQN's action indices (int64, (B,)), DDPG's μ(s)
+    scaled from [−1, 1]ᵈ to the action box [low, high] (float32, (B, d)), as RLlib's connector unsquashes it.
+    `rl-eval` plays it, and MLflow serves it (a torch.export graph of it is the run's model)."""
+
+    def __init__(self, module: TorchRLModule) -> None:
+        super().__init__()
+        self.module = module
+        space = module.action_space
+        self.box = isinstance(space, gym.spaces.Box)
+        if self.box:
+            self.register_buffer("low", torch.as_tensor(space.low, dtype=torch.float32))
+            self.register_buffer("high", torch.as_tensor(space.high, dtype=torch.float32))
+
+    def forward(self, obs: torch.Tensor) -> torch.Tensor:
+        actions = self.module.forward_inference({Columns.OBS: obs})[Columns.ACTIONS]
+        if not self.box:
+            return actions
+        return self.low + (actions + 1.0) * 0.5 * (self.high - self.low)
+
+    @torch.no_grad()
+    def act(self, obs: Any) -> Any:
+        """The action (a numpy array) for one observation, as `env.step` takes it."""
+        return self(torch.as_tensor(np.asarray(obs)[None], dtype=torch.float32))[0].numpy()
 
 
 MODULES: dict[type, type[TorchRLModule]] = {QNetwork: QModule, ActorCritic: DDPGModule}

@@ -2,15 +2,18 @@
 progress, checkpoint, log to MLflow; reload a logged policy and play it.
 
 MLflow holds, per run: the config (params and config.yaml), per-iteration metrics at step = env steps
-(return_mean, eval_return_mean, steps_per_s, ...), `returns.png`, the final policy's weights as
-`policy/weights.pt` (the inference network's tensors only, no pickled objects), and the tag
-`raycraft.checkpoint` (the last full algorithm checkpoint, for `--resume`). Everything the user can get
-wrong is checked in `prepare` before Ray starts.
+(return_mean, eval_return_mean, steps_per_s, ...), `returns.png`, the final policy twice: its weights as
+`policy/weights.pt` (the inference network's tensors only, no pickled objects) and as the run's MLflow
+model `model` (`GreedyPolicy`, observations to actions in the env's units, a torch.export graph with a
+signature, which `mlflow.pyfunc.load_model` and `mlflow models serve` load), and the last full algorithm
+checkpoint, as the artifact `checkpoint/` and on this machine's disk (the tag `raycraft.checkpoint`), for
+`--resume`. Everything the user can get wrong is checked in `prepare` before Ray starts.
 
 Nothing a tracking server hands out is unpickled: `rl-eval` rebuilds the module from config.yaml and
 loads `policy/weights.pt` with torch's tensor-only loader; `--resume` loads RLlib's checkpoint (pickle
-files) only when its manifest carries this account's signature (`raycraft.checksums`), so a run whose
-tag was pointed at someone else's folder is refused before anything in it is read.
+files), from the tagged folder or downloaded from the artifact, only when its manifest carries this
+account's signature (`raycraft.checksums`), so a checkpoint someone else wrote is refused before anything
+in it is read (of the artifact, before anything but its manifest is downloaded).
 
 This module needs RLlib (the `rl` extra) and imports it at once: `raycraft rl`, `raycraft rl-eval` and RL
 sweeps import it only after checking that the extra is installed.
@@ -33,7 +36,6 @@ import torch
 import yaml
 from PIL import Image
 from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner
-from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
@@ -56,6 +58,7 @@ from raycraft.rl.environments import check_env, make, rllib_env
 from raycraft.rl.plots import returns_png
 
 CHECKPOINT_TAG = "raycraft.checkpoint"
+CHECKPOINT_ARTIFACT = "checkpoint"  # the run's artifact folder that holds its last algorithm checkpoint
 POLICY_FILE = "policy/weights.pt"
 # What each training iteration logs (eval_return_mean on evaluation iterations, return_mean once an
 # episode has ended).
@@ -80,6 +83,7 @@ class RLOutcome:
     eval_return: float | None
     wall_s: float
     checkpoint: str
+    checkpoint_logged: int | None  # bytes of the checkpoint logged as CHECKPOINT_ARTIFACT (None: not logged)
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -194,20 +198,54 @@ def _recover_old(path: Path) -> None:
         old.rename(path)
 
 
-def trusted_checkpoint(run) -> Path:
-    """The run's last checkpoint, once its signed manifest shows that raycraft on this account wrote it
-    and nothing in it changed since; what a killed save left beside it is cleared."""
+def local_checkpoint_dir(cfg: RLConfig, run_id: str) -> Path:
+    """Where this machine keeps run `run_id`'s checkpoint: a folder of `storage_path`."""
+    return (Path(cfg.storage_path) / f"raycraft-rl-{run_id}" / "checkpoint").resolve()
+
+
+def refused(where: str, why: str) -> UserError:
+    return UserError(f"--resume: the checkpoint {where} is refused: {why}. raycraft loads RLlib checkpoints (pickle "
+                     f"files) only when raycraft on this account wrote them, signed with {checksums.key_path()}; "
+                     "to resume on one machine a run trained on another, both need that same key file.")
+
+
+def trusted_checkpoint(uri: str, run, local: Path) -> Path:
+    """The run's last checkpoint: the folder its tag names, or, where that is not on this machine, its
+    CHECKPOINT_ARTIFACT downloaded to `local`; either only once its signed manifest shows that raycraft on this
+    account wrote it and nothing in it changed since. What a killed save left beside it is cleared."""
     tag = run.data.tags.get(CHECKPOINT_TAG)
     if tag:
         _recover_old(Path(tag))
-    if not tag or not Path(tag).is_dir():
-        raise UserError(f"--resume: run {run.info.run_id!r} has no checkpoint on this machine ({tag!r}).")
-    path = Path(tag)
+    if tag and Path(tag).is_dir():
+        path, where = Path(tag), f"at {tag}"
+    else:
+        path, where = download_checkpoint(uri, run.info.run_id, local), f"of run {run.info.run_id} in MLflow"
     why = checksums.problem(path, signed=True)
     if why:
-        raise UserError(f"--resume: the checkpoint at {path} is refused: {why}. raycraft loads RLlib checkpoints "
-                        "(pickle files) only when raycraft on this account wrote them.")
+        raise refused(where, why)
     clear_leftovers(path)
+    return path
+
+
+def download_checkpoint(uri: str, run_id: str, path: Path) -> Path:
+    """The run's CHECKPOINT_ARTIFACT, into `path` (replacing it): its manifest first and, once that is signed with
+    this account's key, each file it lists (not what older checkpoints of the run left in the artifact)."""
+    staging = _leftovers(path)[0]
+    clear_leftovers(path)
+    try:
+        tracking.download_artifact(uri, run_id, f"{CHECKPOINT_ARTIFACT}/{checksums.MANIFEST}", staging)
+    except UserError:
+        raise UserError(f"--resume: run {run_id!r} has no checkpoint on this machine, and none in MLflow (a run "
+                        f"logs {CHECKPOINT_ARTIFACT}/ when it finishes, unless log_checkpoint=false).") from None
+    try:
+        names = checksums.listing(staging, signed=True)
+    except ValueError as why:
+        shutil.rmtree(staging)
+        raise refused(f"of run {run_id} in MLflow", str(why)) from None
+    for name in names:  # MLflow puts a downloaded file at the top of its destination
+        tracking.download_artifact(uri, run_id, f"{CHECKPOINT_ARTIFACT}/{name}", (staging / name).parent)
+    shutil.rmtree(path, ignore_errors=True)
+    staging.rename(path)
     return path
 
 
@@ -241,23 +279,27 @@ def train_rl(cfg: RLConfig, model_cfg: Any, *, tracking_uri: str | None = None, 
         raise
     run.end()
     m = history[-1]
+    logged = sum(f.stat().st_size for f in checkpoint_dir.rglob("*") if f.is_file()) if cfg.log_checkpoint else None
     return RLOutcome(run.run_id, int(m["env_steps"]), int(m["iteration"]), m.get("eval_return_mean"),
-                     time.perf_counter() - start, str(checkpoint_dir), history)
+                     time.perf_counter() - start, str(checkpoint_dir), logged, history)
 
 
 def open_run(cfg: RLConfig, uri: str, resume_run_id: str | None, run_name: str | None,
              tags: dict[str, str] | None) -> tuple[tracking.Run, Path]:
     """(the run, its checkpoint folder): the resumed run, reopened once its checkpoint is trusted, or a new
-    run, tagged with where its checkpoints go."""
+    run; either tagged with where its checkpoints go on this machine."""
     if resume_run_id:
-        checkpoint_dir = trusted_checkpoint(tracking.get_run(uri, resume_run_id))
-        return tracking.Run.resume(uri, resume_run_id), checkpoint_dir
+        checkpoint_dir = trusted_checkpoint(uri, tracking.get_run(uri, resume_run_id),
+                                            local_checkpoint_dir(cfg, resume_run_id))
+        run = tracking.Run.resume(uri, resume_run_id)
+        run.set_tags({CHECKPOINT_TAG: str(checkpoint_dir)})
+        return run, checkpoint_dir
     name = run_name or f"{cfg.algo}-{cfg.env.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = tracking.Run.start(uri, cfg.experiment, name, flatten(to_dict(cfg)),
                              {"raycraft.model": cfg.model, "raycraft.env": cfg.env, "raycraft.algo": cfg.algo,
                               "raycraft.task": "rl", **(tags or {})},
                              yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    checkpoint_dir = (Path(cfg.storage_path) / f"raycraft-rl-{run.run_id}" / "checkpoint").resolve()
+    checkpoint_dir = local_checkpoint_dir(cfg, run.run_id)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
     run.set_tags({CHECKPOINT_TAG: str(checkpoint_dir)})
     return run, checkpoint_dir
@@ -266,8 +308,8 @@ def open_run(cfg: RLConfig, uri: str, resume_run_id: str | None, run_name: str |
 def iterate(cfg: RLConfig, model_cfg: Any, prepared: Prepared, run: tracking.Run, checkpoint_dir: Path,
             resume: bool, on_iteration: Callable[[dict[str, float]], None] | None) -> list[dict[str, float]]:
     """Build the algorithm (restored from `checkpoint_dir` with `resume`), train it until `cfg.reached`,
-    logging each iteration (at step = env steps) and checkpointing, then log the policy; returns the
-    iterations' metrics."""
+    logging each iteration (at step = env steps) and checkpointing, then log (with `cfg.log_checkpoint`) the
+    last checkpoint and the policy; returns the iterations' metrics."""
     history: list[dict[str, float]] = []
     start = time.perf_counter()
     algo = algorithm_config(cfg, model_cfg, prepared.module_class).build_algo()
@@ -289,35 +331,44 @@ def iterate(cfg: RLConfig, model_cfg: Any, prepared: Prepared, run: tracking.Run
                 on_iteration(m)
             if cfg.reached(m) or int(m["iteration"]) % cfg.checkpoint_every == 0:
                 save_checkpoint(algo, checkpoint_dir, cfg.replay.save_in_checkpoint)
-        log_policy(run, algo.get_module(), history)
+        if cfg.log_checkpoint:
+            run.log_artifacts(checkpoint_dir, CHECKPOINT_ARTIFACT)
+        log_policy(run, algo.get_module(), history, inference_module(cfg, model_cfg, prepared),
+                   example_observations(cfg))
     finally:
         algo.stop()
     return history
 
 
-def log_policy(run: tracking.Run, module, history: list[dict[str, float]]) -> None:
-    """The final policy's tensors (POLICY_FILE, for `rl-eval`) and the returns plot, as the run's artifacts."""
+def log_policy(run: tracking.Run, module, history: list[dict[str, float]], served, example: torch.Tensor) -> None:
+    """The final policy of `module` as the run's artifacts: its tensors (POLICY_FILE, for `rl-eval`), and the
+    run's MLflow model: a `GreedyPolicy` around `served` (an inference-only module) loaded from those same
+    tensors, its signature from the observations `example`, its metrics the final iteration's; and the
+    returns plot."""
     with tempfile.TemporaryDirectory() as tmp:
         save_policy(module, Path(tmp) / POLICY_FILE)
+        load_policy(served, Path(tmp) / POLICY_FILE, run.run_id)
         returns_png(history, Path(tmp) / "returns.png")
         run.log_artifact(Path(tmp) / POLICY_FILE, str(Path(POLICY_FILE).parent))
         run.log_artifact(Path(tmp) / "returns.png")
+    policy = modules.GreedyPolicy(served)
+    run.log_model(policy, example, final=history[-1], about=" ".join(policy.__doc__.split()))
 
 
-def policy_actions(module, obs, action_space):
-    """Greedy actions of an RLModule for a batch of observations, in the env's own action units."""
-    with torch.no_grad():
-        out = module.forward_inference({Columns.OBS: torch.as_tensor(np.asarray(obs), dtype=torch.float32)})
-    actions = out[Columns.ACTIONS].cpu().numpy()
-    if isinstance(action_space, gym.spaces.Box):  # [−1, 1] → [low, high], as RLlib's connector does
-        actions = action_space.low + (actions + 1.0) * 0.5 * (action_space.high - action_space.low)
-    return actions
+def example_observations(cfg: RLConfig) -> torch.Tensor:
+    """First observations of two episodes, as float32: the logged model's input example (two, so that its
+    batch dimension stays free)."""
+    env = make(cfg.env, cfg.env_config)
+    observations = [env.reset(seed=cfg.seed + i)[0] for i in range(2)]
+    env.close()
+    return torch.as_tensor(np.stack(observations), dtype=torch.float32)
 
 
 def play(module, env_name: str, env_config: dict, episodes: int, seed: int = 0,
          gif: Path | None = None) -> list[float]:
     """Returns of `episodes` greedy episodes; frames of the first go to `gif` if given."""
     env = make(env_name, env_config, render_mode="rgb_array" if gif else None)
+    policy = modules.GreedyPolicy(module)
     returns, frames = [], []
     for ep in range(episodes):
         obs, _ = env.reset(seed=seed + ep)
@@ -325,8 +376,7 @@ def play(module, env_name: str, env_config: dict, episodes: int, seed: int = 0,
         while not done:
             if gif and ep == 0:
                 frames.append(Image.fromarray(env.render()))
-            action = policy_actions(module, obs[None], env.action_space)[0]
-            obs, reward, terminated, truncated, _ = env.step(action)
+            obs, reward, terminated, truncated, _ = env.step(policy.act(obs))
             total, done = total + float(reward), terminated or truncated
         returns.append(total)
     env.close()
@@ -359,14 +409,18 @@ def load_policy(module, path: Path, run_id: str) -> None:
                         f"{' '.join(str(exc).split())}") from None
 
 
+def inference_module(cfg: RLConfig, model_cfg: Any, prepared: Prepared):
+    """A new inference-only RLModule of the job's network (no target networks, no DDPG critic)."""
+    return RLModuleSpec(module_class=prepared.module_class, observation_space=prepared.observation_space,
+                        action_space=prepared.action_space, inference_only=True,
+                        model_config=modules.module_config(cfg.model, model_cfg)).build()
+
+
 def logged_policy(uri: str, run_id: str) -> tuple[Any, RLConfig]:
     """RUN_ID's policy, rebuilt from its config.yaml as an inference-only RLModule with its logged weights."""
     text = tracking.download_text(uri, run_id, "config.yaml")
     cfg, model_cfg = build_rl_config(read_yaml(text, f"run {run_id}'s config.yaml"), [])
-    prepared = prepare(cfg, model_cfg)
-    module = RLModuleSpec(module_class=prepared.module_class, observation_space=prepared.observation_space,
-                          action_space=prepared.action_space, inference_only=True,
-                          model_config=modules.module_config(cfg.model, model_cfg)).build()
+    module = inference_module(cfg, model_cfg, prepare(cfg, model_cfg))
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = tracking.download_artifact(uri, run_id, POLICY_FILE, tmp)
