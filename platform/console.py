@@ -39,6 +39,24 @@ AddressOpt = Annotated[Optional[str], typer.Option(
     "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray).")]
 
 
+def format_number(value: float) -> str:
+    """A figure as every line of raycraft's output shows it: four significant digits (0.9753, 12.35, 0.0001235),
+    thousands separated and no exponent from 1,000 up (12,346), an exponent below 0.0001 (1.235e-05), whole
+    numbers as they are (3, 60,000)."""
+    value = float(value)
+    if not math.isfinite(value):
+        return str(value)
+    if value.is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"
+    short = f"{value:.4g}"
+    return f"{value:,.0f}" if abs(float(short)) >= 1000 else short
+
+
+def format_metrics(metrics: dict[str, float]) -> str:
+    """Metrics as `name value` pairs by name, each value through `format_number`."""
+    return "  ".join(f"{k} {format_number(v)}" for k, v in sorted(metrics.items()))
+
+
 def field_option(cls: type, key: str, *names: str) -> Any:
     """The annotation of a command's option that sets field `key` (dotted: `data.data_dir`) of config
     dataclass `cls`, with the field's type and, as its help, the field's documentation, so neither is written
@@ -158,8 +176,8 @@ class EpochProgress(LiveProgress):
         elsewhere, a line for each event that was logged (a `log_every_steps` boundary)."""
         where = f"epoch {event['epoch'] + 1}/{self.epochs}"
         loss = event.get("loss")
-        figures = [f"{event['samples_per_s']:,.0f} samples/s"] + (
-            [f"loss {loss:.4g}"] if loss is not None and not math.isnan(loss) else [])  # NaN: the step has none
+        figures = [f"{event['samples_per_s']:,.0f} samples/s"] + (  # a loss of NaN: the step has none
+            [f"loss {format_number(loss)}"] if loss is not None and not math.isnan(loss) else [])
         steps = f"{event['step']}/{event['steps']}"
         self.show(where, event["step"], event["steps"], " · ".join([f"{steps} steps", *figures]),
                   restart=event["epoch"] != self.epoch)
@@ -211,6 +229,6 @@ class TrialProgress(LiveProgress):
         """`done` trials ended, `running` running, `progressed`: iterations reported by trials not done."""
         total = self.trials * self.length
         best = (min if self.mode == "min" else max)(self.latest.values()) if self.latest else None
-        detail = [f"{running} running", f"best {self.metric} " + ("-" if best is None else f"{best:.4g}")]
+        detail = [f"{running} running", f"best {self.metric} " + ("-" if best is None else format_number(best))]
         self.show(f"trials {done}/{self.trials}", min(done * self.length + progressed, total), total,
                   " · ".join(detail))

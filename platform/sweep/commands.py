@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from raycraft.console import AddressOpt, SetOpt, TrackingOpt, console
+from raycraft.console import AddressOpt, SetOpt, TrackingOpt, console, format_number
 from raycraft.errors import UserError
 from raycraft.extras import require_extra
 from raycraft.sweep.config import load_sweep
@@ -42,9 +42,9 @@ def tune(
     console.print(f"[green]done[/]  sweep {outcome.name}: {len(outcome.children)} trials, parent run "
                   f"[bold]{outcome.parent_run_id}[/]")
     if outcome.best_run_id:
-        console.print(f"best run {outcome.best_run_id}: {outcome.best_metric:.4g} with " +
+        console.print(f"best run {outcome.best_run_id}: {format_number(outcome.best_metric)} with " +
                       ", ".join(f"{k}={v}" for k, v in outcome.best_params.items()))
-    console.print(f"MLflow UI: {ui_command(resolve_tracking_uri(tracking_uri))}")
+    console.print(f"MLflow UI: {ui_command(resolve_tracking_uri(tracking_uri), outcome.parent_run_id)}")
 
 
 @app.command("scaling")
@@ -71,4 +71,4 @@ def scaling(
     n_opt, d_opt = result.optimal
     console.print(f"compute-optimal at C={cfg.budget:.3g} FLOPs: N={n_opt:.4g}, D={d_opt:.4g}")
     console.print(f"[green]done[/]  MLflow parent run [bold]{parent}[/] (plots under scaling/)")
-    console.print(f"MLflow UI: {ui_command(resolve_tracking_uri(tracking_uri))}")
+    console.print(f"MLflow UI: {ui_command(resolve_tracking_uri(tracking_uri), parent)}")
