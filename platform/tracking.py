@@ -74,10 +74,17 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/"))
 
 
-def ui_command(uri: str) -> str:
+UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `ui_command`'s `mlflow ui` serves a local store
+
+
+def ui_command(uri: str, run_id: str | None = None) -> str:
+    """How to see the store `uri` (and run `run_id` in it): for a local store, the `mlflow ui` command that serves
+    it, then the run's page at that server's address; for a tracking server, the run's page on it."""
+    server = f"http://{UI_HOST}:{UI_PORT}" if is_local_store(uri) else uri.rstrip("/")
+    page = f"{server}/#/experiments/{get_run(uri, run_id).info.experiment_id}/runs/{run_id}" if run_id else server
     if is_local_store(uri):
-        return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
-    return f"open {uri}"
+        return f"mlflow ui --backend-store-uri {uri} --host {UI_HOST} --port {UI_PORT}, then open {page}"
+    return f"open {page}"
 
 
 _OPENED: set[str] = set()

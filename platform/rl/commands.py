@@ -59,7 +59,7 @@ def rl(
                            on_start=on_start, on_iteration=lambda m: shown.iteration(m, _fmt(m)))
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]  env steps {outcome.env_steps}  "
                   f"eval return {outcome.eval_return}  wall {outcome.wall_s:.0f} s")
-    console.print(f"MLflow UI: {ui_command(uri)}")
+    console.print(f"MLflow UI: {ui_command(uri, outcome.run_id)}")
 
 
 @app.command("rl-eval")
