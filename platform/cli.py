@@ -24,7 +24,7 @@ import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from raycraft import registry, warm
+from raycraft import noise, registry, warm
 from raycraft.console import Invocation, console, err_console
 from raycraft.errors import Stopped, TrainingError, UserError
 from raycraft.extras import require_extra
@@ -140,11 +140,16 @@ VERSIONED = ("ray", "torch", "mlflow", "typer")  # the libraries `--version` nam
 
 @app.callback()
 def raycraft(
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also show the warnings and log lines of Ray, RLlib, gymnasium and MLflow that "
+                                "raycraft hides as noise (`raycraft --verbose rl ...`).")] = False,
     version: Annotated[Optional[bool], typer.Option(
         "--version", callback=show_version, is_eager=True, help="Print the versions of raycraft, Python, Ray, "
                                                                 "torch, MLflow and typer, and exit.")] = None,
 ) -> None:
     """Train the survey's model families on Ray, tracked in MLflow."""
+    if not verbose:
+        noise.quiet()
 
 
 def main(use_warm: bool = True, started_at: float | None = None) -> None:

@@ -10,13 +10,14 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 from typing import get_args
 
 import pytest
 
 from conftest import RAYCRAFT, assert_refused, run_raycraft
-from raycraft import tracking
+from raycraft import noise, tracking
 from raycraft.console import format_metrics, format_number
 from raycraft.models.attention import AttentionKind
 from raycraft.registry import datasets
@@ -192,3 +193,73 @@ def test_numbers_are_rounded_one_way(value, shown):
 
 def test_metrics_are_listed_by_name():
     assert format_metrics({"val_loss": 0.123456, "samples_per_s": 2345.6}) == "samples_per_s 2,346  val_loss 0.1235"
+
+
+def test_the_run_page_is_on_the_tracking_server_or_the_printed_mlflow_ui(mlflow_server, mlflow_uri):
+    """A run's page: on a tracking server, that server's; for a local store, the address the printed `mlflow ui`
+    command serves (its --host and --port)."""
+    for uri in (mlflow_server, mlflow_uri):
+        run = tracking.Run.start(uri, "pages", "paged", {}, {}, "")
+        run.end()
+        page = f"#/experiments/{tracking.get_run(uri, run.run_id).info.experiment_id}/runs/{run.run_id}"
+        shown = tracking.ui_command(uri, run.run_id)
+        if uri == mlflow_server:
+            assert shown == f"open {mlflow_server}/{page}"
+        else:
+            assert shown == (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, "
+                             f"then open http://127.0.0.1:5000/{page}")
+
+
+# --- third-party noise --------------------------------------------------------------------------------------
+
+NOISE_PROBE = """
+import logging, sys, warnings
+from raycraft import noise
+logging.basicConfig(stream=sys.stdout, format="%(name)s|%(message)s", level=logging.INFO)
+if sys.argv[1] == "quiet":
+    noise.quiet()
+for name, _ in noise.LOGGED:
+    logging.getLogger(name).warning("raycraft's own line on this logger")
+logging.getLogger("ray._common.deprecation").warning("DeprecationWarning: `ray.foo` has been deprecated.")
+logging.getLogger("ray.rllib.algorithms.algorithm_config").warning("You are running DQN on the new API stack! ...")
+logging.getLogger("ray.tune.utils.util").warning("Install gputil for GPU system monitoring.")
+logging.getLogger("mlflow.store.db.utils").info("Creating initial MLflow database tables...")
+with warnings.catch_warnings(record=True) as caught:
+    exec(compile("import warnings; warnings.warn('\\x1b[33mWARN: Overriding environment "
+                 "rllib-single-agent-env-v0 already in registry.', UserWarning)", "registration.py", "exec"),
+         {"__name__": "gymnasium.envs.registration"})
+    exec(compile("import warnings; warnings.warn('WARN: Overriding environment CartPole-v1 already', UserWarning)",
+                 "registration.py", "exec"), {"__name__": "gymnasium.envs.registration"})
+print("WARNED|" + "|".join(str(w.message) for w in caught))
+"""
+
+
+@pytest.mark.parametrize("mode", ["quiet", "verbose"])
+def test_noise_is_hidden_by_logger_and_message_and_nothing_else(mode, tmp_path):
+    """`noise.quiet` drops exactly the listed lines: the same logger's other lines, another deprecation and
+    another env's override warning still show; without it (`--verbose`) every line shows."""
+    out = subprocess.run([sys.executable, "-c", NOISE_PROBE, mode], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert sum("raycraft's own line" in line for line in lines) == len(noise.LOGGED)
+    assert "ray._common.deprecation|DeprecationWarning: `ray.foo` has been deprecated." in lines
+    hidden = ["You are running DQN", "Install gputil", "Creating initial MLflow", "rllib-single-agent-env-v0"]
+    assert all(any(h in line for line in lines) == (mode == "verbose") for h in hidden), lines
+    assert "CartPole-v1 already" in lines[-1]
+
+
+@pytest.mark.slow
+def test_an_rl_run_hides_ray_s_noise_in_the_driver_and_the_workers_and_verbose_shows_it(tmp_path):
+    """`raycraft rl` with an env runner (a Ray worker): RLlib's deprecation line comes from the driver and from
+    the worker; quiet, stderr holds none of the listed lines; `raycraft --verbose` shows them, the worker's too."""
+    args = ["rl", "dqn", "--env", "CartPole-v1", "--timesteps", "500", "--workers", "1"]
+    quiet = run_raycraft(args, tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-3000:]
+    verbose = run_raycraft(["--verbose", *args], tmp_path)
+    assert verbose.returncode == 0, verbose.stderr[-3000:]
+    for line in ("Token authentication is enabled", "on the new API stack!", "Install gputil"):
+        assert line not in quiet.stderr and line in verbose.stderr, line
+    deprecation = "`RLModule(config=[RLModuleConfig object])` has been deprecated"
+    assert deprecation not in quiet.stderr and verbose.stderr.count(deprecation) >= 2, verbose.stderr
+    assert "Traceback" not in quiet.stderr and "iter 1 " in quiet.stdout

@@ -10,6 +10,7 @@ from datetime import datetime, timezone
 from typing import Annotated, Any, Optional
 
 import typer
+from rich import box
 from rich.markup import escape
 from rich.table import Table
 
@@ -27,6 +28,7 @@ KEY_METRICS = ("test_", "best_", "eval_return_mean", "return_mean")
 an RL run's returns. A run with none of them (one still training, or stopped) shows its `val_` ones."""
 MODEL_PARAMS = ("model", "algo", "job.model")  # the first given names a run's model (a sweep's: its job's)
 DATA_PARAMS = ("dataset", "env", "job.dataset", "job.env")
+MIN_WIDTH = {"key metrics": 14, "started": 10, "duration": 8}  # a figure, a date, "59m 59s" on one line
 CELL = 60  # characters of a param's value shown in a table cell (--json has them whole)
 
 
@@ -55,11 +57,13 @@ def list_runs(
     if json_:
         print_json(rows)
         return
-    table = Table(title=escape(f"raycraft runs in {uri}" + (f", experiment {experiment}" if experiment else "")))
-    columns = ["run id", *([] if experiment else ["experiment"]), "status", "model", "data", "key metrics",
-               "started", "duration", "note"]
-    for col in columns:
-        table.add_column(col, no_wrap=col in ("run id", "status", "started"))
+    table = Table(title=escape(f"raycraft runs in {uri}" + (f", experiment {experiment}" if experiment else "")),
+                  box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    several = len({row["experiment"] for row in rows}) > 1
+    columns = ["run id", *(["experiment"] if several else []), "status", "model", "data", "key metrics", "started",
+               "duration", *(["note"] if any(row["note"] for row in rows) else [])]
+    for col in columns:  # a narrow terminal wraps a cell (folds a long word) rather than cut it
+        table.add_column(col, no_wrap=col in ("run id", "status"), overflow="fold", min_width=MIN_WIDTH.get(col))
     for row in rows:
         cells = {**row, "run id": row["run_id"], "data": row["dataset"], "started": local_time(row["start"]),
                  "key metrics": "\n".join(format_metrics({k: v}) for k, v in row["metrics"].items()),
