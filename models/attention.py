@@ -26,10 +26,14 @@ Positions:
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+AttentionKind = Literal["full", "sliding", "bigbird", "performer", "linformer"]
+PositionKind = Literal["sinusoidal", "learned", "relative", "rotary"]
 
 
 def sinusoidal_table(n: int, d: int) -> torch.Tensor:
@@ -196,8 +200,8 @@ def performer_attention(q, k, v, W: torch.Tensor, causal: bool) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention: heads_h = Attention(X W_q^h, X W_k^h, X W_v^h), out = [heads] W_o."""
 
-    def __init__(self, d_model: int, n_heads: int, kind: str, causal: bool, max_len: int, *, dropout: float = 0.0,
-                 window: int = 64, n_global: int = 2, n_random: int = 2, n_features: int = 64,
+    def __init__(self, d_model: int, n_heads: int, kind: AttentionKind, causal: bool, max_len: int, *,
+                 dropout: float = 0.0, window: int = 64, n_global: int = 2, n_random: int = 2, n_features: int = 64,
                  proj_len: int = 64, rotary: bool = False, seed: int = 0, blockwise: bool = True) -> None:
         super().__init__()
         self.n_heads, self.kind, self.causal, self.dropout = n_heads, kind, causal, dropout

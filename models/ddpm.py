@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -33,7 +33,8 @@ from raycraft.models.generative import GenerativeConfig, GenerativeModel
 from raycraft.models.layers import image_shape
 from raycraft.registry import field_doc, register_model
 
-SAMPLERS = ("ancestral", "ddim")
+Sampler = Literal["ancestral", "ddim"]
+SAMPLERS = get_args(Sampler)
 
 
 @dataclass
@@ -46,7 +47,7 @@ class DDPMConfig(GenerativeConfig):
                                          factory=lambda: [1, 2, 2])
     patch: int = field_doc(1, "Fold p x p pixel patches into channels before the U-Net (pixel unshuffle) and "
                               "back after it: p^2 times less compute per level, for CPUs.")
-    sampler: Literal["ancestral", "ddim"] = field_doc(
+    sampler: Sampler = field_doc(
         "ddim", "Sampler for epoch grids and end-of-run metrics (`raycraft sample --sampler` overrides).")
     sample_steps: int = field_doc(50, "DDIM steps for epoch grids and end-of-run metrics.")
     ddim_eta: float = field_doc(1.0, "DDIM's eta: 0 is deterministic DDIM, 1 adds DDPM's posterior noise on the "

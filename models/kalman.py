@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import torch
 from torch import nn
@@ -38,7 +38,8 @@ from torch import nn
 from raycraft.errors import UserError, invalid_choice
 from raycraft.registry import field_doc, register_model
 
-MATRICES = ("A", "C", "Q", "R")
+Matrix = Literal["A", "C", "Q", "R"]
+MATRICES = get_args(Matrix)
 
 
 class Band(NamedTuple):
@@ -276,7 +277,7 @@ class KalmanConfig:
     Q: list[list[float]] | None = field_doc(None, "State noise covariance (m, m); default: half the variance of "
                                                   "the series' differences on the diagonal.")
     R: list[list[float]] | None = field_doc(None, "Observation noise covariance (p, p); default as Q.")
-    fit: tuple[str, ...] = field_doc(("Q", "R"), "Matrices fitted by maximum likelihood; the others stay fixed.")
+    fit: tuple[Matrix, ...] = field_doc(("Q", "R"), "Matrices fitted by maximum likelihood; the others stay fixed.")
     kappa: float = field_doc(1e6, "Variance of the approximate diffuse prior P_{1|0} = kappa I.")
     burn: int | None = field_doc(None, "Log-likelihood terms left out at the start (default: state dimension).",
                                  minimum=0)

@@ -17,28 +17,25 @@ DDPG (Lillicrap et al., 2016) learns a deterministic actor μ(s; φ) and a criti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from raycraft.errors import invalid_choice
 from raycraft.registry import field_doc, register_model
 
-ACTIVATIONS = {"relu": nn.ReLU, "tanh": nn.Tanh}
+Activation = Literal["relu", "tanh"]
+ACTIVATIONS: dict[Activation, type[nn.Module]] = {"relu": nn.ReLU, "tanh": nn.Tanh}
 
 
 @dataclass
 class QMLPConfig:
     hiddens: tuple[int, ...] = field_doc((256,), "Widths of the hidden layers of the shared torso.")
-    activation: str = field_doc("tanh", "Hidden activation: relu or tanh.")
+    activation: Activation = field_doc("tanh", "Hidden activation.")
     dueling: bool = field_doc(True, "Split the head into V(s) + A(s,a) − mean_a A(s,a) (Wang et al., 2016).")
     double_q: bool = field_doc(True, "Double DQN: the online net picks argmax_a' Q(s',a'), the target net scores it.")
     head_hiddens: tuple[int, ...] = field_doc((256,), "Hidden widths of each head (Q, or value and advantage).")
-
-    def __post_init__(self) -> None:
-        if self.activation not in ACTIVATIONS:
-            raise invalid_choice("model_args.activation", self.activation, tuple(ACTIVATIONS))
 
 
 @dataclass

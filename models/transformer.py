@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from raycraft.errors import UserError
-from raycraft.models.attention import Attention, RelativeBias, sinusoidal_table
+from raycraft.models.attention import Attention, AttentionKind, PositionKind, RelativeBias, sinusoidal_table
 from raycraft.models.layers import DynamicTanh
 from raycraft.models.rnn import vocab_size
 from raycraft.registry import field_doc, register_model
@@ -60,10 +60,10 @@ class TransformerConfig:
     norm_position: Literal["pre", "post"] = field_doc("pre", "LayerNorm after the residual add (post, the "
                                                              "paper's) or inside the branch (pre).")
     norm: Literal["layernorm", "dyt"] = field_doc("layernorm", "LayerNorm, or dynamic tanh in its place.")
-    position: Literal["sinusoidal", "learned", "relative", "rotary"] = field_doc(
+    position: PositionKind = field_doc(
         "sinusoidal", "Position information: added sinusoidal table or learned vectors, T5 relative bias, rotary.")
-    attention: Literal["full", "sliding", "bigbird", "performer", "linformer"] = field_doc(
-        "full", "Attention kind (see models/attention.py).")
+    attention: AttentionKind = field_doc(
+        "full", "Attention: full softmax, sparse (sliding window, BigBird) or linear-cost (Performer, Linformer).")
     window: int = field_doc(64, "Sliding-window and BigBird: keys within this distance.")
     n_global: int = field_doc(2, "BigBird: global tokens (0: none).", minimum=0)
     n_random: int = field_doc(2, "BigBird: random keys per query (0: none).", minimum=0)

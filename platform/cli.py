@@ -12,18 +12,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import importlib.metadata
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Annotated, Optional
 
 import typer
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from raycraft import registry, warm
-from raycraft.console import Invocation, err_console
+from raycraft import noise, registry, warm
+from raycraft.console import Invocation, console, err_console
 from raycraft.errors import Stopped, TrainingError, UserError
 from raycraft.extras import require_extra
 
@@ -48,8 +50,8 @@ TRAINING = {
                    "Train MODEL on --dataset with Ray Train, logging to MLflow; prints the run id and final metrics."),
     "eval": Entry("raycraft.commands.train",
                   "Reload the model logged by RUN_ID and report its metrics on the test split."),
-    "runs": Entry("raycraft.commands.runs", "List the newest runs with their status; first marks KILLED any run "
-                                            "left RUNNING by a client that died."),
+    "runs": Entry("raycraft.commands.runs", "List the newest runs (status, model, key metrics, duration), marking "
+                                            "KILLED those whose client died; `runs compare` puts runs side by side."),
 }
 OPERATIONS = {
     "submit": Entry("raycraft.cluster_commands",
@@ -98,19 +100,56 @@ class LazyGroup(TyperGroup):
         return module_commands(entry.module)[cmd_name]
 
     def format_help(self, ctx: typer.Context, formatter) -> None:
-        ctx.meta[_LISTING] = True
-        try:
+        with listing(ctx):
             super().format_help(ctx, formatter)
-        finally:
-            del ctx.meta[_LISTING]
+
+    def shell_complete(self, ctx: typer.Context, incomplete: str) -> list:
+        """The completions of a word after `raycraft`: the commands' names (with their help), from the stand-ins,
+        so that pressing Tab imports none of them."""
+        with listing(ctx):
+            return super().shell_complete(ctx, incomplete)
 
 
-app = typer.Typer(cls=LazyGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+@contextlib.contextmanager
+def listing(ctx: typer.Context) -> Iterator[None]:
+    """While entered, the root's `get_command` answers with the help-only stand-ins."""
+    ctx.meta[_LISTING] = True
+    try:
+        yield
+    finally:
+        del ctx.meta[_LISTING]
+
+
+# add_completion: --install-completion and --show-completion, for the shell typer detects (bash, zsh, fish, ...)
+app = typer.Typer(cls=LazyGroup, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def show_version(value: bool) -> None:
+    """`--version`: raycraft's version and those of the libraries a bug report needs, read from the installed
+    packages' metadata (nothing imported)."""
+    if not value:
+        return
+    python = ".".join(map(str, sys.version_info[:3]))
+    libraries = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in VERSIONED)
+    console.print(f"raycraft {importlib.metadata.version('raycraft')} (Python {python}; {libraries})", highlight=False)
+    raise typer.Exit()
+
+
+VERSIONED = ("ray", "torch", "mlflow", "typer")  # the libraries `--version` names
 
 
 @app.callback()
-def raycraft() -> None:
+def raycraft(
+    verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="Also show the warnings and log lines of Ray, RLlib, gymnasium and MLflow that "
+                                "raycraft hides as noise (`raycraft --verbose rl ...`).")] = False,
+    version: Annotated[Optional[bool], typer.Option(
+        "--version", callback=show_version, is_eager=True, help="Print the versions of raycraft, Python, Ray, "
+                                                                "torch, MLflow and typer, and exit.")] = None,
+) -> None:
     """Train the survey's model families on Ray, tracked in MLflow."""
+    if not verbose:
+        noise.quiet()
 
 
 def main(use_warm: bool = True, started_at: float | None = None) -> None:

@@ -25,6 +25,7 @@ import time
 import zipfile
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import ray
@@ -33,6 +34,7 @@ from ray._private.runtime_env.packaging import GCS_STORAGE_MAX_SIZE, create_pack
 from ray.exceptions import AuthenticationError
 from ray.job_submission import JobSubmissionClient
 
+from raycraft import noise
 from raycraft.errors import UserError, invalid_choice
 from raycraft.tracking import is_local_store, resolve_tracking_uri
 
@@ -280,29 +282,32 @@ def init_ray(address: str | None = None, min_cpus: int = 0) -> None:
     address = address or os.environ.get("RAY_ADDRESS")
     env = {k: os.environ.get(k, v) for k, v in RAY_ENV.items()}
     quiet = ray.LoggingConfig(log_level="WARNING")
+    # the workers hide what this process hides (`raycraft --verbose`: neither does)
+    hook = {"worker_process_setup_hook": noise.WORKER_HOOK} if noise.is_quiet() else {}
     if address:
-        _join(address, env, quiet)
+        _join(address, {"env_vars": env, **hook}, quiet)
     else:
-        _start_local(env, quiet, max(os.cpu_count() or 1, min_cpus))
+        _start_local({"env_vars": env, **hook}, quiet, max(os.cpu_count() or 1, min_cpus))
         keep_token_private()
 
 
-def _join(address: str, env: dict[str, str], quiet) -> None:
+def _join(address: str, runtime_env: dict[str, Any], quiet) -> None:
     if address != "auto":  # an unreachable address would make ray.init retry for minutes
         check_reachable(address, 10001 if address.startswith("ray://") else 6379)
     try:
-        ray.init(address=address, logging_config=quiet, runtime_env={"env_vars": env})
+        ray.init(address=address, logging_config=quiet, runtime_env=runtime_env)
     except AuthenticationError as exc:
         raise UserError(f"--address: Ray at {address!r} refused the token: {exc.message}. {AUTH_HELP}") from None
     except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
         raise UserError(f"--address: cannot connect to Ray at {address!r}: {exc}") from None
 
 
-def _start_local(env: dict[str, str], quiet, num_cpus: int) -> None:
+def _start_local(runtime_env: dict[str, Any], quiet, num_cpus: int) -> None:
     """A Ray of this machine only. Ray Train's placement-group cleaner (which frees a run's CPUs when its
     controller dies, e.g. a sweep trial stopped early) finds its cluster by auto-detection, which fails when
     other Ray instances run on the machine: choose the GCS port, and tell every worker the address."""
     # Local mode has no preemptible nodes: skip Ray Train's watcher actor (one process fewer).
+    env = runtime_env["env_vars"]
     env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = os.environ.get("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     try:
         for attempt in range(3):
@@ -314,7 +319,7 @@ def _start_local(env: dict[str, str], quiet, num_cpus: int) -> None:
                 # the state API that Ray Train's cleanup polls.
                 with single_node_ray():
                     ray.init(address="local", _node_ip_address="127.0.0.1", dashboard_host="127.0.0.1",
-                             num_cpus=num_cpus, logging_config=quiet, runtime_env={"env_vars": env})
+                             num_cpus=num_cpus, logging_config=quiet, runtime_env=runtime_env)
                 return
             except Exception as exc:  # Ray waits a fixed 30 s for its raylet; an overloaded machine misses it
                 if "timed out during startup" not in str(exc) or attempt == 2:

@@ -244,6 +244,48 @@ def field_at(cls: type, key: str) -> tuple[dataclasses.Field, Any] | None:
     return found, node
 
 
+@dataclasses.dataclass(frozen=True)
+class KeyDoc:
+    """One key of a config as `raycraft models --details` lists it."""
+
+    key: str
+    """Dotted from the config's top (`moe.experts`)."""
+    default: Any
+    choices: tuple[Any, ...]
+    """What the field (or each of its items) takes, where that is enumerated (`choices_of`)."""
+    help: str
+    group: bool = False
+    """A nested config: its own keys follow, and it has no value of its own to show."""
+
+
+def choices_of(tp: Any) -> tuple[Any, ...]:
+    """The values a field of type `tp` takes when they are enumerated: a Literal's (with None if Optional), or
+    the items' of a list or tuple of a Literal (`fit: tuple[Matrix, ...]`); () for any other type."""
+    optional, tp = _is_optional(tp)
+    if get_origin(tp) in (list, tuple):
+        return choices_of(get_args(tp)[0]) if get_args(tp) else ()
+    return get_args(tp) + ((None,) if optional else ()) if get_origin(tp) is Literal else ()
+
+
+def documented_keys(cls: type, defaults: Any = None, prefix: str = "") -> list[KeyDoc]:
+    """Every key of config dataclass `cls`, a nested config's keys after it under its dotted name, each with
+    its default (taken from `defaults`, an instance, where one is given: a nested config's field default may
+    differ from its class's), its choices (from the field's Literal type) and its documentation."""
+    defaults = cls() if defaults is None else defaults
+    hints, out = _hints(cls), []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        tp = _is_optional(hints[f.name])[1]
+        value, doc = getattr(defaults, f.name), f.metadata.get("help", "")
+        if dataclasses.is_dataclass(tp) and value is not None:
+            out.append(KeyDoc(f"{prefix}{f.name}", None, (), doc, group=True))
+            out += documented_keys(tp, value, f"{prefix}{f.name}.")
+            continue
+        out.append(KeyDoc(f"{prefix}{f.name}", value, choices_of(hints[f.name]), doc))
+    return out
+
+
 MODEL_ARGS = "model_args"  # the job field that holds its model's own keys
 MAX_DEPTH = 32  # how deep a config's mappings may nest: real ones nest 3 deep (model_args.lora.rank)
 

@@ -39,19 +39,22 @@ AddressOpt = Annotated[Optional[str], typer.Option(
     "--address", help="Ray cluster to join (default: $RAY_ADDRESS, else a private local Ray).")]
 
 
-def figure(value: float) -> str:
-    """A metric as every command prints it: 4 significant digits (0.4123, 21.5, -1329), whole numbers and
-    numbers of 10,000 or more in plain digits (500, 12000, not 1.2e+04)."""
+def format_number(value: float) -> str:
+    """A figure as every line of raycraft's output shows it: four significant digits (0.9753, 12.35, 0.0001235),
+    thousands separated and no exponent from 1,000 up (12,346), an exponent below 0.0001 (1.235e-05), whole
+    numbers as they are (3, 60,000)."""
+    value = float(value)
     if not math.isfinite(value):
         return str(value)
-    if value == int(value) or abs(value) >= 1e4:
-        return f"{value:.0f}"
-    return f"{value:.4g}"
+    if value.is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"
+    short = f"{value:.4g}"
+    return f"{value:,.0f}" if abs(float(short)) >= 1000 else short
 
 
-def metrics_line(metrics: dict[str, float], labels: dict[str, str] | None = None) -> str:
-    """`metrics` as one line, `key value` each (named by `labels` where it has the key): `loss 0.4123  acc 0.97`."""
-    return "  ".join(f"{(labels or {}).get(k, k)} {figure(v)}" for k, v in metrics.items())
+def format_metrics(metrics: dict[str, float]) -> str:
+    """Metrics as `name value` pairs by name, each value through `format_number`."""
+    return "  ".join(f"{k} {format_number(v)}" for k, v in sorted(metrics.items()))
 
 
 def field_option(cls: type, key: str, *names: str) -> Any:
@@ -173,8 +176,8 @@ class EpochProgress(LiveProgress):
         elsewhere, a line for each event that was logged (a `log_every_steps` boundary)."""
         where = f"epoch {event['epoch'] + 1}/{self.epochs}"
         loss = event.get("loss")
-        figures = [f"{event['samples_per_s']:,.0f} samples/s"] + (
-            [f"loss {figure(loss)}"] if loss is not None and not math.isnan(loss) else [])  # NaN: the step has none
+        figures = [f"{event['samples_per_s']:,.0f} samples/s"] + (  # a loss of NaN: the step has none
+            [f"loss {format_number(loss)}"] if loss is not None and not math.isnan(loss) else [])
         steps = f"{event['step']}/{event['steps']}"
         self.show(where, event["step"], event["steps"], " · ".join([f"{steps} steps", *figures]),
                   restart=event["epoch"] != self.epoch)
@@ -201,7 +204,7 @@ class IterationProgress(LiveProgress):
         · ETA 0:00:40; elsewhere, `line`."""
         i, steps = int(m["iteration"]), int(m["env_steps"])
         detail = [f"{steps:,}/{self.timesteps:,} env steps", f"{m.get('steps_per_s', 0):,.0f} steps/s"]
-        detail += [f"{label} {figure(m[key])}"
+        detail += [f"{label} {format_number(m[key])}"
                    for key, label in (("return_mean", "return"), ("eval_return_mean", "eval")) if key in m]
         self.show(f"iteration {i}/{max(i, self.iterations)}", min(steps, self.timesteps), self.timesteps,
                   " · ".join(detail))
@@ -226,6 +229,6 @@ class TrialProgress(LiveProgress):
         """`done` trials ended, `running` running, `progressed`: iterations reported by trials not done."""
         total = self.trials * self.length
         best = (min if self.mode == "min" else max)(self.latest.values()) if self.latest else None
-        detail = [f"{running} running", f"best {self.metric} " + ("-" if best is None else figure(best))]
+        detail = [f"{running} running", f"best {self.metric} " + ("-" if best is None else format_number(best))]
         self.show(f"trials {done}/{self.trials}", min(done * self.length + progressed, total), total,
                   " · ".join(detail))

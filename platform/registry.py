@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -128,11 +129,11 @@ def step_for(task: str) -> Step:
 def register_model(name: str, *, family: str, config: type, task: str = "classification",
                    description: str = "", recipe: dict[str, Any] | None = None,
                    check: Callable[[Any, dict[str, Any]], None] | None = None) -> Callable:
-    """Decorator for `builder(cfg, data_info) -> nn.Module`; the docstring's first line describes it."""
+    """Decorator for `builder(cfg, data_info) -> nn.Module`; the docstring's first paragraph describes it."""
     def wrap(builder: Callable) -> Callable:
         if name in _MODELS:
             raise ValueError(f"model {name!r} is registered twice")
-        doc = description or (builder.__doc__ or "").strip().splitlines()[0]
+        doc = description or first_paragraph(builder.__doc__)
         _MODELS[name] = ModelSpec(name, family, task, doc, config, builder, dict(recipe or {}), check)
         return builder
     return wrap
@@ -140,16 +141,21 @@ def register_model(name: str, *, family: str, config: type, task: str = "classif
 
 def register_dataset(name: str, *, task: str | tuple[str, ...] = "classification", needs_data_dir: bool = False,
                      description: str = "", extra: str | None = None, streams: bool = False) -> Callable:
-    """Decorator for `loader(DataConfig) -> DataSplits`; the docstring's first line describes it.
+    """Decorator for `loader(DataConfig) -> DataSplits`; the docstring's first paragraph describes it.
     `task` is one task or a tuple of the tasks whose models can train on this dataset."""
     def wrap(loader: Callable) -> Callable:
         if name in _DATASETS:
             raise ValueError(f"dataset {name!r} is registered twice")
-        doc = description or (loader.__doc__ or "").strip().splitlines()[0]
+        doc = description or first_paragraph(loader.__doc__)
         tasks = (task,) if isinstance(task, str) else tuple(task)
         _DATASETS[name] = DatasetSpec(name, tasks, doc, loader, needs_data_dir, extra, streams)
         return loader
     return wrap
+
+
+def first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph on one line: the whole sentence a listing shows, however it was wrapped."""
+    return " ".join(inspect.cleandoc(doc or "").split("\n\n")[0].split())
 
 
 def _load(modules: tuple[str, ...]) -> None:
@@ -210,16 +216,6 @@ def load_dataset(name: str, cfg: DataConfig) -> DataSplits:
     splits.info.setdefault("dataset", name)  # lets end-of-run metrics find the data again
     splits.info.setdefault("data_dir", cfg.data_dir)
     return splits
-
-
-def config_fields(cls: type) -> list[tuple[str, Any, str]]:
-    """(name, default, help) for each field of a config dataclass, for `raycraft models --details`."""
-    out = []
-    for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else (
-            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        out.append((f.name, default, f.metadata.get("help", "")))
-    return out
 
 
 # The families: one line each.

@@ -99,15 +99,22 @@ def is_local_store(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:", "/"))
 
 
-def ui_command(uri: str, run_id: str) -> str:
-    """How to open run `run_id` in MLflow's UI, in its "Model training" view (runs, models, system metrics).
-    MLflow 3.17's UI takes the view from the link (`workflowType`), else from the user's last choice, GenAI
-    (traces, evaluation runs) at first, whatever the experiment's KIND_TAG says."""
-    page = f"#/experiments/{get_run(uri, run_id).info.experiment_id}/runs/{run_id}?workflowType=machine_learning"
+UI_HOST, UI_PORT = "127.0.0.1", 5000  # where `ui_command`'s `mlflow ui` serves a local store
+
+
+def ui_command(uri: str, run_id: str | None = None) -> str:
+    """How to see the store `uri` (and run `run_id` in it): for a local store, the `mlflow ui` command that serves
+    it, then the run's page at that server's address; for a tracking server, the run's page on it. The page opens
+    in MLflow's "Model training" view (runs, models, system metrics): MLflow 3.17's UI takes the view from the link
+    (`workflowType`), else from the user's last choice, GenAI at first, whatever the experiment's KIND_TAG says."""
+    server = f"http://{UI_HOST}:{UI_PORT}" if is_local_store(uri) else uri.rstrip("/")
+    page = server
+    if run_id:
+        experiment = get_run(uri, run_id).info.experiment_id
+        page = f"{server}/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
     if is_local_store(uri):
-        return (f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then open "
-                f"http://127.0.0.1:5000/{page}")
-    return f"open {uri.rstrip('/')}/{page}"
+        return f"mlflow ui --backend-store-uri {uri} --host {UI_HOST} --port {UI_PORT}, then open {page}"
+    return f"open {page}"
 
 
 _OPENED: set[str] = set()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from mlflow import MlflowClient
 
 pytestmark = pytest.mark.slow
 
@@ -22,10 +23,12 @@ def test_cli_train_then_eval(tmp_path):
     epoch_lines = [line for line in out.splitlines() if line.startswith("epoch ")]
     assert [line.split()[1] for line in epoch_lines] == ["1/2", "2/2"]
     for key in ("train_loss", "val_loss", "val_accuracy", "samples_per_s"):
-        assert all(re.search(rf"\b{key} [\d.e+-]+", line) for line in epoch_lines), key
+        assert all(re.search(rf"\b{key} [\d.,e+-]+", line) for line in epoch_lines), key
     run_id = re.search(r"run id: (\w{32})", out).group(1)
     test_acc = re.search(r"final: .*test_accuracy ([\d.]+)", out).group(1)
     assert f"mlflow ui --backend-store-uri sqlite:///{tmp_path}/mlflow.db" in out
+    experiment = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(run_id).info.experiment_id
+    assert f"then open http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}" in out  # the run's page
     assert (tmp_path / "mlflow.db").is_file() and (tmp_path / "mlartifacts").is_dir()
 
     evaluated = subprocess.run([*cli, "eval", run_id], cwd=tmp_path, env=env, capture_output=True, text=True,

@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from raycraft import checksums
-from raycraft.console import figure
+from raycraft.console import format_number
 from raycraft.rl.config import build_rl_config
 from raycraft.rl.environments import make
 from raycraft.rl.replay import ARRAYS_FILE
@@ -139,7 +139,7 @@ def test_ddpg_pendulum_through_the_cli(ray_session, tmp_path, monkeypatch, capsy
     assert evals[-1].step >= 400 and all(-2000 < m.value <= 0 for m in evals)
 
     lines = [line for line in out.out.splitlines() if line.startswith(("iter ", "done "))]
-    assert len(lines) >= 3 and f"eval return {figure(evals[-1].value)}  " in lines[-1], lines
+    assert len(lines) >= 3 and f"eval return {format_number(evals[-1].value)}  " in lines[-1], lines
     decimals = [x for line in lines for x in re.findall(r"\d+\.\d+", line)]
     assert all(len(x.replace(".", "").lstrip("0")) <= 4 for x in decimals), lines  # 4 significant digits
 

@@ -101,6 +101,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(mlflow_uri, tmp
     resumed = subprocess.run(_cli(*args, "--resume", "resume4"), cwd=tmp_path, env=env, timeout=600,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     assert resumed.returncode == 0, resumed.stdout[-3000:]
+    assert "Configuration for experiment" not in resumed.stdout  # Ray Tune's own console output stays off
     runs = client.search_runs([exp_id])
     parents = [r for r in runs if PARENT_TAG not in r.data.tags]
     kids = [r for r in runs if PARENT_TAG in r.data.tags]

@@ -8,23 +8,20 @@ from typing import Annotated, Optional
 import typer
 
 from raycraft.config import build
-from raycraft.console import AddressOpt, EpochProgress, SetOpt, TrackingOpt, console, field_option, metrics_line
+from raycraft.console import AddressOpt, EpochProgress, SetOpt, TrackingOpt, console, field_option, format_metrics
 from raycraft.errors import UserError
 from raycraft.evaluate import evaluate_run
 from raycraft.lifecycle import process_start_time
 from raycraft.runner import run_training
-from raycraft.tracking import resolve_tracking_uri, ui_command
+from raycraft.tracking import EPOCH_KEY, resolve_tracking_uri, ui_command
 from raycraft.train.config import TrainConfig, config_layers
 
 app = typer.Typer()
 
 
-def _fmt(metrics: dict[str, float]) -> str:
-    return metrics_line({k: metrics[k] for k in sorted(metrics) if k != "epoch"})
-
-
 def _epoch_line(m: dict[str, float], epochs: int) -> str:
-    return f"[bold]epoch {int(m.get('epoch', 0)) + 1}/{epochs}[/]  {_fmt(m)}"
+    shown = {k: v for k, v in m.items() if k != EPOCH_KEY}
+    return f"[bold]epoch {int(m.get(EPOCH_KEY, 0)) + 1}/{epochs}[/]  {format_metrics(shown)}"
 
 
 @app.command("train")
@@ -68,8 +65,8 @@ def train(
                                on_epoch=lambda m: shown.ended(_epoch_line(m, cfg.epochs)), on_step=shown.step,
                                started_at=started_at)
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]")
-    console.print("final: " + _fmt({k: v for k, v in outcome.metrics.items()
-                                    if k.startswith(("test_", "val_", "train_"))}))
+    console.print("final: " + format_metrics({k: v for k, v in outcome.metrics.items()
+                                              if k.startswith(("test_", "val_", "train_"))}))
     console.print(f"MLflow UI: {ui_command(uri, outcome.run_id)}")
 
 
@@ -82,4 +79,4 @@ def eval_(
 ):
     """Reload the model logged by RUN_ID and report its metrics on the test split."""
     metrics = evaluate_run(run_id, dataset=dataset, tracking_uri=resolve_tracking_uri(tracking_uri))
-    console.print(f"run {run_id} on the test split: {_fmt(metrics)}")
+    console.print(f"run {run_id} on the test split: {format_metrics(metrics)}")

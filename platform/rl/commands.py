@@ -15,8 +15,7 @@ from raycraft.console import (
     TrackingOpt,
     console,
     field_option,
-    figure,
-    metrics_line,
+    format_number,
 )
 from raycraft.errors import invalid_choice
 from raycraft.rl.config import ALGOS, RLConfig
@@ -30,7 +29,7 @@ LABELS = {"iteration": "iter", "env_steps": "steps", "return_mean": "return", "e
 
 
 def _fmt(m: dict[str, float]) -> str:
-    return metrics_line({k: m[k] for k in LABELS if k in m}, LABELS)
+    return "  ".join(f"{label} {format_number(m[k])}" for k, label in LABELS.items() if k in m)
 
 
 @app.command("rl")
@@ -65,7 +64,7 @@ def rl(
     with IterationProgress(cfg.timesteps, cfg.steps_per_iter) as shown:
         outcome = train_rl(cfg, model_cfg, tracking_uri=uri, address=address, resume_run_id=resume,
                            on_start=on_start, on_iteration=lambda m: shown.iteration(m, _fmt(m)))
-    eval_return = "-" if outcome.eval_return is None else figure(outcome.eval_return)
+    eval_return = "-" if outcome.eval_return is None else format_number(outcome.eval_return)
     console.print(f"[green]done[/]  run id: [bold]{outcome.run_id}[/]  env steps {outcome.env_steps}  "
                   f"eval return {eval_return}  wall {outcome.wall_s:.0f} s")
     if outcome.checkpoint_logged is not None:
@@ -85,7 +84,8 @@ def rl_eval(
     from raycraft.rl.run import evaluate_rl  # RLlib (3 s): not at the top, where `rl`'s bad input would wait
 
     returns = evaluate_rl(run_id, episodes=episodes, video=video, tracking_uri=tracking_uri)
-    console.print(f"run {run_id}: mean return {figure(sum(returns) / len(returns))} over {len(returns)} episodes "
-                  f"(min {figure(min(returns))}, max {figure(max(returns))})")
+    mean = format_number(sum(returns) / len(returns))
+    console.print(f"run {run_id}: mean return {mean} over {len(returns)} episodes "
+                  f"(min {format_number(min(returns))}, max {format_number(max(returns))})")
     if video:
         console.print(f"GIF: {video}")

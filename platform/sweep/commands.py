@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from raycraft.console import AddressOpt, SetOpt, TrackingOpt, console, figure
+from raycraft.console import AddressOpt, SetOpt, TrackingOpt, console, format_number
 from raycraft.errors import UserError
 from raycraft.extras import require_extra
 from raycraft.sweep.config import load_sweep
@@ -42,7 +42,7 @@ def tune(
     console.print(f"[green]done[/]  sweep {outcome.name}: {len(outcome.children)} trials, parent run "
                   f"[bold]{outcome.parent_run_id}[/]")
     if outcome.best_run_id:
-        console.print(f"best run {outcome.best_run_id}: {figure(outcome.best_metric)} with " +
+        console.print(f"best run {outcome.best_run_id}: {format_number(outcome.best_metric)} with " +
                       ", ".join(f"{k}={v}" for k, v in outcome.best_params.items()))
     console.print(f"MLflow UI: {ui_command(resolve_tracking_uri(tracking_uri), outcome.parent_run_id)}")
 

@@ -38,7 +38,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from raycraft import tracking
 from raycraft.cluster import init_ray
 from raycraft.config import flatten, read_yaml, to_dict
-from raycraft.console import TrialProgress, metrics_line
+from raycraft.console import TrialProgress, format_metrics
 from raycraft.errors import TrainingError, UserError
 from raycraft.sweep import pacing
 from raycraft.sweep.config import POINT, Sweep, load_sweep
@@ -165,12 +165,12 @@ class MlflowSweepCallback(Callback):
             display.reported(trial.trial_id, result)
         if "epoch" in result:
             shown = {k: v for k, v in result.items() if k.startswith(("val_", "train_"))}
-            self.echo(f"trial {trial.trial_id} epoch {int(result['epoch']) + 1}  "
-                      + metrics_line(dict(sorted(shown.items()))), trials, ended=False)
+            self.echo(f"trial {trial.trial_id} epoch {int(result['epoch']) + 1}  {format_metrics(shown)}", trials,
+                      ended=False)
         elif "env_steps" in result:
             shown = {k: result[k] for k in ("env_steps", "return_mean", "eval_return_mean") if k in result}
-            self.echo(f"trial {trial.trial_id} iteration {int(result['iteration'])}  "
-                      + metrics_line(shown), trials, ended=False)
+            self.echo(f"trial {trial.trial_id} iteration {int(result['iteration'])}  {format_metrics(shown)}", trials,
+                      ended=False)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         early = not KINDS[self.kind].finished(trial.last_result or {})
