@@ -1,6 +1,7 @@
 """raycraft's array replay: n-step rows against hand-computed returns (whole episodes and the chunks an
-EnvRunner hands over), prioritised sampling and importance weights against their formulas, and the
-buffer's round trip through a checkpoint folder without pickle."""
+EnvRunner hands over), prioritised sampling and importance weights against their formulas, the
+buffer's round trip through a checkpoint folder without pickle, and its frame ring against real Atari
+play: every row's s and s' element by element the env's own stacked observations."""
 
 from __future__ import annotations
 
@@ -158,8 +159,14 @@ class Stream:
     """Real Atari play handed to a replay in EnvRunner-like chunks, and what each step should give back."""
 
     adds: list[list[SingleAgentEpisode]]  # the chunks of each `add`
-    episodes: dict[int, tuple[np.ndarray, np.ndarray, bool]]  # step id → its episode's (obs, rewards, terminated)
+    episodes: dict[int, tuple[np.ndarray, np.ndarray, bool | None]]  # step id → its episode's obs, rewards, end
     start: dict[int, int]  # step id → its index t in its episode
+
+    def record(self, obs: list, rewards: list, ids: list[int], terminated: bool | None) -> None:
+        """An episode as played (`terminated` None: unfinished), under the ids of its steps."""
+        episode = (np.array(obs), np.array(rewards, np.float32), terminated)
+        for t, g in enumerate(ids):
+            self.episodes[g], self.start[g] = episode, t
 
 
 def atari_stream(steps: int, limit: int, envs: int = 3, seed: int = 0) -> Stream:
@@ -168,16 +175,12 @@ def atari_stream(steps: int, limit: int, envs: int = 3, seed: int = 0) -> Stream
     is recorded as its step id, so that a row names the step it starts at."""
     rng = np.random.default_rng(seed)
     games = [gym.wrappers.TimeLimit(make_atari("ALE/Breakout-v5"), limit) for _ in range(envs)]
-    episodes, starts, stream = {}, {}, Stream([], {}, {})
-    open_eps: list[tuple[SingleAgentEpisode, list, list, list[int]]] = []
-    for i, game in enumerate(games):
-        obs, _ = game.reset(seed=seed + i)
-        open_eps.append(new_episode(obs))
-    step = 0
+    playing = [new_episode(game.reset(seed=seed + i)[0]) for i, game in enumerate(games)]
+    stream, step = Stream([], {}, {}), 0
     while step < steps:
-        batch = []
+        stream.adds.append([])
         for i, game in enumerate(games):
-            episode, obs_list, rewards, ids = open_eps[i]
+            episode, obs_list, rewards, ids = playing[i]
             for _ in range(rng.integers(1, 6)):
                 obs, reward, terminated, truncated, _ = game.step(int(rng.integers(game.action_space.n)))
                 episode.add_env_step(obs, step, reward, terminated=terminated, truncated=truncated)
@@ -188,19 +191,13 @@ def atari_stream(steps: int, limit: int, envs: int = 3, seed: int = 0) -> Stream
                 if terminated or truncated:
                     break
             if episode.is_done:
-                for t, g in enumerate(ids):
-                    episodes[g], starts[g] = (np.array(obs_list), np.array(rewards, np.float32), terminated), t
-                batch.append(episode.to_numpy())
-                open_eps[i] = new_episode(game.reset()[0])
+                stream.record(obs_list, rewards, ids, terminated)
+                playing[i] = new_episode(game.reset()[0])
             else:
-                rest = episode.cut()
-                batch.append(episode.to_numpy())
-                open_eps[i] = (rest, obs_list, rewards, ids)
-        stream.adds.append(batch)
-    for _, obs_list, rewards, ids in open_eps:  # unfinished: rows only where n steps followed
-        for t, g in enumerate(ids):
-            episodes[g], starts[g] = (np.array(obs_list), np.array(rewards, np.float32), None), t
-    stream.episodes, stream.start = episodes, starts
+                playing[i] = (episode.cut(), obs_list, rewards, ids)
+            stream.adds[-1].append(episode.to_numpy())
+    for _, obs_list, rewards, ids in playing:  # unfinished: rows only where n steps followed
+        stream.record(obs_list, rewards, ids, None)
     return stream
 
 
