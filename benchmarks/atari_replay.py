@@ -5,8 +5,8 @@ The baseline is the replay as it was before it stored each frame once (commit BA
 get the same real Pong play (`make_atari("ALE/Pong-v5")`, random actions), in the same run:
 
 - bytes per transition: the buffer's arrays over its capacity (`--capacity`, the preset's 100k);
-- resident memory: a fresh process fills a buffer with `--fill` transitions (`--old-fill` for the
-  baseline, whose 100k would need 22.6 GB) and reports the growth of its RSS;
+- resident memory: a fresh process fills a buffer of `--fill` transitions (`--old-fill` for the
+  baseline, whose 100k would need 22.6 GB) with 1.25 times as many and reports the growth of its RSS;
 - replay steps/s: in that process, the preset's add/sample path on the filled buffer: one 1-step chunk
   added per env step (the preset's n_step 1 makes RLlib hand over 1-step chunks), a batch of 32 drawn and
   its priorities written every 4 steps (training_intensity 8);
@@ -104,14 +104,14 @@ def episodes(path: Path, chunk: int | None):
 
 
 def measure(layout: str, capacity: int, path: Path) -> dict[str, float]:
-    """In this (fresh) process, a buffer filled to `capacity`: its arrays' bytes and RSS growth per transition,
-    then the add/sample path's steps/s."""
+    """In this (fresh) process, a buffer of `capacity` that has taken 1.25 times as many transitions (its
+    rings have wrapped): its arrays' bytes and RSS growth per transition, then the add/sample path's steps/s."""
     process = psutil.Process()
     buf = replay_class(layout, capacity)
-    before = process.memory_info().rss
-    while len(buf) < capacity:
+    before, added = process.memory_info().rss, 0
+    while added < capacity * 5 // 4:
         for episode in episodes(path, None):
-            buf.add([episode])
+            added += buf.add([episode])
     rss = process.memory_info().rss - before
     arrays = [*buf.data.values()] if layout == "old" else [buf.frames, *buf.rows.values()]
     chunks, rng = list(episodes(path, 1)), np.random.default_rng(0)
@@ -160,9 +160,11 @@ def dqn_rates(layout: str, steps: int, storage: str) -> tuple[float, float]:
 
 
 def in_child(layout: str, capacity: int, path: Path) -> dict[str, float]:
-    """`measure` in a fresh interpreter, so that each RSS figure holds one buffer only."""
+    """`measure` in a fresh interpreter, so that each RSS figure holds one buffer only; glibc maps every
+    allocation over 64 KB on its own, so that the episodes' arrays, once freed, leave the RSS."""
     out = subprocess.run([sys.executable, __file__, "--child", layout, "--fill", str(capacity), "--cache", str(path)],
-                         check=True, capture_output=True, text=True).stdout
+                         check=True, capture_output=True, text=True,
+                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 

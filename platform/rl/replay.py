@@ -116,7 +116,6 @@ class TransitionReplay:
         self.frames_written = 0  # the next frame's number; frame f lives in slot f % frame_slots
         self.obs_shape: tuple[int, ...] = ()
         self.obs_dtype: np.dtype | None = None
-        self.levels: np.ndarray | None = None  # levels[q]: the observation value of uint8 frame value q
         # Per unfinished episode: the frame numbers of its last < n steps' observations and of its newest one,
         # and those steps' actions and rewards, whose n-step windows the next chunk completes.
         self.pending: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
@@ -179,9 +178,7 @@ class TransitionReplay:
         """The (still empty) frame ring for observations of `obs_shape` and `dtype`."""
         self.obs_shape, self.obs_dtype = tuple(obs_shape), np.dtype(dtype)
         frame = (*obs_shape[:-1], obs_shape[-1] // self.format.stack) if self.format.stack > 1 else obs_shape
-        if self.format.scale is not None:
-            self.levels = (np.arange(256) * self.format.scale + self.format.offset).astype(dtype)
-        self.frames = np.zeros((self.frame_slots, *frame), dtype if self.levels is None else np.uint8)
+        self.frames = np.zeros((self.frame_slots, *frame), dtype if self.format.scale is None else np.uint8)
 
     def _write_frames(self, frames: np.ndarray) -> np.ndarray:
         """Put `frames` into the ring over its oldest; their frame numbers."""
@@ -192,11 +189,11 @@ class TransitionReplay:
         return numbers
 
     def _encode(self, frames: np.ndarray) -> np.ndarray:
-        """Frames as the ring stores them: the uint8 q of q · scale + offset, checked to give them back exactly."""
-        if self.levels is None:
+        """Frames as the ring stores them: the uint8 q of q · scale + offset, checked to decode to them exactly."""
+        if self.format.scale is None:
             return frames
         q = np.clip(np.rint((frames - self.format.offset) / self.format.scale), 0, 255).astype(np.uint8)
-        if not np.array_equal(self.levels[q], frames):
+        if not np.array_equal(self._decode(q), frames):
             raise ValueError(f"replay: the frames are not uint8 images q seen as q · {self.format.scale} + "
                              f"{self.format.offset}")
         return q
@@ -266,12 +263,21 @@ class TransitionReplay:
         return batch
 
     def _observations(self, numbers: np.ndarray) -> np.ndarray:
-        """Observations from the frame numbers (B, stack) of their frames."""
-        frames = self.frames[numbers % self.frame_slots]  # (B, stack, *frame)
+        """Observations from the frame numbers (B, stack) of their frames. A stack comes back as a view of
+        (B, stack, *frame) in memory (interleaving the frames took most of a sample's time); a network's
+        channels-first permute makes it contiguous again."""
+        frames = self.frames[numbers % self.frame_slots]
         if self.format.stack > 1:
             frames = np.moveaxis(frames, 1, -2)  # (..., stack, width): the stack's last axis, frame by frame
         obs = frames.reshape(len(numbers), *self.obs_shape)
-        return obs if self.levels is None else self.levels[obs]
+        return obs if self.format.scale is None else self._decode(obs)
+
+    def _decode(self, q: np.ndarray) -> np.ndarray:
+        """q · scale + offset, computed in the observations' dtype (float32 q/128 − 1 for Atari: exact)."""
+        kind = self.obs_dtype.type
+        out = np.multiply(q, kind(self.format.scale), dtype=self.obs_dtype)
+        out += kind(self.format.offset)
+        return out
 
     def update_priorities(self, index: np.ndarray, td_error: np.ndarray) -> None:
         """p_i = |δ_i| + ε for the rows of the last batch (a row drawn twice keeps its last δ)."""
