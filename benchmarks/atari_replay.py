@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 REPO = Path(__file__).resolve().parents[1]
 BASELINE = "599267f"
@@ -80,8 +81,6 @@ def record(steps: int, path: Path) -> float:
 
 def episodes(path: Path, chunk: int | None):
     """The recorded episodes as RLlib hands them over: chunks of `chunk` steps (None: whole episodes)."""
-    from ray.rllib.env.single_agent_episode import SingleAgentEpisode
-
     with np.load(path) as npz:
         obs, actions, rewards, ends = npz["obs"], npz["actions"], npz["rewards"], npz["ends"]
     end_at = {int(t): bool(term) for t, term in ends}

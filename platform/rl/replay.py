@@ -27,7 +27,7 @@ frame, checked to be its predecessor shifted by one frame. An Atari row costs on
 (7 KB; the env's floats q/128 − 1 come back exactly) instead of its s and s' as 84×84×4 float32 stacks
 (226 KB). The frame ring has room for `capacity` rows' frames plus one episode start per FRAME_SLACK rows;
 where shorter episodes (or many parallel ones) outrun it, a row whose oldest frame was overwritten is
-never drawn again, though its place in the row ring is not yet reused.
+never drawn again (its slot waits for the row ring to come round to it).
 """
 
 from __future__ import annotations
