@@ -107,6 +107,8 @@ def measure(layout: str, capacity: int, path: Path) -> dict[str, float]:
     rings have wrapped): its arrays' bytes and RSS growth per transition, then the add/sample path's steps/s."""
     process = psutil.Process()
     buf = replay_class(layout, capacity)
+    for _ in episodes(path, None):  # what reading the recording keeps for good (modules, caches) is not the buffer
+        pass
     before, added = process.memory_info().rss, 0
     while added < capacity * 5 // 4:
         for episode in episodes(path, None):
@@ -114,7 +116,7 @@ def measure(layout: str, capacity: int, path: Path) -> dict[str, float]:
     rss = process.memory_info().rss - before
     arrays = [*buf.data.values()] if layout == "old" else [buf.frames, *buf.rows.values()]
     chunks, rng = list(episodes(path, 1)), np.random.default_rng(0)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i, chunk in enumerate(chunks):
         buf.add([chunk])
         if i % 4 == 0:
@@ -122,12 +124,14 @@ def measure(layout: str, capacity: int, path: Path) -> dict[str, float]:
             buf.update_priorities(rows, rng.random(32))
     return {"capacity": capacity, "rss_mb": rss / 2**20, "rss_per_transition": rss / capacity,
             "bytes_per_transition": sum(a.nbytes for a in arrays) / capacity,
-            "replay_steps_per_s": len(chunks) / (time.perf_counter() - start)}
+            "replay_steps_per_s": len(chunks) / (time.perf_counter() - start),
+            "replay_cpu_ms": (time.process_time() - cpu) / len(chunks) * 1e3}
 
 
-def dqn_rates(layout: str, steps: int, storage: str) -> tuple[float, float]:
-    """(env steps/s before learning starts, env steps/s while learning) of raycraft's DQN on Pong with the
-    `layout` replay: the Atari preset, learning from step 500, 500 steps an iteration, sampling in-process."""
+def dqn_rates(layout: str, steps: int, storage: str) -> list[tuple[float, float]]:
+    """Env steps/s before learning starts and while learning, by the wall clock and by this process's CPU
+    time, of raycraft's DQN on Pong with the `layout` replay: the Atari preset, learning from step 500,
+    500 steps an iteration, sampling and learning in this process."""
     from raycraft.rl.config import build_rl_config
     from raycraft.rl.dqn import DQN
     from raycraft.rl.run import algorithm_config, iteration_metrics, prepare
@@ -145,17 +149,18 @@ def dqn_rates(layout: str, steps: int, storage: str) -> tuple[float, float]:
     if layout == "old":
         config.algo_class = BaselineDQN
     algo = config.build_algo()
-    rates: list[float] = []
+    rates: list[tuple[float, float]] = []
     try:
-        done, last = 0.0, time.perf_counter()
+        done, last = 0.0, (time.perf_counter(), time.process_time())
         while done < steps:
             m = iteration_metrics(algo.train())
-            now = time.perf_counter()
-            rates.append((m["env_steps"] - done) / (now - last))
+            now = (time.perf_counter(), time.process_time())
+            rates.append(((m["env_steps"] - done) / (now[0] - last[0]), (m["env_steps"] - done) / (now[1] - last[1])))
             done, last = m["env_steps"], now
     finally:
         algo.stop()
-    return rates[0], float(np.mean(rates[1:]))
+    learning = rates[1:]
+    return [rates[0], (float(np.mean([r[0] for r in learning])), float(np.mean([r[1] for r in learning])))]
 
 
 def in_child(layout: str, capacity: int, path: Path) -> dict[str, float]:
@@ -188,15 +193,16 @@ def main() -> None:
             r = in_child(layout, fill, path)
             print(f"{layout} layout, {fill} transitions: {r['bytes_per_transition']:,.0f} B/transition in its arrays, "
                   f"RSS +{r['rss_mb']:,.0f} MB ({r['rss_per_transition']:,.0f} B/transition), "
-                  f"add/sample path {r['replay_steps_per_s']:,.0f} env steps/s", flush=True)
+                  f"add/sample path {r['replay_steps_per_s']:,.0f} env steps/s ({r['replay_cpu_ms']:.2f} CPU ms "
+                  "per step)", flush=True)
         if args.dqn_steps:
             from raycraft.cluster import init_ray
 
             init_ray()
             for layout in ("old", "new"):
-                before, learning = dqn_rates(layout, args.dqn_steps, f"{tmp}/ray_results")
-                print(f"{layout} layout, DQN on Pong: {before:.1f} env steps/s before learning, {learning:.1f} "
-                      "while learning", flush=True)
+                (before, before_cpu), (learning, learning_cpu) = dqn_rates(layout, args.dqn_steps, f"{tmp}/ray_results")
+                print(f"{layout} layout, DQN on Pong: {before:.1f} env steps/s before learning, {learning:.1f} while "
+                      f"learning (per CPU second of this process: {before_cpu:.1f}, {learning_cpu:.1f})", flush=True)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
