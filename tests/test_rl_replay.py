@@ -1,8 +1,12 @@
 """raycraft's array replay: n-step rows against hand-computed returns (whole episodes and the chunks an
-EnvRunner hands over), prioritised sampling and importance weights against their formulas, and the
-buffer's round trip through a checkpoint folder without pickle."""
+EnvRunner hands over), prioritised sampling and importance weights against their formulas, the
+buffer's round trip through a checkpoint folder without pickle, and its frame ring against real Atari
+play: every row's s and s' element by element the env's own stacked observations."""
 
 from __future__ import annotations
+
+import json
+from dataclasses import dataclass
 
 import gymnasium as gym
 import numpy as np
@@ -10,7 +14,8 @@ import pytest
 from ray.rllib.env.single_agent_episode import SingleAgentEpisode
 
 from raycraft.errors import UserError
-from raycraft.rl.replay import ARRAYS_FILE, SumTree, TransitionReplay
+from raycraft.rl.environments import ATARI_FRAMES, make_atari
+from raycraft.rl.replay import ARRAYS_FILE, JSON_FILE, SumTree, TransitionReplay
 
 GAMMA = 0.9
 REWARDS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0]
@@ -45,7 +50,7 @@ def hand_rows(n: int, terminated: bool) -> list[tuple[float, float, float, float
 
 
 def table(buf: TransitionReplay) -> list[tuple[float, float, float, float, bool]]:
-    d = {k: v[:len(buf)] for k, v in buf.data.items()}
+    d = buf.batch(np.arange(len(buf)))
     return sorted(zip(d["obs"][:, 0].tolist(), d["rewards"].tolist(), d["new_obs"][:, 0].tolist(),
                       d["n_step"].tolist(), d["terminateds"].tolist(), strict=True))
 
@@ -61,7 +66,7 @@ def test_n_step_rows_match_the_definition_however_the_episode_is_chunked(n, cuts
         assert got[0] == want[0] and got[2:] == want[2:]
         assert got[1] == pytest.approx(want[1], rel=1e-6)
     assert not buf.pending  # a finished episode leaves nothing behind
-    np.testing.assert_array_equal(buf.data["actions"][:6], np.arange(6))
+    np.testing.assert_array_equal(buf.rows["actions"][:6], np.arange(6))
 
 
 def test_an_unfinished_episode_waits_for_the_steps_that_complete_its_windows():
@@ -75,7 +80,7 @@ def test_ring_keeps_the_newest_rows():
     buf = TransitionReplay(capacity=4, n_step=1, gamma=GAMMA, prioritized=True)
     buf.add(chunks([]))
     assert len(buf) == 4
-    assert sorted(buf.data["obs"][:, 0].tolist()) == [2.0, 3.0, 4.0, 5.0]
+    assert sorted(buf.batch(np.arange(4))["obs"][:, 0].tolist()) == [2.0, 3.0, 4.0, 5.0]
     batch, rows = buf.sample(64)
     assert set(batch["obs"][:, 0].tolist()) <= {2.0, 3.0, 4.0, 5.0} and rows.max() < 4
 
@@ -147,3 +152,140 @@ def test_loading_a_mismatched_buffer_is_a_clear_error(tmp_path):
     with pytest.raises(UserError, match="replay.capacity.*6 transitions.*capacity 4"):
         TransitionReplay(capacity=4, n_step=1, gamma=GAMMA, prioritized=False).load(tmp_path)
     assert not buf.load(tmp_path / "missing")
+
+
+@dataclass
+class Stream:
+    """Real Atari play handed to a replay in EnvRunner-like chunks, and what each step should give back."""
+
+    adds: list[list[SingleAgentEpisode]]  # the chunks of each `add`
+    episodes: dict[int, tuple[np.ndarray, np.ndarray, bool | None]]  # step id → its episode's obs, rewards, end
+    start: dict[int, int]  # step id → its index t in its episode
+
+    def record(self, obs: list, rewards: list, ids: list[int], terminated: bool | None) -> None:
+        """An episode as played (`terminated` None: unfinished), under the ids of its steps."""
+        episode = (np.array(obs), np.array(rewards, np.float32), terminated)
+        for t, g in enumerate(ids):
+            self.episodes[g], self.start[g] = episode, t
+
+
+def atari_stream(steps: int, limit: int, envs: int = 3, seed: int = 0) -> Stream:
+    """`envs` Breakout games (`make_atari`: 4 stacked frames; a lost life ends an episode, `limit` steps
+    truncate one) played in turn with random actions, each cut into chunks of 1 to 5 steps. Each step's action
+    is recorded as its step id, so that a row names the step it starts at."""
+    rng = np.random.default_rng(seed)
+    games = [gym.wrappers.TimeLimit(make_atari("ALE/Breakout-v5"), limit) for _ in range(envs)]
+    playing = [new_episode(game.reset(seed=seed + i)[0]) for i, game in enumerate(games)]
+    stream, step = Stream([], {}, {}), 0
+    while step < steps:
+        stream.adds.append([])
+        for i, game in enumerate(games):
+            episode, obs_list, rewards, ids = playing[i]
+            for _ in range(rng.integers(1, 6)):
+                obs, reward, terminated, truncated, _ = game.step(int(rng.integers(game.action_space.n)))
+                episode.add_env_step(obs, step, reward, terminated=terminated, truncated=truncated)
+                obs_list.append(obs)
+                rewards.append(reward)
+                ids.append(step)
+                step += 1
+                if terminated or truncated:
+                    break
+            if episode.is_done:
+                stream.record(obs_list, rewards, ids, terminated)
+                playing[i] = new_episode(game.reset()[0])
+            else:
+                playing[i] = (episode.cut(), obs_list, rewards, ids)
+            stream.adds[-1].append(episode.to_numpy())
+    for _, obs_list, rewards, ids in playing:  # unfinished: rows only where n steps followed
+        stream.record(obs_list, rewards, ids, None)
+    return stream
+
+
+def new_episode(obs: np.ndarray) -> tuple[SingleAgentEpisode, list, list, list[int]]:
+    episode = SingleAgentEpisode()
+    episode.add_env_reset(obs)
+    return episode, [obs], [], []
+
+
+def assert_rows_are_the_envs(buf: TransitionReplay, stream: Stream, index: np.ndarray) -> None:
+    """Each row at `index` holds, element by element, the env's own observations s_t and s_{t+m} of the step
+    its action names, with m, R_t and `terminated` of the n-step definition."""
+    got = buf.batch(index)
+    for i, g in enumerate(got["actions"].tolist()):
+        obs, rewards, terminated = stream.episodes[g]
+        t, steps = stream.start[g], len(rewards)
+        m = min(buf.n_step, steps - t)
+        np.testing.assert_array_equal(got["obs"][i], obs[t])
+        np.testing.assert_array_equal(got["new_obs"][i], obs[t + m])
+        assert got["n_step"][i] == m and got["terminateds"][i] == (bool(terminated) and t + m == steps)
+        assert got["rewards"][i] == pytest.approx(sum(GAMMA ** k * rewards[t + k] for k in range(m)), rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def breakout() -> Stream:
+    return atari_stream(steps=360, limit=40)
+
+
+@pytest.mark.parametrize("n", [1, 3])
+def test_frame_ring_gives_back_the_envs_stacked_observations(breakout, n, tmp_path):
+    """Real Breakout, three games interleaved, episodes ended by lost lives and by the time limit, rows and
+    frames wrapping their rings several times; half-way the buffer goes through a checkpoint folder and a
+    larger one carries on, whose frame slots differ."""
+    assert sum(1 for _, _, done in breakout.episodes.values() if done) > 10  # terminated rows are exercised
+    saved = TransitionReplay(capacity=64, n_step=n, gamma=GAMMA, seed=0, frames=ATARI_FRAMES)
+    half = len(breakout.adds) // 2
+    for chunk in breakout.adds[:half]:
+        saved.add(chunk)
+    assert saved.frames_written > 2 * saved.frame_slots and saved.frames.dtype == np.uint8
+    saved.save(tmp_path)
+    restored = TransitionReplay(capacity=100, n_step=n, gamma=GAMMA, seed=0, frames=ATARI_FRAMES)
+    assert restored.load(tmp_path) and restored.pending.keys() == saved.pending.keys()
+    for buf in (saved, restored):
+        for chunk in breakout.adds[half:]:
+            buf.add(chunk)
+        live = np.flatnonzero(buf.tree.values(buf.size))
+        assert len(live) == len(buf) > 0.8 * buf.capacity
+        assert_rows_are_the_envs(buf, breakout, live)
+        batch, index = buf.sample(256)
+        assert_rows_are_the_envs(buf, breakout, index)
+        np.testing.assert_array_equal(batch["obs"], buf.batch(index)["obs"])
+
+
+def test_rows_whose_frames_were_overwritten_are_never_drawn():
+    """Two-step episodes write a reset frame per two rows, more than the ring's slack: the oldest rows lose
+    their first frames before their turn in the row ring comes, and drop out of sampling."""
+    stream = atari_stream(steps=150, limit=2, envs=2, seed=1)
+    buf = TransitionReplay(capacity=40, n_step=1, gamma=GAMMA, prioritized=False, seed=0, frames=ATARI_FRAMES)
+    for chunk in stream.adds:
+        buf.add(chunk)
+    assert buf.size == 40 and len(buf) < 40
+    _, index = buf.sample(512)
+    assert set(index.tolist()) == set(np.flatnonzero(buf.tree.values(buf.size)).tolist())
+    assert_rows_are_the_envs(buf, stream, index)
+
+
+def test_an_atari_transition_costs_a_frame():
+    """The preset's 100k buffer, laid out for Pong's observations: ≤ 1/4 of the 56 KB (s and s' as uint8
+    stacks) each and ≤ 1.5 GB in all; s and s' as the env's float32 stacks were 226 KB."""
+    buf = TransitionReplay(capacity=100_000, n_step=1, gamma=GAMMA, frames=ATARI_FRAMES)
+    episode = new_episode(make_atari("ALE/Pong-v5").reset(seed=0)[0])[0]
+    episode.add_env_step(episode.get_observations(-1), 0, 0.0, terminated=True)
+    buf.add([episode.to_numpy()])
+    total = buf.frames.nbytes + sum(column.nbytes for column in buf.rows.values())
+    assert total / buf.capacity <= 2 * 84 * 84 * 4 / 4 and total <= 1.5e9
+
+
+def test_observations_that_are_not_frame_stacks_are_refused():
+    with pytest.raises(ValueError, match="not stacks of 4 frames"):  # observations 0..6: no frame carries over
+        TransitionReplay(capacity=10, n_step=1, gamma=GAMMA, frames=ATARI_FRAMES).add(chunks([]))
+    episode = new_episode(np.full((2, 8), 0.3, np.float32))[0]  # 4 stacked 2×2 frames; 0.3 is no q/128 − 1
+    episode.add_env_step(np.full((2, 8), 0.3, np.float32), 0, 0.0, terminated=True)
+    with pytest.raises(ValueError, match="not uint8 images"):
+        TransitionReplay(capacity=10, n_step=1, gamma=GAMMA, frames=ATARI_FRAMES).add([episode.to_numpy()])
+
+
+def test_a_buffer_saved_before_frame_rings_is_refused(tmp_path):
+    (tmp_path / JSON_FILE).write_text(json.dumps({"prioritized": True, "size": 1, "next": 1, "max_priority": 1.0,
+                                                  "pending": []}))
+    with pytest.raises(UserError, match="older raycraft"):
+        TransitionReplay(capacity=10, n_step=1, gamma=GAMMA).load(tmp_path)

@@ -6,9 +6,9 @@ RLlib's DQN learner computes the survey's TD target with a target network θ⁻,
 
 from the n-step rows of the replay buffer. This algorithm keeps RLlib's EnvRunners, Learner, target
 updates and weight sync and changes only where batches come from: one training step samples the env,
-adds the new steps to a `TransitionReplay`, and for each update draws a batch of arrays that goes to the
-Learner as a `MultiAgentBatch` (so no learner connector has to rebuild it from episodes), then writes the
-batch's |TD errors| back as priorities.
+adds the new steps to a `TransitionReplay` (which stores each frame once, in the `frame_format` of the
+env), and for each update draws a batch of arrays that goes to the Learner as a `MultiAgentBatch` (so no
+learner connector has to rebuild it from episodes), then writes the batch's |TD errors| back as priorities.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from ray.rllib.utils.metrics import (
 )
 from ray.rllib.utils.numpy import convert_to_numpy
 
+from raycraft.rl.environments import frame_format
 from raycraft.rl.replay import TransitionReplay
 
 
@@ -55,7 +56,8 @@ class DQN(RLlibDQN):
         replay = config["replay_buffer_config"]
         return TransitionReplay(capacity=int(replay["capacity"]), n_step=int(config["n_step"]),
                                 gamma=config["gamma"], prioritized="Prioritized" in replay["type"],
-                                alpha=replay.get("alpha", 0.6), beta=replay.get("beta", 0.4), seed=config["seed"])
+                                alpha=replay.get("alpha", 0.6), beta=replay.get("beta", 0.4), seed=config["seed"],
+                                frames=frame_format(config["env"]))
 
     def training_step(self) -> None:
         """Sample and store, then (once `num_steps_sampled_before_learning_starts` steps are in) replay and

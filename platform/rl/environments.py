@@ -21,12 +21,16 @@ from ray.tune.registry import register_env
 
 from raycraft.envs import ATARI_PREFIX, PORTFOLIO
 from raycraft.errors import UserError, closest
+from raycraft.rl.replay import FrameFormat
 
 gym.register_envs(ale_py)  # the ALE/ games, on the driver and on every process that unpickles `_create`
 # Frames drawn into arrays need no sound card and no display: without these, pygame's init (gymnasium's classic
 # control envs draw with it) probes both and a headless machine prints ALSA's "cannot find card" lines and SDL's
 # "XDG_RUNTIME_DIR is invalid". Set only where the user has not chosen a driver.
 OFFSCREEN_SDL = {"SDL_AUDIODRIVER": "dummy", "SDL_VIDEODRIVER": "dummy"}
+
+ATARI_FRAMES = FrameFormat(stack=4, scale=1 / 128, offset=-1.0)
+"""`make_atari`'s observations: 4 stacked 84×84 frames, each a uint8 image q seen as q/128 − 1."""
 
 
 def make_atari(name: str, env_config: dict[str, Any] | None = None, render_mode: str | None = None) -> gym.Env:
@@ -35,7 +39,7 @@ def make_atari(name: str, env_config: dict[str, Any] | None = None, render_mode:
     a stack of 4 frames, a life loss ends the episode, FIRE on reset, rewards clipped to their sign."""
     cfg = dict(env_config or {})
     env = gym.make(name, frameskip=1, render_mode=render_mode, **cfg)  # the wrapper skips frames itself
-    env = wrap_atari_for_new_api_stack(env, dim=84, frameskip=4, framestack=4)
+    env = wrap_atari_for_new_api_stack(env, dim=84, frameskip=4, framestack=ATARI_FRAMES.stack)
     return gym.wrappers.TransformReward(env, np.sign)
 
 
@@ -48,6 +52,12 @@ def make(name: str, env_config: dict[str, Any] | None = None, render_mode: str |
         return make_atari(name, cfg, render_mode)
     check_env(name)
     return gym.make(name, render_mode=render_mode, **cfg)
+
+
+def frame_format(name: str) -> FrameFormat:
+    """What the replay stores of `name`'s observations: Atari's frames, once each as uint8; any other
+    observation once, as the env gives it."""
+    return ATARI_FRAMES if name.startswith(ATARI_PREFIX) else FrameFormat()
 
 
 def check_env(name: str) -> None:
