@@ -1,21 +1,24 @@
-"""raycraft DQN vs RLlib's tuned CartPole DQN example: env steps and wall seconds to eval return ≥ 475.
+"""raycraft DQN vs Stable-Baselines3's DQN with RL Zoo's CartPole settings (and RLlib's tuned CartPole DQN
+example): env steps and wall seconds to eval return ≥ 475.
 
-Same machine, same Ray, same process, same evaluation protocol (greedy policy, `--eval-episodes` episodes
-after every 1000-step iteration). The baseline is rllib/tuned_examples/dqn/cartpole_dqn.py (Ray 2.60):
-lr 5e-4, batch 32, prioritised replay 50k, n_step (2, 5), double + dueling, ε 1 → 0.02 over 10k steps,
-256-unit tanh torso and head. raycraft runs its CartPole preset (`raycraft rl dqn --env CartPole-v1`).
+Same machine, same process, seeds one after the other, same evaluation protocol (greedy policy,
+`--eval-episodes` episodes after every 1000 env steps). raycraft runs its CartPole preset (`raycraft rl dqn
+--env CartPole-v1`); SB3 (benchmarks/sb3_zoo.py, the `bench` extra) runs rl-baselines3-zoo's hyperparameters.
+The RLlib baseline is rllib/tuned_examples/dqn/cartpole_dqn.py (Ray 2.60): lr 5e-4, batch 32, prioritised
+replay 50k, n_step (2, 5), double + dueling, ε 1 → 0.02 over 10k steps, 256-unit tanh torso and head.
 
-    .venv/bin/python benchmarks/rl_cartpole.py --seeds 0 1 2 [--max-steps 100000]
+    .venv/bin/python benchmarks/rl_cartpole.py --seeds 0 1 2 --skip-rllib [--max-steps 100000]
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
+import os
 import tempfile
 import time
 
 import torch
+from rl_results import PEER, Result, report
 
 TARGET = 475.0
 
@@ -40,7 +43,7 @@ def rllib_tuned_config(seed: int, eval_episodes: int):
             .debugging(seed=seed, log_level="ERROR"))
 
 
-def run_rllib(seed: int, max_steps: int, eval_episodes: int) -> tuple[float, float, float]:
+def run_rllib(seed: int, max_steps: int, eval_episodes: int) -> Result:
     """(env steps, wall s, best eval return) of the tuned example until eval ≥ TARGET or max_steps."""
     from raycraft.rl.run import iteration_metrics
 
@@ -51,12 +54,12 @@ def run_rllib(seed: int, max_steps: int, eval_episodes: int) -> tuple[float, flo
             m = iteration_metrics(algo.train())
             best = max(best, m.get("eval_return_mean", best))
             if best >= TARGET or m["env_steps"] >= max_steps:
-                return m["env_steps"], time.perf_counter() - start, best
+                return Result(m["env_steps"], time.perf_counter() - start, best)
     finally:
         algo.stop()
 
 
-def run_raycraft(seed: int, max_steps: int, eval_episodes: int, uri: str, storage: str) -> tuple[float, float, float]:
+def run_raycraft(seed: int, max_steps: int, eval_episodes: int, uri: str, storage: str) -> Result:
     from raycraft.rl.config import build_rl_config
     from raycraft.rl.run import train_rl
 
@@ -64,7 +67,14 @@ def run_raycraft(seed: int, max_steps: int, eval_episodes: int, uri: str, storag
                                       "eval_episodes": eval_episodes, "storage_path": storage}, [])
     out = train_rl(cfg, model_cfg, tracking_uri=uri)
     best = max(m.get("eval_return_mean", float("-inf")) for m in out.history)
-    return out.env_steps, out.wall_s, best
+    return Result(out.env_steps, out.wall_s, best)
+
+
+def run_sb3(seed: int, max_steps: int, eval_episodes: int) -> Result:
+    import sb3_zoo
+
+    return sb3_zoo.run_sb3("dqn", "CartPole-v1", seed, max_steps=max_steps, eval_every=1000,
+                           eval_episodes=eval_episodes, target=TARGET)
 
 
 def main() -> None:
@@ -72,33 +82,29 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=100_000)
     parser.add_argument("--eval-episodes", type=int, default=5)
-    parser.add_argument("--skip-rllib", action="store_true", help="Only raycraft (no baseline ratio).")
+    parser.add_argument("--skip-rllib", action="store_true", help="No RLlib tuned example.")
+    parser.add_argument("--skip-sb3", action="store_true", help="No Stable-Baselines3 (no `bench` extra needed).")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     from raycraft.cluster import init_ray
 
     init_ray()
-    rows: dict[str, list[tuple[float, float, float]]] = {"raycraft": [], "rllib-tuned": []}
+    runs = {"raycraft": lambda seed, tmp: run_raycraft(seed, args.max_steps, args.eval_episodes,
+                                                       f"sqlite:///{tmp}/mlflow.db", f"{tmp}/ray_results")}
+    if not args.skip_sb3:
+        runs[PEER] = lambda seed, tmp: run_sb3(seed, args.max_steps, args.eval_episodes)
+    if not args.skip_rllib:
+        runs["rllib-tuned"] = lambda seed, tmp: run_rllib(seed, args.max_steps, args.eval_episodes)
+    rows: dict[str, list[Result]] = {name: [] for name in runs}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            rows["raycraft"].append(run_raycraft(seed, args.max_steps, args.eval_episodes,
-                                                 f"sqlite:///{tmp}/mlflow.db", f"{tmp}/ray_results"))
-            print(f"raycraft    seed {seed}: steps {rows['raycraft'][-1][0]:.0f}  wall {rows['raycraft'][-1][1]:.0f} s"
-                  f"  best eval {rows['raycraft'][-1][2]:.1f}", flush=True)
-            if not args.skip_rllib:
-                rows["rllib-tuned"].append(run_rllib(seed, args.max_steps, args.eval_episodes))
-                r = rows["rllib-tuned"][-1]
-                print(f"rllib-tuned seed {seed}: steps {r[0]:.0f}  wall {r[1]:.0f} s  best eval {r[2]:.1f}", flush=True)
-    print(f"\nto eval return >= {TARGET:g} (a run that did not reach it counts its full length)")
-    for name, results in rows.items():
-        if results:
-            solved = sum(r[2] >= TARGET for r in results)
-            steps, wall = statistics.median(r[0] for r in results), statistics.median(r[1] for r in results)
-            print(f"{name:12s} solved {solved}/{len(results)}  median steps {steps:.0f}  median wall {wall:.0f} s")
-    if rows["rllib-tuned"]:
-        ratio = statistics.median(r[1] for r in rows["raycraft"]) / statistics.median(r[1] for r in rows["rllib-tuned"])
-        print(f"wall-time ratio raycraft / rllib-tuned: {ratio:.2f} (goal <= 0.5)")
+            for name, run in runs.items():
+                rows[name].append(run(seed, tmp))
+                r = rows[name][-1]
+                print(f"{name:12s} seed {seed}: steps {r.steps:.0f}  wall {r.wall_s:.1f} s  best eval "
+                      f"{r.best_eval:.1f}  (load average {os.getloadavg()[0]:.2f})", flush=True)
+    report(rows, TARGET, goal=1.0)
 
 
 if __name__ == "__main__":

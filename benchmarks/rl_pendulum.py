@@ -1,19 +1,28 @@
-"""raycraft DDPG on Pendulum-v1 (eval return ≥ −200 within 20k env steps) and on raycraft/Portfolio-v0,
-each against a random policy and a simple heuristic, measured in the same run.
+"""raycraft DDPG on Pendulum-v1 (eval return ≥ −200 within 20k env steps) against Stable-Baselines3's DDPG
+with RL Zoo's Pendulum settings, and on raycraft/Portfolio-v0; each trained policy against a random policy
+and a simple heuristic, measured in the same run.
 
+Pendulum vs SB3 (benchmarks/sb3_zoo.py, the `bench` extra): same process, seeds one after the other, same
+evaluation protocol (greedy policy, `--eval-episodes` episodes after every 1000 env steps, stop at −200);
+env steps and wall seconds until the target, their medians and the wall-time ratio.
 Pendulum heuristic: energy-shaping swing-up + PD balance (torque from the observation [cos θ, sin θ, θ̇]).
 Portfolio heuristic: equal weights every step (the 1/N rule).
 
-    .venv/bin/python benchmarks/rl_pendulum.py [--seed 0] [--episodes 20] [--skip-portfolio]
+    .venv/bin/python benchmarks/rl_pendulum.py --seeds 0 1 2 --skip-portfolio
+    .venv/bin/python benchmarks/rl_pendulum.py [--seed 0] [--episodes 20] [--skip-sb3]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 
 import numpy as np
 import torch
+from rl_results import PEER, Result, report
+
+TARGET = -200.0
 
 
 def pendulum_heuristic(obs: np.ndarray) -> np.ndarray:
@@ -43,7 +52,10 @@ def rollout(env_name: str, policy, episodes: int, seed: int) -> float:
 
 
 
-def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, uri: str, storage: str) -> None:
+def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, train: dict, uri: str,
+                      storage: str) -> Result:
+    """Train raycraft's preset for `env_name` (with the keys of `train` over it), then roll out the trained,
+    a random and the heuristic policy for `episodes` episodes each."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     from raycraft.rl.config import build_rl_config
@@ -51,7 +63,8 @@ def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, uri: s
     from raycraft.rl.modules import GreedyPolicy
     from raycraft.rl.run import train_rl
 
-    cfg, model_cfg = build_rl_config({"algo": "ddpg", "env": env_name, "seed": seed, "storage_path": storage}, [])
+    cfg, model_cfg = build_rl_config({"algo": "ddpg", "env": env_name, "seed": seed, "storage_path": storage,
+                                      **train}, [])
     out = train_rl(cfg, model_cfg, tracking_uri=uri,
                    on_iteration=lambda m: print(f"  {env_name} steps {m['env_steps']:.0f}  "
                                                 f"eval {m.get('eval_return_mean', float('nan')):.1f}  "
@@ -70,6 +83,18 @@ def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, uri: s
         print(f"  {name:9s} mean return over {episodes} episodes: {value:9.2f}")
     print(f"  ddpg - random = {results['ddpg'] - results['random']:.2f}; "
           f"ddpg - heuristic = {results['ddpg'] - results['heuristic']:.2f}", flush=True)
+    best = max(m.get("eval_return_mean", -np.inf) for m in out.history)
+    return Result(out.env_steps, out.wall_s, best)
+
+
+def run_sb3(seed: int, max_steps: int, eval_episodes: int) -> Result:
+    import sb3_zoo
+
+    r = sb3_zoo.run_sb3("ddpg", "Pendulum-v1", seed, max_steps=max_steps, eval_every=1000,
+                        eval_episodes=eval_episodes, target=TARGET)
+    print(f"{PEER} Pendulum-v1 seed {seed}: steps {r.steps:.0f}  wall {r.wall_s:.1f} s  best eval {r.best_eval:.1f}"
+          f"  (load average {os.getloadavg()[0]:.2f})", flush=True)
+    return r
 
 
 def main() -> None:
@@ -79,18 +104,31 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--seeds", type=int, nargs="+", help="Several seeds, one after the other (default: --seed).")
+    parser.add_argument("--episodes", type=int, default=20, help="Episodes of each policy's final rollout.")
+    parser.add_argument("--eval-episodes", type=int, default=10, help="Episodes per evaluation while training.")
+    parser.add_argument("--max-steps", type=int, default=20_000)
     parser.add_argument("--skip-pendulum", action="store_true")
     parser.add_argument("--skip-portfolio", action="store_true")
+    parser.add_argument("--skip-sb3", action="store_true", help="No Stable-Baselines3 (no `bench` extra needed).")
     args = parser.parse_args()
     torch.set_num_threads(1)
     init_ray()
+    train = {"timesteps": args.max_steps, "eval_episodes": args.eval_episodes}
+    rows: dict[str, list[Result]] = {"raycraft": []} | ({} if args.skip_sb3 else {PEER: []})
     with tempfile.TemporaryDirectory() as tmp:
         uri, storage = f"sqlite:///{tmp}/mlflow.db", f"{tmp}/ray_results"
-        if not args.skip_pendulum:
-            train_and_compare("Pendulum-v1", pendulum_heuristic, args.seed, args.episodes, uri, storage)
-        if not args.skip_portfolio:
-            train_and_compare(PORTFOLIO, equal_weight_policy, args.seed, args.episodes, uri, storage)
+        for seed in args.seeds or [args.seed]:
+            if not args.skip_pendulum:
+                rows["raycraft"].append(train_and_compare("Pendulum-v1", pendulum_heuristic, seed, args.episodes,
+                                                          train, uri, storage))
+                print(f"  (load average {os.getloadavg()[0]:.2f})")
+                if not args.skip_sb3:
+                    rows[PEER].append(run_sb3(seed, args.max_steps, args.eval_episodes))
+            if not args.skip_portfolio:
+                train_and_compare(PORTFOLIO, equal_weight_policy, seed, args.episodes, {}, uri, storage)
+    if rows["raycraft"]:
+        report(rows, TARGET, goal=0.5)
 
 
 if __name__ == "__main__":

@@ -13,13 +13,14 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch
-from ray.rllib.algorithms.dqn import DQNConfig
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
+from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
 from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
 
 from raycraft.models.rl import DDPGMLPConfig, QMLPConfig
 from raycraft.rl.ddpg import DDPGConfig
+from raycraft.rl.dqn import DQNConfig
 from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, QModule, module_config
 
 MID = "default_policy"
@@ -50,7 +51,7 @@ def perturb_targets(module) -> None:
 def dqn_learner(double_q: bool, dueling: bool, gamma: float = 0.9):
     model = QMLPConfig(hiddens=(8,), head_hiddens=(8,), double_q=double_q, dueling=dueling)
     config = (DQNConfig().training(gamma=gamma, double_q=double_q, dueling=dueling, td_error_loss_fn="mse",
-                                   tau=1.0)
+                                   tau=1.0, train_batch_size_per_learner=B)
               .rl_module(rl_module_spec=RLModuleSpec(module_class=QModule,
                                                      model_config=module_config("q_mlp", model))))
     return config, config.build_learner(spaces={MID: (OBS, gym.spaces.Discrete(4))})
@@ -79,6 +80,21 @@ def test_dqn_td_target_and_loss(double_q):
     torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_step_with_non_finite_gradients_is_skipped():
+    config, learner = dqn_learner(double_q=True, dueling=True)
+    module = learner.module[MID]
+    b = batch(module.action_space)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    grads = learner.compute_gradients({MID: learner.compute_loss_for_module(
+        module_id=MID, config=config, batch=b, fwd_out=module.forward_train(b))})
+    first = next(iter(grads))
+    learner.apply_gradients({**grads, first: torch.full_like(grads[first], float("nan"))})
+    for k, v in module.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    learner.apply_gradients(grads)
+    assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
 def test_dueling_head_is_value_plus_centred_advantage():
     module = QModule(observation_space=OBS, action_space=gym.spaces.Discrete(4),
                      model_config=module_config("q_mlp", QMLPConfig(hiddens=(8,), head_hiddens=(8,))))
@@ -90,7 +106,7 @@ def test_dueling_head_is_value_plus_centred_advantage():
 
 def ddpg_learner(tau: float = 0.005, gamma: float = 0.9):
     model = DDPGMLPConfig(actor_hiddens=(8,), critic_hiddens=(8,))
-    config = (DDPGConfig().training(gamma=gamma, tau=tau)
+    config = (DDPGConfig().training(gamma=gamma, tau=tau, train_batch_size_per_learner=B)
               .rl_module(rl_module_spec=RLModuleSpec(module_class=DDPGModule,
                                                      model_config=module_config("ddpg_mlp", model))))
     return config, config.build_learner(spaces={MID: (OBS, gym.spaces.Box(-2.0, 2.0, (2,), np.float32))})
@@ -145,17 +161,40 @@ def test_ddpg_gradients_each_from_its_own_loss():
         torch.testing.assert_close(got[id(p)], g, rtol=1e-5, atol=1e-6)
 
 
-def test_soft_target_update_is_polyak_average():
+def test_soft_target_update_is_polyak_average_after_each_gradient_step():
     tau = 0.3
     config, learner = ddpg_learner(tau=tau)
     module = learner.module[MID]
     perturb_targets(module)
     before = [(m.state_dict(), {k: v.clone() for k, v in t.state_dict().items()})
               for m, t in module.get_target_network_pairs()]
-    learner.after_gradient_based_update(timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 10})
+    learner.after_gradient_based_update(timesteps={NUM_ENV_STEPS_SAMPLED_LIFETIME: 10})  # not here: once per call
+    learner.apply_gradients({})  # no gradients: the optimizers leave θ as it is, the targets move
     for (main, target_old), (_, target) in zip(before, module.get_target_network_pairs(), strict=True):
         for k, v in target.state_dict().items():
             torch.testing.assert_close(v, tau * main[k] + (1 - tau) * target_old[k])
+
+
+@pytest.mark.parametrize("algo", ["dqn", "ddpg"])
+def test_one_learner_call_of_k_batches_is_k_calls_of_one(algo):
+    """`DQN.learn` hands the Learner K batches in one call: the same K gradient steps (and, for DDPG, K soft
+    target updates) as K calls of one batch, in the same order."""
+    make = (lambda: dqn_learner(double_q=True, dueling=True)) if algo == "dqn" else (lambda: ddpg_learner(tau=0.3))
+    (_, one_call), (_, k_calls) = make(), make()
+    perturb_targets(one_call.module[MID])
+    k_calls.set_state(one_call.get_state())
+    start = {k: v.clone() for k, v in one_call.module[MID].state_dict().items()}
+    batches = [batch(one_call.module[MID].action_space, seed) for seed in range(3)]
+    timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: 10}
+    joined = SampleBatch({k: torch.cat([b[k] for b in batches]) for k in batches[0]})
+    one_call.update(batch=MultiAgentBatch({MID: joined}, env_steps=3 * B), timesteps=timesteps)
+    for b in batches:
+        k_calls.update(batch=MultiAgentBatch({MID: SampleBatch(b)}, env_steps=B), timesteps=timesteps)
+    after = one_call.module[MID].state_dict()
+    for k, v in k_calls.module[MID].state_dict().items():
+        torch.testing.assert_close(after[k], v)
+        moved = not torch.equal(after[k], start[k])
+        assert moved == (algo == "ddpg" or "_target" not in k), k  # DQN's hard target sync is 500 steps away
 
 
 def test_ddpg_noise_only_in_exploration():

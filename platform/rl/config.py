@@ -75,6 +75,11 @@ class RLConfig(JobConfig):
     training_intensity: float | None = field_doc(
         None, "Replayed per sampled transitions (e.g. 32 = one batch of 32 per env step); None = RLlib's "
               "natural ratio, one update per rollout fragment.")
+    train_every: int = field_doc(
+        1, "Env steps each env copy samples between learning phases (RLlib's rollout fragment; raised to n_step "
+           "if smaller). A phase makes its train_every × training_intensity / batch_size gradient steps in one "
+           "Learner call, then syncs the EnvRunners' weights once: larger costs less per step, smaller acts on "
+           "fresher weights.")
     grad_clip: float | None = field_doc(40.0, "Clip the global gradient norm to this (None = no clipping).")
     steps_per_iter: int = field_doc(1000, "Env steps per training iteration (one progress line, one log point).")
     replay: ReplayConfig = field_doc(None, "Experience replay.", factory=ReplayConfig)
@@ -94,8 +99,8 @@ class RLConfig(JobConfig):
     def __post_init__(self) -> None:
         if not self.model:
             self.model = ATARI_MODEL if self.env.startswith(ATARI_PREFIX) else DEFAULT_MODEL[self.algo]
-        for key in ("timesteps", "batch_size", "n_step", "steps_per_iter", "eval_episodes", "eval_interval",
-                    "checkpoint_every", "envs_per_worker"):
+        for key in ("timesteps", "batch_size", "n_step", "train_every", "steps_per_iter", "eval_episodes",
+                    "eval_interval", "checkpoint_every", "envs_per_worker"):
             if getattr(self, key) < 1:
                 raise UserError(f"{key}: must be at least 1, got {getattr(self, key)}.")
         check_count("--timesteps", self.timesteps, MAX_TIMESTEPS)

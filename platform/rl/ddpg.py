@@ -1,9 +1,9 @@
 """DDPG (Lillicrap et al., 2016) as an RLlib algorithm on the new API stack; RLlib 2.60 ships none.
 
 It reuses what RLlib's SAC reuses: DQN's training step (here raycraft's: sample → array replay, uniform or
-prioritised → learner update → soft target update → weight sync) and DQN's learner base, which builds
-the target networks and applies θ⁻ ← τθ + (1 − τ)θ⁻ after every update when
-`target_network_update_freq` is 0. This file adds the config, the two optimizers and the two losses:
+prioritised → one learner call of several gradient steps → weight sync) and DQN's learner base, which builds
+the target networks. This file adds the config, the two optimizers, the two losses, and the soft target
+update θ⁻ ← τθ + (1 − τ)θ⁻ after every gradient step:
 
     critic:  L(θ) = E[ w · (Q(s, a; θ) − y)² ],   y = r + γⁿ (1 − done) Q(s', μ(s'; φ⁻); θ⁻)
     actor:   L(φ) = −E[ Q(s, μ(s; φ); θ) ]        (deterministic policy gradient ∇_a Q · ∇_φ μ)
@@ -27,7 +27,7 @@ from ray.rllib.utils.metrics import ALL_MODULES, TD_ERROR_KEY
 from ray.tune.registry import register_trainable
 
 from raycraft.models.rl import DDPGMLPConfig
-from raycraft.rl.dqn import DQN, DQNConfig
+from raycraft.rl.dqn import DQN, BatchStepsLearner, DQNConfig, fused_adam
 from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, DeterministicActorCriticAPI, module_config
 
 QF_LOSS_KEY = "qf_loss"
@@ -43,7 +43,6 @@ class DDPGConfig(DQNConfig):
         self.critic_lr = 1e-3
         self.lr = None  # the two rates above replace it
         self.tau = 0.005
-        self.target_network_update_freq = 0  # soft update after every gradient step
         self.noise = "gaussian"
         self.noise_sigma = 0.1
         self.ou_theta = 0.15
@@ -86,7 +85,7 @@ class DDPG(DQN):
         return DDPGConfig()
 
 
-class DDPGTorchLearner(DQNLearner, TorchLearner):
+class DDPGTorchLearner(BatchStepsLearner, DQNLearner, TorchLearner):
     """Two Adam optimizers (actor, critic), the losses above, and each optimizer's gradients from its own loss."""
 
     def build(self) -> None:
@@ -101,7 +100,7 @@ class DDPGTorchLearner(DQNLearner, TorchLearner):
         actor, critic = self._module[module_id].unwrapped().actor_and_critic()
         for name, net, lr in (("actor", actor, config.actor_lr), ("critic", critic, config.critic_lr)):
             params = self.get_parameters(net)
-            self.register_optimizer(module_id=module_id, optimizer_name=name, optimizer=torch.optim.Adam(params),
+            self.register_optimizer(module_id=module_id, optimizer_name=name, optimizer=fused_adam(params),
                                     params=params, lr_or_lr_schedule=lr)
 
     def compute_loss_for_module(self, *, module_id: str, config: DDPGConfig, batch: dict[str, Any],
@@ -114,6 +113,21 @@ class DDPGTorchLearner(DQNLearner, TorchLearner):
         self._temp_losses[(module_id, "actor")] = actor_loss
         self._temp_losses[(module_id, "critic")] = critic_loss
         return critic_loss + actor_loss
+
+    def apply_gradients(self, gradients_dict: dict) -> None:
+        """Each optimizer's step, then θ⁻ ← τθ + (1 − τ)θ⁻ for each target network: after every gradient step,
+        however many one Learner call makes (DQN's learner would update once per call)."""
+        super().apply_gradients(gradients_dict)
+        with torch.no_grad():
+            for module_id in self.module.keys():
+                tau = self.config.get_config_for_module(module_id).tau
+                for main, target in self.module[module_id].unwrapped().get_target_network_pairs():
+                    for p, p_target in zip(main.parameters(), target.parameters(), strict=True):
+                        p_target.lerp_(p, tau)
+
+    def after_gradient_based_update(self, *, timesteps: dict[str, Any]) -> None:
+        """TorchLearner's (learning-rate schedules) without DQN's target update: `apply_gradients` does it."""
+        super(DQNLearner, self).after_gradient_based_update(timesteps=timesteps)
 
     def compute_gradients(self, loss_per_module: dict[str, torch.Tensor], **kwargs) -> dict:
         grads = {}

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner
+from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
@@ -53,7 +53,7 @@ from raycraft.registry import create_model, model_spec, models
 from raycraft.rl import modules
 from raycraft.rl.config import RLConfig, build_rl_config
 from raycraft.rl.ddpg import DDPGConfig, DDPGTorchLearner, register
-from raycraft.rl.dqn import DQNConfig
+from raycraft.rl.dqn import DQNConfig, DQNTorchLearner
 from raycraft.rl.environments import check_env, make, rllib_env
 from raycraft.rl.plots import returns_png
 
@@ -141,13 +141,17 @@ def algorithm_config(cfg: RLConfig, model_cfg: Any, module_class: type):
     return (config
             .environment(env=rllib_env(cfg.env), env_config=dict(cfg.env_config))
             .framework("torch")
-            .env_runners(num_env_runners=cfg.workers, num_envs_per_env_runner=cfg.envs_per_worker)
+            .env_runners(num_env_runners=cfg.workers, num_envs_per_env_runner=cfg.envs_per_worker,
+                         rollout_fragment_length=max(cfg.train_every, cfg.n_step))
             .learners(num_learners=0)
             .rl_module(rl_module_spec=RLModuleSpec(module_class=module_class,
                                                    model_config=modules.module_config(cfg.model, model_cfg)))
             .reporting(min_sample_timesteps_per_iteration=cfg.steps_per_iter, min_time_s_per_iteration=0)
+            # The evaluation plays its episodes side by side, one per env copy: one batched forward pass per step.
             .evaluation(evaluation_interval=cfg.eval_interval, evaluation_duration=cfg.eval_episodes,
-                        evaluation_duration_unit="episodes", evaluation_num_env_runners=0)
+                        evaluation_duration_unit="episodes", evaluation_num_env_runners=0,
+                        evaluation_config=AlgorithmConfig.overrides(explore=False,
+                                                                    num_envs_per_env_runner=cfg.eval_episodes))
             .debugging(seed=cfg.seed, log_level="ERROR"))
 
 
