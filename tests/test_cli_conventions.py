@@ -125,11 +125,16 @@ def test_runs_table_shows_status_model_metrics_and_duration(store):
     cwd, ids = store
     out = wide(["runs", "--tracking-uri", f"sqlite:///{cwd / 'mlflow.db'}"], cwd)
     assert out.returncode == 0, out.stderr
+    header = next(line for line in out.stdout.splitlines() if line.strip().startswith("run id"))
+    assert re.split(r"\s{2,}", header.strip()) == ["run id", "experiment", "status", "model", "data", "key metrics",
+                                                   "started", "duration", "note"]
     row = next(line for line in out.stdout.splitlines() if ids["slow"] in line)
-    cells = [cell.strip() for cell in row.strip("│ ").split("│")]
+    cells = re.split(r"\s{2,}", row.strip())  # columns are set apart by spaces
     assert cells[1:5] == ["raycraft", "FINISHED", "lenet5", "digits"], cells
     assert cells[5] == "test_accuracy 0.9753", cells  # the first key metric's line of the cell
-    assert re.fullmatch(r"\d+s", cells[7]), cells
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", cells[6]) and re.fullmatch(r"\d+s", cells[7]), cells
+    one = wide(["runs", "--experiment", "other"], cwd).stdout  # one experiment: no column for it
+    assert "experiment" not in next(line for line in one.splitlines() if line.strip().startswith("run id"))
 
 
 def test_runs_compare_shows_the_params_that_differ_and_final_metrics(store):
