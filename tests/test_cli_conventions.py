@@ -206,7 +206,8 @@ def test_the_run_page_is_on_the_tracking_server_or_the_printed_mlflow_ui(mlflow_
     for uri in (mlflow_server, mlflow_uri):
         run = tracking.Run.start(uri, "pages", "paged", {}, {}, "")
         run.end()
-        page = f"#/experiments/{tracking.get_run(uri, run.run_id).info.experiment_id}/runs/{run.run_id}"
+        experiment = tracking.get_run(uri, run.run_id).info.experiment_id
+        page = f"#/experiments/{experiment}/runs/{run.run_id}?workflowType=machine_learning"
         shown = tracking.ui_command(uri, run.run_id)
         if uri == mlflow_server:
             assert shown == f"open {mlflow_server}/{page}"
