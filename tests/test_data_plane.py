@@ -48,6 +48,8 @@ def train(keys: dict, overrides: list[str], uri: str, storage: str):
     return run_training(cfg, tracking_uri=uri)
 
 
+@pytest.mark.heavy  # 90-550 s on 2 cores; its parts run by default: streaming (the image folder and token shards
+# below, test_ingest), the table reader and its bad input (test_bad_table_is_refused_before_any_run)
 def test_a_parquet_table_streams_and_eval_agrees(ray_session, table_dir, mlflow_uri, storage):
     out = train({"model": "mlp", "dataset": "table", "data": {"data_dir": str(table_dir)}}, [], mlflow_uri, storage)
     assert out.metrics["test_accuracy"] > 0.9

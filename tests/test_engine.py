@@ -57,6 +57,9 @@ def trial(params: dict, *, sweep, uri: str, parent: str, folder: str) -> None:
     train_paced(parent, folder, epoch, finish)
 
 
+# The tracking-server store is heavy (about 240 s beside other tests): the engine's logic is the same on both stores,
+# and the default suite logs to a server in test_train_e2e, test_tracking and test_cli_conventions.
+@pytest.mark.parametrize("store_uri", ["sqlite", pytest.param("server", marks=pytest.mark.heavy)], indirect=True)
 def test_asha_sweep_marks_stopped_trials_and_records_the_best(ray_session, store_uri, tmp_path):
     sweep = load_sweep(data=sweep_data(tmp_path, "engine4"))
     parent = engine.start_parent(sweep, store_uri)
