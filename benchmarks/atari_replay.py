@@ -19,6 +19,7 @@ get the same real Pong play (`make_atari("ALE/Pong-v5")`, random actions), in th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -109,10 +110,12 @@ def measure(layout: str, capacity: int, path: Path) -> dict[str, float]:
     buf = replay_class(layout, capacity)
     for _ in episodes(path, None):  # what reading the recording keeps for good (modules, caches) is not the buffer
         pass
+    gc.collect()  # episodes hold reference cycles: their arrays leave the RSS only once collected
     before, added = process.memory_info().rss, 0
     while added < capacity * 5 // 4:
         for episode in episodes(path, None):
             added += buf.add([episode])
+    gc.collect()
     rss = process.memory_info().rss - before
     arrays = [*buf.data.values()] if layout == "old" else [buf.frames, *buf.rows.values()]
     chunks, rng = list(episodes(path, 1)), np.random.default_rng(0)
