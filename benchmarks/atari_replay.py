@@ -19,6 +19,7 @@ get the same real Pong play (`make_atari("ALE/Pong-v5")`, random actions), in th
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -102,17 +103,24 @@ def episodes(path: Path, chunk: int | None):
             episode = rest
 
 
+def fill(buf, transitions: int, path: Path) -> None:
+    """Add the recorded episodes to `buf`, over and over, until it has taken `transitions`."""
+    added = 0
+    while added < transitions:
+        for episode in episodes(path, None):
+            added += buf.add([episode])
+
+
 def measure(layout: str, capacity: int, path: Path) -> dict[str, float]:
     """In this (fresh) process, a buffer of `capacity` that has taken 1.25 times as many transitions (its
     rings have wrapped): its arrays' bytes and RSS growth per transition, then the add/sample path's steps/s."""
     process = psutil.Process()
+    fill(replay_class(layout, 100), 1000, path)  # what the first adds allocate for good is not the buffer's
+    gc.collect()  # episodes hold reference cycles: their arrays leave the RSS only once collected
+    before = process.memory_info().rss
     buf = replay_class(layout, capacity)
-    for _ in episodes(path, None):  # what reading the recording keeps for good (modules, caches) is not the buffer
-        pass
-    before, added = process.memory_info().rss, 0
-    while added < capacity * 5 // 4:
-        for episode in episodes(path, None):
-            added += buf.add([episode])
+    fill(buf, capacity * 5 // 4, path)
+    gc.collect()
     rss = process.memory_info().rss - before
     arrays = [*buf.data.values()] if layout == "old" else [buf.frames, *buf.rows.values()]
     chunks, rng = list(episodes(path, 1)), np.random.default_rng(0)
@@ -164,11 +172,9 @@ def dqn_rates(layout: str, steps: int, storage: str) -> list[tuple[float, float]
 
 
 def in_child(layout: str, capacity: int, path: Path) -> dict[str, float]:
-    """`measure` in a fresh interpreter, so that each RSS figure holds one buffer only; glibc maps every
-    allocation over 64 KB on its own, so that the episodes' arrays, once freed, leave the RSS."""
+    """`measure` in a fresh interpreter, so that each RSS figure holds one buffer only."""
     out = subprocess.run([sys.executable, __file__, "--child", layout, "--fill", str(capacity), "--cache", str(path)],
-                         check=True, capture_output=True, text=True,
-                         env={**os.environ, "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}).stdout
+                         check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
