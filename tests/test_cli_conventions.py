@@ -26,7 +26,9 @@ WIDE = {"COLUMNS": "400"}  # one line per table row, so a row's cells can be rea
 
 
 def wide(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, **WIDE}
+    """`raycraft ARGS` on a wide terminal, on the store in `cwd` (as conftest's `run_raycraft`: an earlier test
+    in this process may have left MLflow's MLFLOW_TRACKING_URI pointing at its own store)."""
+    env = {**os.environ, **WIDE, "MLFLOW_TRACKING_URI": f"sqlite:///{cwd / 'mlflow.db'}"}
     return subprocess.run([str(RAYCRAFT), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
