@@ -59,12 +59,13 @@ def run_rllib(seed: int, max_steps: int, eval_episodes: int) -> Result:
         algo.stop()
 
 
-def run_raycraft(seed: int, max_steps: int, eval_episodes: int, uri: str, storage: str) -> Result:
+def run_raycraft(seed: int, max_steps: int, eval_episodes: int, overrides: list[str], uri: str,
+                 storage: str) -> Result:
     from raycraft.rl.config import build_rl_config
     from raycraft.rl.run import train_rl
 
     cfg, model_cfg = build_rl_config({"algo": "dqn", "env": "CartPole-v1", "seed": seed, "timesteps": max_steps,
-                                      "eval_episodes": eval_episodes, "storage_path": storage}, [])
+                                      "eval_episodes": eval_episodes, "storage_path": storage}, overrides)
     out = train_rl(cfg, model_cfg, tracking_uri=uri)
     best = max(m.get("eval_return_mean", float("-inf")) for m in out.history)
     return Result(out.env_steps, out.wall_s, best)
@@ -84,13 +85,15 @@ def main() -> None:
     parser.add_argument("--eval-episodes", type=int, default=5)
     parser.add_argument("--skip-rllib", action="store_true", help="No RLlib tuned example.")
     parser.add_argument("--skip-sb3", action="store_true", help="No Stable-Baselines3 (no `bench` extra needed).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Change raycraft's preset, as `raycraft rl dqn --set` does (repeatable).")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     from raycraft.cluster import init_ray
 
     init_ray()
-    runs = {"raycraft": lambda seed, tmp: run_raycraft(seed, args.max_steps, args.eval_episodes,
+    runs = {"raycraft": lambda seed, tmp: run_raycraft(seed, args.max_steps, args.eval_episodes, args.set,
                                                        f"sqlite:///{tmp}/mlflow.db", f"{tmp}/ray_results")}
     if not args.skip_sb3:
         runs[PEER] = lambda seed, tmp: run_sb3(seed, args.max_steps, args.eval_episodes)

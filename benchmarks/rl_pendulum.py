@@ -52,10 +52,10 @@ def rollout(env_name: str, policy, episodes: int, seed: int) -> float:
 
 
 
-def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, train: dict, uri: str,
-                      storage: str) -> Result:
-    """Train raycraft's preset for `env_name` (with the keys of `train` over it), then roll out the trained,
-    a random and the heuristic policy for `episodes` episodes each."""
+def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, train: dict, overrides: list[str],
+                      uri: str, storage: str) -> Result:
+    """Train raycraft's preset for `env_name` (with the keys of `train` and then `overrides` over it), then
+    roll out the trained, a random and the heuristic policy for `episodes` episodes each."""
     from ray.rllib.core.rl_module.rl_module import RLModule
 
     from raycraft.rl.config import build_rl_config
@@ -64,7 +64,7 @@ def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, train:
     from raycraft.rl.run import train_rl
 
     cfg, model_cfg = build_rl_config({"algo": "ddpg", "env": env_name, "seed": seed, "storage_path": storage,
-                                      **train}, [])
+                                      **train}, overrides)
     out = train_rl(cfg, model_cfg, tracking_uri=uri,
                    on_iteration=lambda m: print(f"  {env_name} steps {m['env_steps']:.0f}  "
                                                 f"eval {m.get('eval_return_mean', float('nan')):.1f}  "
@@ -111,6 +111,8 @@ def main() -> None:
     parser.add_argument("--skip-pendulum", action="store_true")
     parser.add_argument("--skip-portfolio", action="store_true")
     parser.add_argument("--skip-sb3", action="store_true", help="No Stable-Baselines3 (no `bench` extra needed).")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="Change raycraft's Pendulum preset, as `raycraft rl ddpg --set` does (repeatable).")
     args = parser.parse_args()
     torch.set_num_threads(1)
     init_ray()
@@ -121,12 +123,12 @@ def main() -> None:
         for seed in args.seeds or [args.seed]:
             if not args.skip_pendulum:
                 rows["raycraft"].append(train_and_compare("Pendulum-v1", pendulum_heuristic, seed, args.episodes,
-                                                          train, uri, storage))
+                                                          train, args.set, uri, storage))
                 print(f"  (load average {os.getloadavg()[0]:.2f})")
                 if not args.skip_sb3:
                     rows[PEER].append(run_sb3(seed, args.max_steps, args.eval_episodes))
             if not args.skip_portfolio:
-                train_and_compare(PORTFOLIO, equal_weight_policy, seed, args.episodes, {}, uri, storage)
+                train_and_compare(PORTFOLIO, equal_weight_policy, seed, args.episodes, {}, [], uri, storage)
     if rows["raycraft"]:
         report(rows, TARGET, goal=0.5)
 

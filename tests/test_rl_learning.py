@@ -16,11 +16,12 @@ import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.rl_module.rl_module import RLModule, RLModuleSpec
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
-from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME
+from ray.rllib.utils.metrics import NUM_ENV_STEPS_SAMPLED_LIFETIME, TD_ERROR_KEY
+from ray.rllib.utils.torch_utils import clip_gradients
 
 from raycraft.models.rl import DDPGMLPConfig, QMLPConfig
 from raycraft.rl.ddpg import DDPGConfig
-from raycraft.rl.dqn import DQNConfig
+from raycraft.rl.dqn import DQNConfig, clip_by_global_norm
 from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, QModule, module_config
 
 MID = "default_policy"
@@ -93,6 +94,18 @@ def test_a_step_with_non_finite_gradients_is_skipped():
         assert torch.equal(v, before[k]), k
     learner.apply_gradients(grads)
     assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize("clip", [0.5, 100.0])
+def test_clip_by_global_norm_is_rllibs_clip(clip):
+    g = torch.Generator().manual_seed(0)
+    grads = {i: torch.randn(5, 3, generator=g) for i in range(4)}
+    mine, theirs = {k: v.clone() for k, v in grads.items()}, {k: v.clone() for k, v in grads.items()}
+    norm = clip_by_global_norm(mine, grad_clip=clip, grad_clip_by="global_norm")
+    torch.testing.assert_close(norm, clip_gradients(theirs, grad_clip=clip, grad_clip_by="global_norm"))
+    for k in grads:
+        torch.testing.assert_close(mine[k], theirs[k])
+    assert torch.equal(mine[0], grads[0]) == (clip == 100.0)  # under the limit nothing changes
 
 
 def test_dueling_head_is_value_plus_centred_advantage():
@@ -187,9 +200,11 @@ def test_one_learner_call_of_k_batches_is_k_calls_of_one(algo):
     batches = [batch(one_call.module[MID].action_space, seed) for seed in range(3)]
     timesteps = {NUM_ENV_STEPS_SAMPLED_LIFETIME: 10}
     joined = SampleBatch({k: torch.cat([b[k] for b in batches]) for k in batches[0]})
-    one_call.update(batch=MultiAgentBatch({MID: joined}, env_steps=3 * B), timesteps=timesteps)
-    for b in batches:
-        k_calls.update(batch=MultiAgentBatch({MID: SampleBatch(b)}, env_steps=B), timesteps=timesteps)
+    results = one_call.update(batch=MultiAgentBatch({MID: joined}, env_steps=3 * B), timesteps=timesteps)
+    td_errors = [k_calls.update(batch=MultiAgentBatch({MID: SampleBatch(b)}, env_steps=B),
+                                timesteps=timesteps)[MID][TD_ERROR_KEY].peek()[0] for b in batches]
+    # Each step's |TD errors|, in order: the priorities of the rows they were computed on.
+    torch.testing.assert_close(torch.tensor(results[MID][TD_ERROR_KEY].peek()), torch.tensor(td_errors))
     after = one_call.module[MID].state_dict()
     for k, v in k_calls.module[MID].state_dict().items():
         torch.testing.assert_close(after[k], v)

@@ -143,23 +143,26 @@ class RLConfig(JobConfig):
             self.stop_reward is not None and m.get("eval_return_mean", float("-inf")) >= self.stop_reward)
 
 
-# Settings that suit a known (algo, env) pair. RLlib's tuned CartPole DQN (rllib/tuned_examples/dqn/
-# cartpole_dqn.py) is the baseline of benchmarks/rl_cartpole.py; these are raycraft's own.
-# CartPole replays one batch of 32 per env step (docs/rl.md has the measured steps and wall time).
+# Settings that suit a known (algo, env) pair, raycraft's own. benchmarks/rl_cartpole.py and rl_pendulum.py
+# measure them against Stable-Baselines3 with RL Zoo's tuned settings (docs/rl.md has the figures).
+# CartPole replays one batch of 32 per env step, from 8 env copies that step together; a training step
+# samples 5 steps of each (40 env steps, 1000 per iteration) and then takes its 40 gradient steps.
+# Pendulum: one batch of 256 per env step, 20 env steps per training step, small (64-64) networks.
 PRESETS: dict[tuple[str, str], dict[str, Any]] = {
     ("dqn", "CartPole-v1"): {
         "timesteps": 60_000, "stop_reward": 475.0, "lr": 1e-3, "batch_size": 32, "n_step": 3, "training_intensity": 32,
-        "learning_starts": 1000, "replay": {"capacity": 50_000},
+        "envs_per_worker": 8, "train_every": 5, "learning_starts": 1000, "replay": {"capacity": 50_000},
         "dqn": {"epsilon_timesteps": 8000, "target_update_freq": 500},
         "model_args": {"hiddens": [128], "head_hiddens": [128]}, "eval_episodes": 5,
     },
     ("ddpg", "Pendulum-v1"): {
         "timesteps": 20_000, "stop_reward": -200.0, "batch_size": 256, "learning_starts": 1000,
-        "training_intensity": 256, "grad_clip": None, "replay": {"prioritized": False, "capacity": 100_000},
-        "eval_episodes": 5,
+        "training_intensity": 256, "train_every": 20, "grad_clip": None,
+        "replay": {"prioritized": False, "capacity": 100_000}, "eval_episodes": 5,
+        "model_args": {"actor_hiddens": [64, 64], "critic_hiddens": [64, 64]},
     },
     ("ddpg", "raycraft/Portfolio-v0"): {
-        "timesteps": 20_000, "batch_size": 256, "learning_starts": 1000, "training_intensity": 256,
+        "timesteps": 20_000, "batch_size": 256, "learning_starts": 1000, "training_intensity": 256, "train_every": 20,
         "grad_clip": None, "replay": {"prioritized": False}, "ddpg": {"noise_sigma": 0.2}, "eval_episodes": 20,
     },
 }

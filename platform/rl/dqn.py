@@ -5,15 +5,23 @@ RLlib's DQN learner computes the survey's TD target with a target network θ⁻,
     y = R_t + γ^m (1 − terminated) max_a' Q(s', a'; θ⁻)        (double Q: Q(s', argmax_a' Q(s', a'; θ); θ⁻))
 
 from the n-step rows of the replay buffer. This algorithm keeps RLlib's EnvRunners, Learner, target
-updates and weight sync and changes only where batches come from: one training step samples the env,
+updates and weight sync and changes where batches come from and how many a Learner call takes: one
+training step samples the env (`rollout_fragment_length` steps per env copy, raycraft's `train_every`),
 adds the new steps to a `TransitionReplay` (which stores each frame once, in the `frame_format` of the
-env), and for each update draws a batch of arrays that goes to the Learner as a `MultiAgentBatch` (so no
-learner connector has to rebuild it from episodes), then writes the batch's |TD errors| back as priorities.
+env), draws one batch of arrays per gradient step that `training_intensity` asks for, and hands them all
+to the Learner in one call as a `MultiAgentBatch` (no learner connector rebuilds them from episodes;
+`BatchStepsLearner` takes one gradient step per batch); then it writes the batches' |TD errors| back as
+priorities and syncs the EnvRunners' weights once.
+
+Per env step, RLlib's per-call work (the batch's conversion to tensors, the metrics, a weight sync through
+the object store) cost more than the gradient step itself on CartPole and Pendulum; a training step of
+many env steps and gradient steps pays it once.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -38,6 +46,7 @@ from ray.rllib.utils.metrics import (
     TD_ERROR_KEY,
     TIMERS,
 )
+from ray.rllib.utils.torch_utils import clip_gradients
 
 from raycraft.rl.environments import frame_format
 from raycraft.rl.replay import TransitionReplay
@@ -63,19 +72,72 @@ def fused_adam(params: list[torch.Tensor]) -> torch.optim.Adam:
     return torch.optim.Adam(params, fused=True)
 
 
+def clip_by_global_norm(gradients_dict: dict, *, grad_clip: float, grad_clip_by: str) -> torch.Tensor | None:
+    """RLlib's `clip_gradients` (in place; returns the global norm for "global_norm"), with the global norm in
+    one batched kernel instead of one Python-level norm per tensor."""
+    if grad_clip_by != "global_norm":
+        return clip_gradients(gradients_dict, grad_clip=grad_clip, grad_clip_by=grad_clip_by)
+    grads = [g for g in gradients_dict.values() if g is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    scale = (grad_clip / (norm + 1e-6)).clamp(max=1.0)
+    for g in grads:
+        g.mul_(scale)
+    return norm
+
+
+class DeferredMetrics:
+    """Stands in for a Learner's MetricsLogger during the gradient steps of a call before its last: keeps the
+    values logged to be reduced over the steps (each step's TD errors, which the replay's priorities need)
+    for `replay` and drops the single values (window=1: the loss, the Q statistics, the gradient norm), which
+    the last step logs again. Anything else goes to the real logger."""
+
+    def __init__(self, metrics: Any) -> None:
+        self.metrics, self.calls = metrics, []
+
+    def log_value(self, *args, **kwargs) -> None:
+        if kwargs.get("window") != 1:
+            self.calls.append(("log_value", args, kwargs))
+
+    def log_dict(self, *args, **kwargs) -> None:
+        if kwargs.get("window") != 1:
+            self.calls.append(("log_dict", args, kwargs))
+
+    def replay(self) -> None:
+        for name, args, kwargs in self.calls:
+            getattr(self.metrics, name)(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.metrics, name)
+
+
 class BatchStepsLearner(TorchLearner):
     """A torch Learner that takes one gradient step per `train_batch_size_per_learner` rows of each batch it
     is given: `DQN.learn` hands over all of a training step's replayed batches at once, so what RLlib's
-    Learner does once per call (turning the batch into tensors, its metrics, the target update) happens
-    once per training step instead of once per gradient step."""
+    Learner does once per call (turning the batch into tensors, reducing its metrics, the target update)
+    happens once per training step instead of once per gradient step, and the single-value metrics are
+    logged by the last step only (`DeferredMetrics`)."""
 
     def _update(self, batch: dict[str, Any]) -> tuple[Any, Any, Any]:
         size = self.config.train_batch_size_per_learner
-        rows = len(next(iter(batch.values())))
-        for start in range(0, rows, size):
-            out = super()._update({module_id: {key: value[start:start + size] for key, value in columns.items()}
-                                   for module_id, columns in batch.items()})
-        return out
+        starts = range(0, len(next(iter(batch.values()))), size)
+        deferred = DeferredMetrics(self.metrics)
+        self.metrics = deferred
+        try:
+            for start in starts[:-1]:
+                super()._update(self._rows(batch, start, size))
+        finally:
+            self.metrics = deferred.metrics
+        deferred.replay()
+        return super()._update(self._rows(batch, starts[-1], size))
+
+    @staticmethod
+    def _rows(batch: dict[str, Any], start: int, size: int) -> dict[str, Any]:
+        return {module_id: {key: value[start:start + size] for key, value in columns.items()}
+                for module_id, columns in batch.items()}
+
+    @staticmethod
+    def _get_clip_function() -> Callable:
+        return clip_by_global_norm
 
     def apply_gradients(self, gradients_dict: dict) -> None:
         """The optimizers' step, skipped with a warning when a gradient holds a NaN or an inf (RLlib's
@@ -91,7 +153,7 @@ class DQNTorchLearner(BatchStepsLearner, RLlibDQNTorchLearner):
     """RLlib's DQN learner, one gradient step per batch of a call (`BatchStepsLearner`), with `fused_adam`."""
 
     def configure_optimizers_for_module(self, module_id: str, config: RLlibDQNConfig = None) -> None:
-        params = self.get_parameters(self._module[module_id])
+        params = [p for p in self.get_parameters(self._module[module_id]) if p.requires_grad]  # not θ⁻
         self.register_optimizer(module_id=module_id, optimizer=fused_adam(params), params=params,
                                 lr_or_lr_schedule=config.lr)
 

@@ -62,7 +62,28 @@ def network(module: RLModule) -> nn.Module:
                                           "action_space": module.action_space})
 
 
-class QModule(TorchRLModule, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):
+class ModeSwitchingModule(TorchRLModule):
+    """A TorchRLModule that switches between train and eval mode only when the kind of pass changes.
+    TorchRLModule sets the mode on every call (an acting pass sets eval and then train back), and each
+    switch walks every submodule: a tenth of a small network's gradient step, twice per env step."""
+
+    def forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        if not self.training:
+            self.train()
+        return RLModule.forward_train(self, batch, **kwargs)
+
+    def forward_exploration(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        if self.training:
+            self.eval()
+        return RLModule.forward_exploration(self, batch, **kwargs)
+
+    def forward_inference(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
+        if self.training:
+            self.eval()
+        return RLModule.forward_inference(self, batch, **kwargs)
+
+
+class QModule(ModeSwitchingModule, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):
     """DQN's RLModule around a `QNetwork` Q(s, ·): its target copy, ε-greedy exploration, greedy inference."""
 
     def setup(self) -> None:
@@ -122,7 +143,7 @@ class DeterministicActorCriticAPI(abc.ABC):
         """(μ, Q): the networks the actor and critic optimizers own."""
 
 
-class DDPGModule(TorchRLModule, DeterministicActorCriticAPI, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):
+class DDPGModule(ModeSwitchingModule, DeterministicActorCriticAPI, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):
     """DDPG's RLModule around an `ActorCritic`: target copies of μ and Q, exploration noise on μ(s)."""
 
     def setup(self) -> None:
