@@ -11,7 +11,8 @@ get the same real Pong play (`make_atari("ALE/Pong-v5")`, random actions), in th
   added per env step (the preset's n_step 1 makes RLlib hand over 1-step chunks), a batch of 32 drawn and
   its priorities written every 4 steps (training_intensity 8);
 - env steps/s: Pong alone; and, with `--dqn-steps`, raycraft's DQN on Pong in this process with either
-  replay (the Atari preset, learning from step 500, 500 steps an iteration), over its learning iterations.
+  replay (the Atari preset, learning from step 500, 500 steps an iteration), the two taking turns an
+  iteration each; by the wall clock and per CPU second of this process (the machine may be shared).
 
     .venv/bin/python benchmarks/atari_replay.py [--steps 1000] [--fill 100000] [--old-fill 5000] [--dqn-steps 2000]
 """
@@ -136,13 +137,12 @@ def measure(layout: str, capacity: int, path: Path) -> dict[str, float]:
             "replay_cpu_ms": (time.process_time() - cpu) / len(chunks) * 1e3}
 
 
-def dqn_rates(layout: str, steps: int, storage: str) -> list[tuple[float, float]]:
-    """Env steps/s before learning starts and while learning, by the wall clock and by this process's CPU
-    time, of raycraft's DQN on Pong with the `layout` replay: the Atari preset, learning from step 500,
-    500 steps an iteration, sampling and learning in this process."""
+def dqn(layout: str, steps: int, storage: str):
+    """raycraft's DQN on Pong with the `layout` replay: the Atari preset, learning from step 500, 500 steps an
+    iteration, sampling and learning in this process."""
     from raycraft.rl.config import build_rl_config
     from raycraft.rl.dqn import DQN
-    from raycraft.rl.run import algorithm_config, iteration_metrics, prepare
+    from raycraft.rl.run import algorithm_config, prepare
 
     class BaselineDQN(DQN):
         def _create_local_replay_buffer_if_necessary(self, config):
@@ -156,19 +156,29 @@ def dqn_rates(layout: str, steps: int, storage: str) -> list[tuple[float, float]
     config = algorithm_config(cfg, model_cfg, prepare(cfg, model_cfg).module_class)
     if layout == "old":
         config.algo_class = BaselineDQN
-    algo = config.build_algo()
-    rates: list[tuple[float, float]] = []
+    return config.build_algo()
+
+
+def dqn_rates(steps: int, storage: str) -> dict[str, list[tuple[float, float]]]:
+    """Per layout, the DQN's env steps/s by the wall clock and by this process's CPU time: its first iteration
+    (before learning starts) and the mean of the others. The two take turns, an iteration each, so that the
+    shared machine's load weighs on both alike."""
+    from raycraft.rl.run import iteration_metrics
+
+    algos = {layout: dqn(layout, steps, storage) for layout in ("old", "new")}
+    rates: dict[str, list[tuple[float, float]]] = {layout: [] for layout in algos}
+    done = dict.fromkeys(algos, 0.0)
     try:
-        done, last = 0.0, (time.perf_counter(), time.process_time())
-        while done < steps:
-            m = iteration_metrics(algo.train())
-            now = (time.perf_counter(), time.process_time())
-            rates.append(((m["env_steps"] - done) / (now[0] - last[0]), (m["env_steps"] - done) / (now[1] - last[1])))
-            done, last = m["env_steps"], now
+        while min(done.values()) < steps:
+            for layout, algo in algos.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                sampled = iteration_metrics(algo.train())["env_steps"] - done[layout]
+                rates[layout].append((sampled / (time.perf_counter() - wall), sampled / (time.process_time() - cpu)))
+                done[layout] += sampled
     finally:
-        algo.stop()
-    learning = rates[1:]
-    return [rates[0], (float(np.mean([r[0] for r in learning])), float(np.mean([r[1] for r in learning])))]
+        for algo in algos.values():
+            algo.stop()
+    return {layout: [r[0], tuple(np.mean(r[1:], axis=0))] for layout, r in rates.items()}
 
 
 def in_child(layout: str, capacity: int, path: Path) -> dict[str, float]:
@@ -202,11 +212,14 @@ def main() -> None:
                   f"add/sample path {r['replay_steps_per_s']:,.0f} env steps/s ({r['replay_cpu_ms']:.2f} CPU ms "
                   "per step)", flush=True)
         if args.dqn_steps:
+            import torch
+
             from raycraft.cluster import init_ray
 
+            torch.set_num_threads(1)  # as `raycraft rl` runs
             init_ray()
-            for layout in ("old", "new"):
-                (before, before_cpu), (learning, learning_cpu) = dqn_rates(layout, args.dqn_steps, f"{tmp}/ray_results")
+            for layout, ((before, before_cpu), (learning, learning_cpu)) in dqn_rates(
+                    args.dqn_steps, f"{tmp}/ray_results").items():
                 print(f"{layout} layout, DQN on Pong: {before:.1f} env steps/s before learning, {learning:.1f} while "
                       f"learning (per CPU second of this process: {before_cpu:.1f}, {learning_cpu:.1f})", flush=True)
     print(f"load average at end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -94,7 +94,7 @@ class RLConfig(JobConfig):
         True, "When the run ends, log its last algorithm checkpoint to MLflow (artifact checkpoint/), so that "
               "`--resume` works on a machine without the local folder. It holds the networks with their target "
               "copies and optimizer state (CartPole's MLP: about 0.6 MiB; Pong's Nature CNN: about 28 MiB) and, with "
-              "replay.save_in_checkpoint, the replay buffer (Atari: about 56 KB a transition, 5.6 GB at 100k).")
+              "replay.save_in_checkpoint, the replay buffer (Atari: about 8 KB a transition, 0.8 GB at 100k).")
 
     def __post_init__(self) -> None:
         if not self.model:
