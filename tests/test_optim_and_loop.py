@@ -109,3 +109,27 @@ def test_mixed_precision_is_bf16_autocast_on_cpu():
         assert layer(torch.randn(2, 4)).dtype == torch.bfloat16
     with autocast_for("fp32", torch.device("cpu"))():
         assert layer(torch.randn(2, 4)).dtype == torch.float32
+
+
+def test_mixed_precision_trains_like_fp32_when_autocast_spans_the_epoch():
+    """The loop enters autocast once an epoch; each forward must still see the weights of the last update
+    (autocast caches its bf16 copies of the weights until its context exits)."""
+    from raycraft.train.loop import autocast_for
+
+    x, y = torch.randn(64, 8, generator=torch.Generator().manual_seed(1)), torch.arange(64) % 2
+    curves = {}
+    for precision in ("fp32", "mixed"):
+        cfg = TrainConfig(model="mlp", precision=precision,
+                          optim=OptimConfig(name="sgd", lr=0.5, momentum=0.0, schedule="constant"))
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 2))
+        update = Updater(ClassificationStep(), model, cfg, steps_per_epoch=30, device=torch.device("cpu"))
+        losses = []
+        with autocast_for(precision, torch.device("cpu"))():
+            for _ in range(30):
+                loss = nn.functional.cross_entropy(model(x).float(), y)
+                update("main", loss)
+                losses.append(loss.item())
+        curves[precision] = losses
+    assert curves["fp32"][-1] < 0.8 * curves["fp32"][0]
+    assert curves["mixed"] == pytest.approx(curves["fp32"], rel=0.03)

@@ -177,6 +177,9 @@ class Updater:
         guard.observe(loss, norm)
         self.scaler.step(opt)
         self.scaler.update()
+        # autocast keeps its low-precision copies of the weights until its context exits, and the loop's
+        # context spans the epoch: without this, every later forward would use the weights of the first
+        torch.clear_autocast_cache()
         self.schedulers[name].step()
         if self.ticket:
             self.ticket.apply()
