@@ -18,7 +18,7 @@ from raycraft.train.loop import CHECKPOINT_FILE, Batches, evaluate, load_state
 
 def run_config(uri: str, run_id: str, task: str | None = None, command: str = "") -> tuple[TrainConfig, ModelSpec]:
     """A run's TrainConfig and model spec; with `task`, a UserError unless the run's model is of that task."""
-    if tracking.get_run(uri, run_id).data.tags.get("raycraft.task") == "rl":
+    if tracking.get_run(uri, run_id).data.tags.get(tracking.TASK_TAG) == "rl":
         raise UserError(f"RUN_ID: run {run_id!r} is a `raycraft rl` run: play its policy with `raycraft rl-eval "
                         f"{run_id}`, or load it with mlflow.pyfunc.load_model('runs:/{run_id}/model').")
     text = tracking.download_text(uri, run_id, "config.yaml")

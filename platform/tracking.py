@@ -63,6 +63,7 @@ HEARTBEAT_TAG = "raycraft.heartbeat"  # Unix time of the holder's latest heartbe
 PARENT_TAG = "mlflow.parentRunId"  # a sweep's (or scaling search's) trial: the run it belongs to
 COMMAND_TAG = "raycraft.command"  # the command line that started the run (credentials in URIs hidden)
 HOST_TAG = "raycraft.host"  # the machine of the process that started the run
+TASK_TAG = "raycraft.task"  # "rl" on RL runs (`raycraft eval` and `rl-eval` tell them apart by it)
 DIRTY_TAG = "raycraft.git_dirty"  # raycraft's git checkout had changes not committed ("true"/"false")
 VERSION_PREFIX = "raycraft.version."  # + package: the installed version of each of VERSIONED
 VERSIONED = ("raycraft", "torch", "ray", "mlflow")
@@ -177,16 +178,19 @@ def provenance(parent: dict[str, str] | None = None) -> dict[str, str]:
     except (KeyError, OSError):  # no login name, no passwd entry (some containers)
         user = "unknown"
     return {"mlflow.user": user, "mlflow.source.name": " ".join(argv[:2]), "mlflow.source.type": "LOCAL",
-            COMMAND_TAG: shlex.join(storage.redact(a) for a in argv), **here, **git_provenance()}
+            COMMAND_TAG: shlex.join(storage.redact(a) for a in argv)[:MAX_TEXT], **here, **git_provenance()}
 
 
 def git_provenance(folder: Path = Path(__file__).resolve().parent) -> dict[str, str]:
     """The commit and branch of the git checkout `folder` (raycraft's code) is in, and whether it has changes
-    not committed (files git ignores aside); none when it is not a checkout or git is missing."""
+    not committed (files git ignores aside); none when git is missing or `folder` is not tracked in a checkout
+    (an install in a virtualenv that lies inside some other project's checkout)."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10)
 
     try:
+        if git("ls-files", "--error-unmatch", ".").returncode:
+            return {}
         head, status = git("rev-parse", "HEAD", "--abbrev-ref", "HEAD"), git("status", "--porcelain")
     except (OSError, subprocess.SubprocessError):
         return {}
@@ -281,15 +285,18 @@ def download_artifact(uri: str, run_id: str, path: str, dst: str | Path) -> Path
 
 
 def load_model(uri: str, run_id: str):
-    """The torch network of a run's logged model, on CPU: a `mlflow.pytorch` model, or a classifier's network
-    (served by `raycraft.serving`)."""
+    """The torch network of a run's logged model, on CPU: a `mlflow.pytorch` model, or the `network` artifact
+    of a classifier's pyfunc model, read as data: the pyfunc's own code (`raycraft.serving`, logged with the
+    run) is never executed here, so evaluating a run runs only this installation's code."""
     mlflow = _mlflow()
     mlflow.set_tracking_uri(uri)
-    model_uri = f"runs:/{run_id}/{MODEL_NAME}"
     try:
-        if "pytorch" in mlflow.models.get_model_info(model_uri).flavors:
-            return mlflow.pytorch.load_model(model_uri, map_location="cpu")
-        return mlflow.pyfunc.load_model(model_uri).unwrap_python_model().network
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{MODEL_NAME}", dst_path=tmp))
+            flavors = mlflow.models.Model.load(local).flavors
+            if "pytorch" not in flavors:
+                local = local / flavors["python_function"]["artifacts"]["network"]["path"]
+            return mlflow.pytorch.load_model(str(local), map_location="cpu")
     except Exception as exc:
         raise UserError(f"RUN_ID: run {run_id!r} has no loadable model ({type(exc).__name__}: {exc}).") from None
 
@@ -591,15 +598,15 @@ class Heartbeat:
                 self.run.set_tags({HEARTBEAT_TAG: f"{time.time():.0f}"})
 
     def __enter__(self) -> Heartbeat:
-        if self.enabled:
-            self.run.set_tags({CLIENT_TAG: client_id(), HEARTBEAT_TAG: f"{time.time():.0f}"})
-            self.thread.start()
-        if self.system_metrics:
+        if self.system_metrics:  # first: if it cannot start, no heartbeat thread outlives the failed `with`
             monitors = importlib.import_module("mlflow.system_metrics.system_metrics_monitor")
             logging.getLogger(monitors.__name__).setLevel(logging.WARNING)  # its start and stop INFO lines
             self.monitor = monitors.SystemMetricsMonitor(self.run.run_id, resume_logging=True,
                                                          tracking_uri=self.run.uri)
             self.monitor.start()
+        if self.enabled:
+            self.run.set_tags({CLIENT_TAG: client_id(), HEARTBEAT_TAG: f"{time.time():.0f}"})
+            self.thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -201,10 +201,17 @@ def test_a_logged_model_carries_each_final_metric_with_its_split(store_uri):
 def test_no_git_tags_outside_a_checkout_and_experiments_open_in_the_machine_learning_view(uri, tmp_path):
     assert tracking.git_provenance(tmp_path) == {}
     assert tracking.git_provenance(REPO)["mlflow.source.git.commit"]
+    ignored = REPO / "build" / f"site-packages-{os.getpid()}"  # in the checkout, git-ignored: a venv's install
+    ignored.mkdir(parents=True)
+    try:
+        assert tracking.git_provenance(ignored) == {}
+    finally:
+        ignored.rmdir()
     client = mlflow.MlflowClient(uri)
     older = client.create_experiment("older")  # made before raycraft set a kind
     genai = client.create_experiment("genai", tags={tracking.KIND_TAG: "genai_development"})
-    tracking.experiment_id(uri, "older"), tracking.experiment_id(uri, "genai")
+    tracking.experiment_id(uri, "older")
+    tracking.experiment_id(uri, "genai")
     assert client.get_experiment(older).tags[tracking.KIND_TAG] == tracking.KIND
     assert client.get_experiment(genai).tags[tracking.KIND_TAG] == "genai_development"  # a user's choice stays
     new = tracking.experiment_id(uri, "new")
