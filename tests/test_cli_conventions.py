@@ -271,3 +271,12 @@ def test_an_rl_run_hides_ray_s_noise_in_the_driver_and_the_workers_and_verbose_s
     deprecation = "`RLModule(config=[RLModuleConfig object])` has been deprecated"
     assert deprecation not in quiet.stderr and verbose.stderr.count(deprecation) >= 2, verbose.stderr
     assert "Traceback" not in quiet.stderr and "iter 1 " in quiet.stdout
+
+
+def test_json_output_is_strict_json_when_a_metric_diverged(capsys):
+    from raycraft.commands.runs import print_json
+
+    print_json({"run": {"val_loss": float("nan"), "grad_norm": float("inf"), "epochs": [1.5, float("-inf")]}})
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "Infinity" not in out
+    assert json.loads(out) == {"run": {"val_loss": None, "grad_norm": None, "epochs": [1.5, None]}}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from datetime import datetime, timezone
@@ -87,15 +88,15 @@ def compare(
     params = side_by_side([run.data.params for run in runs])
     differ = {k: values for k, values in params.items() if len(set(values)) > 1}
     metrics = side_by_side([run.data.metrics for run in runs])
+    rows = [summary(run, names) for run in runs]
     if json_:
-        print_json({"runs": [summary(run, names) for run in runs], "params": differ, "metrics": metrics})
+        print_json({"runs": rows, "params": differ, "metrics": metrics})
         return
     table = Table(title=f"{len(runs)} runs: {len(differ)} of {len(params)} params differ",
                   caption="A param that a run lacks, or a metric it never logged, shows as -.")
     table.add_column("", no_wrap=True)
     for run in runs:
         table.add_column(escape(f"{run.info.run_name}\n{run.info.run_id[:8]}"))
-    rows = [summary(run, names) for run in runs]
     for key in ("status", "model", "dataset", "experiment"):
         table.add_row(key, *(escape(str(row[key] or "-")) for row in rows))
     table.add_row("started", *(local_time(row["start"]) for row in rows))
@@ -145,6 +146,17 @@ def format_duration(seconds: float) -> str:
     return f"{s // 60}m {s % 60:02d}s" if s < 3600 else f"{s // 3600}h {s % 3600 // 60:02d}m"
 
 
+def finite(data: Any) -> Any:
+    """`data` with NaN and infinite floats (a diverged run's metrics) as None, which JSON can hold."""
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {k: finite(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [finite(v) for v in data]
+    return data
+
+
 def print_json(data: Any) -> None:
-    """`data` as JSON on stdout, alone: no colour, no wrapping, nothing else."""
-    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+    """`data` as strict JSON on stdout (non-finite numbers as null), alone: no colour, no wrapping."""
+    sys.stdout.write(json.dumps(finite(data), indent=2, allow_nan=False) + "\n")
