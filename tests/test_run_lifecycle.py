@@ -82,10 +82,13 @@ def test_a_signal_ends_the_run_killed_and_resume_continues(tmp_path, mode, sig):
 
 def test_sigterm_ends_an_rl_run_killed(tmp_path):
     code, out, run_id = signalled(tmp_path, ["rl", "dqn", "--env", "CartPole-v1", "--timesteps", "10000000",
-                                             "--set", "steps_per_iter=200"], signal.SIGTERM, after="iter 2 ")
+                                             "--set", "steps_per_iter=200", "--set", "checkpoint_every=1"],
+                                  signal.SIGTERM, after="iter 2 ")
     assert code == 128 + signal.SIGTERM and f"--resume {run_id}" in out, out[-3000:]
     run = run_of(tmp_path, run_id)
     assert run.info.status == "KILLED" and run.data.tags["raycraft.error"] == "stopped by SIGTERM"
+    logged = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").list_artifacts(run_id, "checkpoint")
+    assert logged, "a stopped run logs its last checkpoint, for --resume on another machine"
 
 
 def test_a_killed_client_is_marked_killed_by_runs_and_by_the_next_run(tmp_path):

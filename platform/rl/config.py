@@ -25,7 +25,8 @@ MAX_TIMESTEPS = 10**10  # 1,000x the Atari preset and 50x Nature DQN's 200M fram
 @dataclass
 class ReplayConfig:
     capacity: int = field_doc(50_000, "Transitions the replay buffer holds (oldest dropped first; Atari's cost "
-                                      "about 8 KB each, 100k about 0.8 GB).")
+                                      "about 8 KB each, 100k about 0.8 GB). Where episodes average under 8 steps, "
+                                      "fewer stay drawable (each episode's first frame takes a slot too).")
     prioritized: bool = field_doc(True, "Prioritised replay (Schaul et al., 2016): sample ∝ |TD error|^alpha.")
     alpha: float = field_doc(0.6, "Priority exponent; 0 = uniform.")
     beta: float = field_doc(0.4, "Importance-sampling exponent that corrects the prioritised sampling bias.")
@@ -77,9 +78,9 @@ class RLConfig(JobConfig):
               "natural ratio, one update per rollout fragment.")
     train_every: int = field_doc(
         1, "Env steps each env copy samples between learning phases (RLlib's rollout fragment; raised to n_step "
-           "if smaller). A phase makes its train_every × training_intensity / batch_size gradient steps in one "
-           "Learner call, then syncs the EnvRunners' weights once: larger costs less per step, smaller acts on "
-           "fresher weights.")
+           "if smaller). A phase makes train_every × envs_per_worker × max(workers, 1) × training_intensity / "
+           "batch_size gradient steps in one Learner call, then syncs the EnvRunners' weights once: larger costs "
+           "less per step, smaller acts on fresher weights.")
     grad_clip: float | None = field_doc(40.0, "Clip the global gradient norm to this (None = no clipping).")
     steps_per_iter: int = field_doc(1000, "Env steps per training iteration (one progress line, one log point).")
     replay: ReplayConfig = field_doc(None, "Experience replay.", factory=ReplayConfig)
@@ -91,10 +92,11 @@ class RLConfig(JobConfig):
     experiment: str = field_doc("raycraft-rl", "MLflow experiment name.")
     storage_path: str = field_doc("ray_results", "Folder of checkpoints (one subfolder per run).")
     log_checkpoint: bool = field_doc(
-        True, "When the run ends, log its last algorithm checkpoint to MLflow (artifact checkpoint/), so that "
-              "`--resume` works on a machine without the local folder. It holds the networks with their target "
-              "copies and optimizer state (CartPole's MLP: about 0.6 MiB; Pong's Nature CNN: about 28 MiB) and, with "
-              "replay.save_in_checkpoint, the replay buffer (Atari: about 8 KB a transition, 0.8 GB at 100k).")
+        True, "When the run ends (finished, stopped or failed), log its last algorithm checkpoint to MLflow "
+              "(artifact checkpoint/), so that `--resume` works on a machine without the local folder. It holds the "
+              "networks with their target copies and optimizer state (CartPole's MLP: about 0.6 MiB; Pong's Nature "
+              "CNN: about 28 MiB) and, with replay.save_in_checkpoint, the replay buffer (Atari: about 8 KB a "
+              "transition, 0.8 GB at 100k).")
 
     def __post_init__(self) -> None:
         if not self.model:

@@ -21,6 +21,7 @@ sweeps import it only after checking that the extra is installed.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import tempfile
@@ -301,7 +302,7 @@ def open_run(cfg: RLConfig, uri: str, resume_run_id: str | None, run_name: str |
     name = run_name or f"{cfg.algo}-{cfg.env.replace('/', '_')}-{time.strftime('%Y%m%d-%H%M%S')}"
     run = tracking.Run.start(uri, cfg.experiment, name, flatten(to_dict(cfg)),
                              {"raycraft.model": cfg.model, "raycraft.env": cfg.env, "raycraft.algo": cfg.algo,
-                              "raycraft.task": "rl", **(tags or {})},
+                              tracking.TASK_TAG: "rl", **(tags or {})},
                              yaml.safe_dump(to_dict(cfg), sort_keys=False))
     checkpoint_dir = local_checkpoint_dir(cfg, run.run_id)
     checkpoint_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -335,13 +336,22 @@ def iterate(cfg: RLConfig, model_cfg: Any, prepared: Prepared, run: tracking.Run
                 on_iteration(m)
             if cfg.reached(m) or int(m["iteration"]) % cfg.checkpoint_every == 0:
                 save_checkpoint(algo, checkpoint_dir, cfg.replay.save_in_checkpoint)
-        if cfg.log_checkpoint:
-            run.log_artifacts(checkpoint_dir, CHECKPOINT_ARTIFACT)
+        log_checkpoint(cfg, run, checkpoint_dir)
         log_policy(run, algo.get_module(), history, inference_module(cfg, model_cfg, prepared),
                    example_observations(cfg))
+    except BaseException:
+        with contextlib.suppress(Exception):  # a stopped or failed run keeps its last checkpoint for --resume
+            log_checkpoint(cfg, run, checkpoint_dir)
+        raise
     finally:
         algo.stop()
     return history
+
+
+def log_checkpoint(cfg: RLConfig, run: tracking.Run, checkpoint_dir: Path) -> None:
+    """The last saved checkpoint as the run's `checkpoint/` artifact (`log_checkpoint`), when there is one."""
+    if cfg.log_checkpoint and checkpoint_dir.is_dir():
+        run.log_artifacts(checkpoint_dir, CHECKPOINT_ARTIFACT)
 
 
 def log_policy(run: tracking.Run, module, history: list[dict[str, float]], served, example: torch.Tensor) -> None:
@@ -441,7 +451,7 @@ def evaluate_rl(run_id: str, *, episodes: int = 10, video: Path | None = None,
     """Reload RUN_ID's logged policy (`logged_policy`), play it, log the result."""
     torch.set_num_threads(1)
     uri = tracking.resolve_tracking_uri(tracking_uri)
-    if tracking.get_run(uri, run_id).data.tags.get("raycraft.task") != "rl":
+    if tracking.get_run(uri, run_id).data.tags.get(tracking.TASK_TAG) != "rl":
         raise UserError(f"RUN_ID: run {run_id!r} is not a `raycraft rl` run; use `raycraft eval` for it.")
     if episodes < 1:
         raise UserError(f"--episodes: must be at least 1, got {episodes}.")
