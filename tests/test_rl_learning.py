@@ -21,7 +21,7 @@ from ray.rllib.utils.torch_utils import clip_gradients
 
 from raycraft.models.rl import DDPGMLPConfig, QMLPConfig
 from raycraft.rl.ddpg import DDPGConfig
-from raycraft.rl.dqn import DQNConfig, clip_by_global_norm
+from raycraft.rl.dqn import DQNConfig, clip_by_global_norm, round_robin
 from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, QModule, module_config
 
 MID = "default_policy"
@@ -94,6 +94,20 @@ def test_a_step_with_non_finite_gradients_is_skipped():
         assert torch.equal(v, before[k]), k
     learner.apply_gradients(grads)
     assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
+
+
+@pytest.mark.parametrize("runners, envs, fragment, batch, intensity, expected", [
+    (0, 8, 5, 32, 32, (1, 40)),   # CartPole's preset: 40 env steps, 40 batches of 32
+    (1, 8, 5, 32, 32, (1, 40)),   # the same on one remote EnvRunner (RLlib's own weights: 80)
+    (2, 1, 20, 256, 256, (1, 40)),  # two runners of 20 steps each
+    (0, 1, 5, 64, 8, (2, 1)),     # fewer replayed than sampled: two sampling rounds per batch
+])
+def test_gradient_steps_per_phase_count_the_runners_that_sample(runners, envs, fragment, batch, intensity,
+                                                                   expected):
+    config = (DQNConfig().env_runners(num_env_runners=runners, num_envs_per_env_runner=envs,
+                                      rollout_fragment_length=fragment)
+              .training(train_batch_size_per_learner=batch, training_intensity=intensity))
+    assert round_robin(config) == expected
 
 
 @pytest.mark.parametrize("clip", [0.5, 100.0])

@@ -28,7 +28,6 @@ import numpy as np
 import torch
 from ray.rllib.algorithms.dqn.dqn import DQN as RLlibDQN
 from ray.rllib.algorithms.dqn.dqn import DQNConfig as RLlibDQNConfig
-from ray.rllib.algorithms.dqn.dqn import calculate_rr_weights
 from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner as RLlibDQNTorchLearner
 from ray.rllib.core import DEFAULT_MODULE_ID
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
@@ -83,6 +82,18 @@ def clip_by_global_norm(gradients_dict: dict, *, grad_clip: float, grad_clip_by:
     for g in grads:
         g.mul_(scale)
     return norm
+
+
+def round_robin(config: RLlibDQNConfig) -> tuple[int, int]:
+    """(sampling rounds, gradient steps) per training step for `training_intensity` transitions replayed per
+    transition sampled. RLlib's `calculate_rr_weights` counts the driver's EnvRunner among the samplers even
+    when remote EnvRunners do all the sampling, which doubles the gradient steps with one of them."""
+    if not config.training_intensity:
+        return 1, 1
+    sampled = (config.get_rollout_fragment_length() * config.num_envs_per_env_runner
+               * max(config.num_env_runners, 1))
+    weight = config.training_intensity * sampled / config.total_train_batch_size
+    return (int(np.round(1 / weight)), 1) if weight < 1 else (1, int(np.round(weight)))
 
 
 class DeferredMetrics:
@@ -176,7 +187,7 @@ class DQN(RLlibDQN):
         """Sample and store, then (once `num_steps_sampled_before_learning_starts` steps are in) make the
         gradient steps that `training_intensity` asks for (RLlib's round-robin weights) in one Learner call,
         and sync the EnvRunners' weights once."""
-        store_weight, update_weight = calculate_rr_weights(self.config)
+        store_weight, update_weight = round_robin(self.config)
         for _ in range(store_weight):
             with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
                 episodes, runner_results = synchronous_parallel_sample(
