@@ -49,7 +49,7 @@ def baseline_replay() -> type:
     return module.TransitionReplay
 
 
-def replay_class(layout: str, capacity: int):
+def new_replay(layout: str, capacity: int):
     """A prioritised replay of `capacity` n=1 transitions laid out as `layout` (old or new)."""
     from raycraft.rl.environments import ATARI_FRAMES
     from raycraft.rl.replay import TransitionReplay
@@ -116,10 +116,10 @@ def measure(layout: str, capacity: int, path: Path) -> dict[str, float]:
     """In this (fresh) process, a buffer of `capacity` that has taken 1.25 times as many transitions (its
     rings have wrapped): its arrays' bytes and RSS growth per transition, then the add/sample path's steps/s."""
     process = psutil.Process()
-    fill(replay_class(layout, 100), 1000, path)  # what the first adds allocate for good is not the buffer's
+    fill(new_replay(layout, 100), 1000, path)  # what the first adds allocate for good is not the buffer's
     gc.collect()  # episodes hold reference cycles: their arrays leave the RSS only once collected
     before = process.memory_info().rss
-    buf = replay_class(layout, capacity)
+    buf = new_replay(layout, capacity)
     fill(buf, capacity * 5 // 4, path)
     gc.collect()
     rss = process.memory_info().rss - before
@@ -178,7 +178,8 @@ def dqn_rates(steps: int, storage: str) -> dict[str, list[tuple[float, float]]]:
     finally:
         for algo in algos.values():
             algo.stop()
-    return {layout: [r[0], tuple(np.mean(r[1:], axis=0))] for layout, r in rates.items()}
+    return {layout: [r[0], tuple(np.mean(r[1:], axis=0)) if len(r) > 1 else (float("nan"),) * 2]
+            for layout, r in rates.items()}
 
 
 def in_child(layout: str, capacity: int, path: Path) -> dict[str, float]:
@@ -205,9 +206,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "pong.npz"
         print(f"Pong alone, random actions: {record(args.steps, path):.1f} env steps/s", flush=True)
-        for layout, fill in (("old", args.old_fill), ("new", args.old_fill), ("new", args.fill)):
-            r = in_child(layout, fill, path)
-            print(f"{layout} layout, {fill} transitions: {r['bytes_per_transition']:,.0f} B/transition in its arrays, "
+        for layout, count in (("old", args.old_fill), ("new", args.old_fill), ("new", args.fill)):
+            r = in_child(layout, count, path)
+            print(f"{layout} layout, {count} transitions: {r['bytes_per_transition']:,.0f} B/transition in its arrays, "
                   f"RSS +{r['rss_mb']:,.0f} MB ({r['rss_per_transition']:,.0f} B/transition), "
                   f"add/sample path {r['replay_steps_per_s']:,.0f} env steps/s ({r['replay_cpu_ms']:.2f} CPU ms "
                   "per step)", flush=True)

@@ -50,8 +50,6 @@ def rollout(env_name: str, policy, episodes: int, seed: int) -> float:
     return float(np.mean(total))
 
 
-
-
 def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, train: dict, overrides: list[str],
                       uri: str, storage: str) -> Result:
     """Train raycraft's preset for `env_name` (with the keys of `train` and then `overrides` over it), then
