@@ -36,6 +36,19 @@ AttentionKind = Literal["full", "sliding", "bigbird", "performer", "linformer"]
 PositionKind = Literal["sinusoidal", "learned", "relative", "rotary"]
 
 
+def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs) -> torch.Tensor:
+    """torch's `scaled_dot_product_attention`, in fp32 under CPU autocast: torch 2.13's CPU flash kernel
+    takes about twice as long for forward + backward in bf16 as in fp32 (`benchmarks/lm_step.py`, rows
+    bf16-sdpa-bf16 and bf16), so on CPU only the projections around it run in bf16."""
+    if q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+        with torch.autocast("cpu", enabled=False):
+            mask = kwargs.get("attn_mask")
+            if mask is not None and mask.is_floating_point():
+                kwargs["attn_mask"] = mask.float()
+            return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), **kwargs).to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, **kwargs)
+
+
 def sinusoidal_table(n: int, d: int) -> torch.Tensor:
     """P (n, d): P[i, 2k] = sin(i / 10000^(2k/d)), P[i, 2k+1] = cos(i / 10000^(2k/d))."""
     pos = torch.arange(n, dtype=torch.float32).unsqueeze(1)
@@ -102,7 +115,7 @@ def masked_attention(q, k, v, mask: torch.Tensor, bias: torch.Tensor | None, dro
     B = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
     if bias is not None:
         B = B + bias.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=B, dropout_p=dropout)
+    return sdpa(q, k, v, attn_mask=B, dropout_p=dropout)
 
 
 def _blocks(x: torch.Tensor, b: int) -> torch.Tensor:  # (B, H, T_p, d) -> (B, H, T_p / b, b, d)
@@ -158,7 +171,7 @@ def blocked_attention(q, k, v, window: int, causal: bool, n_global: int = 0, ran
         rows = torch.ones(n_global, T, dtype=torch.bool, device=q.device)
         if causal:
             rows = rows.tril()
-        out = torch.cat([F.scaled_dot_product_attention(q[:, :, :n_global], k, v, attn_mask=rows, dropout_p=dropout),
+        out = torch.cat([sdpa(q[:, :, :n_global], k, v, attn_mask=rows, dropout_p=dropout),
                          out[:, :, n_global:]], dim=2)
     return out
 
@@ -231,9 +244,9 @@ class Attention(nn.Module):
             out = performer_attention(q, k, v, self.W_features, self.causal)
         elif self.kind == "linformer":
             E, F_ = self.E[:, :T], self.F[:, :T]  # (k, T)
-            out = F.scaled_dot_product_attention(q, E @ k, F_ @ v, dropout_p=p)
+            out = sdpa(q, E @ k, F_ @ v, dropout_p=p)
         elif self.kind == "full" and bias is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, dropout_p=p)
+            out = sdpa(q, k, v, is_causal=self.causal, dropout_p=p)
         elif self.kind in ("sliding", "bigbird") and bias is None and self.blockwise:
             n_global = self.n_global if self.kind == "bigbird" else 0
             out = blocked_attention(q, k, v, self.window, self.causal, n_global, self.random_keys, p)

@@ -307,11 +307,28 @@ def test_causal_model_ignores_the_future():
 @pytest.mark.parametrize("bad, words", [
     ({"n_heads": 3}, ["n_heads", "d_model=128"]), ({"lora": {"rank": 200}}, ["lora.rank", "200"]),
     ({"attention": "linformer"}, ["causal"]), ({"attention": "performer", "position": "relative"}, ["relative"]),
-    ({"attention": "perf"}, ["attention", "'perf'", "performer"])])
+    ({"attention": "perf"}, ["attention", "'perf'", "performer"]), ({"attn_dropout": 1.0}, ["attn_dropout", "1.0"])])
 def test_bad_transformer_config(bad, words):
     with pytest.raises(UserError) as err:
         from_dict(TransformerConfig, bad)
     assert all(w in str(err.value) for w in words), err.value
+
+
+def test_attention_dropout_follows_dropout_unless_set():
+    def rates(**keys) -> set[tuple[float, float]]:
+        model = Transformer(from_dict(TransformerConfig, {"d_model": 16, "n_heads": 2, "n_layers": 2, "d_ff": 32,
+                                                         **keys}), vocab=10, max_len=8)
+        return {(b.attn.dropout, b.drop.p) for b in model.blocks}
+
+    assert rates(dropout=0.3) == {(0.3, 0.3)}
+    assert rates(dropout=0.3, attn_dropout=0.0) == {(0.0, 0.3)}
+    model = Transformer(from_dict(TransformerConfig, {"d_model": 16, "n_heads": 2, "n_layers": 1, "d_ff": 32,
+                                                     "dropout": 0.5, "attn_dropout": 0.0}), vocab=10, max_len=8)
+    x = torch.randint(0, 10, (2, 8))
+    attn = model.blocks[0].attn.train()
+    h = torch.randn(2, 8, 16)
+    assert torch.equal(attn(h), attn(h))  # the weights are not dropped
+    assert not torch.equal(model.train()(x), model(x))  # the residual branches are
 
 
 # --- recurrent models -----------------------------------------------------------------------------------
