@@ -237,7 +237,7 @@ class Transformer(nn.Module):
 
 # The README example, sized for 15 minutes on a 2-core laptop (docs/sequence.md, "The recipe"): 8 x 400 steps of
 # 32 x 128 characters in bf16 on both cores; dropout on the residual branches only (on the attention weights
-# it costs a third more time on CPU), which the held-out play needs once the model sees the plays 3 times.
+# it costs about 40% more time on CPU), which the held-out play needs once the model sees the plays 3 times.
 @register_model("transformer", family="sequence", config=TransformerConfig, task="language-model", recipe={
     "epochs": 8, "batch_size": 32, "cpus_per_worker": 2, "precision": "mixed",
     "model_args": {"d_model": 192, "n_heads": 4, "n_layers": 4, "d_ff": 768, "dropout": 0.1, "attn_dropout": 0.0},
