@@ -49,23 +49,24 @@ def perturb_targets(module) -> None:
                 p.add_(0.3 * torch.randn_like(p))
 
 
-def dqn_learner(double_q: bool, dueling: bool, gamma: float = 0.9):
+def dqn_learner(double_q: bool, dueling: bool, gamma: float = 0.9, loss: str = "mse"):
     model = QMLPConfig(hiddens=(8,), head_hiddens=(8,), double_q=double_q, dueling=dueling)
-    config = (DQNConfig().training(gamma=gamma, double_q=double_q, dueling=dueling, td_error_loss_fn="mse",
+    config = (DQNConfig().training(gamma=gamma, double_q=double_q, dueling=dueling, td_error_loss_fn=loss,
                                    tau=1.0, train_batch_size_per_learner=B)
               .rl_module(rl_module_spec=RLModuleSpec(module_class=QModule,
                                                      model_config=module_config("q_mlp", model))))
     return config, config.build_learner(spaces={MID: (OBS, gym.spaces.Discrete(4))})
 
 
+@pytest.mark.parametrize("loss", ["mse", "huber"])
 @pytest.mark.parametrize("double_q", [True, False])
-def test_dqn_td_target_and_loss(double_q):
-    config, learner = dqn_learner(double_q, dueling=True)
+def test_dqn_td_target_and_loss(double_q, loss):
+    config, learner = dqn_learner(double_q, dueling=True, loss=loss)
     module = learner.module[MID]
     perturb_targets(module)
     b = batch(module.action_space)
     fwd = module.forward_train(b)
-    loss = learner.compute_loss_for_module(module_id=MID, config=config, batch=b, fwd_out=fwd)
+    value = learner.compute_loss_for_module(module_id=MID, config=config, batch=b, fwd_out=fwd)
 
     with torch.no_grad():
         q_online_next = module.compute_q_values({Columns.OBS: b[Columns.NEXT_OBS]})[QF_PREDS]
@@ -77,8 +78,9 @@ def test_dqn_td_target_and_loss(double_q):
     else:  # max_a' Q(s', a'; θ⁻)
         next_value = q_target_next.max(-1).values
     y = b[Columns.REWARDS] + 0.9 ** b["n_step"] * (1 - b[Columns.TERMINATEDS].float()) * next_value
-    expected = torch.mean(b["weights"] * (q[rows, b[Columns.ACTIONS]] - y) ** 2)
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+    delta = q[rows, b[Columns.ACTIONS]] - y
+    per_row = delta ** 2 if loss == "mse" else torch.where(delta.abs() < 1, 0.5 * delta ** 2, delta.abs() - 0.5)
+    torch.testing.assert_close(value.detach(), torch.mean(b["weights"] * per_row), rtol=1e-5, atol=1e-6)
 
 
 def test_a_step_with_non_finite_gradients_is_skipped():

@@ -111,6 +111,23 @@ def test_prioritised_sampling_follows_p_alpha_and_weights_follow_schaul():
     assert buf.max_priority == pytest.approx(16.0 + 1e-6)
 
 
+@pytest.mark.parametrize("prioritized", [True, False])
+def test_batches_drawn_at_once_are_the_batches_drawn_one_by_one(prioritized):
+    """`sample(b, batches=k)` (a DQN training step's k gradient steps) is k calls of `sample(b)` from the same
+    random stream: the same rows, each batch stratified over the whole priority mass, and the same weights."""
+    bufs = [TransitionReplay(capacity=8, n_step=1, gamma=GAMMA, prioritized=prioritized, seed=3) for _ in range(2)]
+    for buf in bufs:
+        buf.add(chunks([]))
+        buf.update_priorities(np.arange(6), np.array([0.5, 1.0, 2.0, 4.0, 8.0, 16.0]))
+    at_once, rows = bufs[0].sample(4, batches=5)
+    one_by_one = [bufs[1].sample(4) for _ in range(5)]
+    np.testing.assert_array_equal(rows, np.concatenate([r for _, r in one_by_one]))
+    for key in at_once:
+        np.testing.assert_array_equal(at_once[key], np.concatenate([b[key] for b, _ in one_by_one]))
+    if prioritized:  # stratified per batch of 4: each draws from both ends of the mass
+        assert all(r[0] <= 4 and r[-1] == 5 for r in rows.reshape(5, 4))
+
+
 def test_new_rows_get_the_largest_priority_seen():
     buf = TransitionReplay(capacity=16, n_step=1, gamma=GAMMA, prioritized=True, alpha=1.0)
     buf.add(chunks([]))

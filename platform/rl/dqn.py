@@ -28,8 +28,10 @@ import numpy as np
 import torch
 from ray.rllib.algorithms.dqn.dqn import DQN as RLlibDQN
 from ray.rllib.algorithms.dqn.dqn import DQNConfig as RLlibDQNConfig
+from ray.rllib.algorithms.dqn.dqn_learner import QF_LOSS_KEY
 from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner as RLlibDQNTorchLearner
 from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
 from ray.rllib.policy.sample_batch import MultiAgentBatch, SampleBatch
@@ -46,8 +48,10 @@ from ray.rllib.utils.metrics import (
     TIMERS,
 )
 from ray.rllib.utils.torch_utils import clip_gradients
+from torch.nn import functional as F
 
 from raycraft.rl.environments import frame_format
+from raycraft.rl.modules import QF_NEXT_PREDS, QF_PREDS, QF_TARGET_NEXT_PREDS
 from raycraft.rl.replay import TransitionReplay
 
 log = logging.getLogger(__name__)
@@ -160,8 +164,33 @@ class BatchStepsLearner(TorchLearner):
         super().apply_gradients(gradients_dict)
 
 
+def td_loss(batch: dict[str, Any], fwd_out: dict[str, torch.Tensor], gamma: float, double_q: bool,
+            loss: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, |TD error|) of one replay batch: the module docstring's target y with m = `n_step` and the
+    importance weights w of prioritised replay,
+
+        loss = mean_i w_i ℓ(Q(s_i, a_i; θ) − y_i),    ℓ = Huber (δ = 1) or the square.
+    """
+    q = fwd_out[QF_PREDS].gather(-1, batch[Columns.ACTIONS].long().unsqueeze(-1)).squeeze(-1)  # (B,)
+    q_next = fwd_out[QF_TARGET_NEXT_PREDS]  # Q(s', ·; θ⁻) (B, |A|)
+    best = (fwd_out[QF_NEXT_PREDS] if double_q else q_next).argmax(-1, keepdim=True)  # a' (B, 1)
+    not_done = 1.0 - batch[Columns.TERMINATEDS].float()
+    y = (batch[Columns.REWARDS] + gamma ** batch["n_step"] * not_done * q_next.gather(-1, best).squeeze(-1)).detach()
+    per_row = F.huber_loss(q, y, reduction="none") if loss == "huber" else (q - y) ** 2
+    return torch.mean(batch["weights"] * per_row), (q - y).abs().detach()
+
+
 class DQNTorchLearner(BatchStepsLearner, RLlibDQNTorchLearner):
-    """RLlib's DQN learner, one gradient step per batch of a call (`BatchStepsLearner`), with `fused_adam`."""
+    """RLlib's DQN learner, one gradient step per batch of a call (`BatchStepsLearner`), with `fused_adam` and
+    `td_loss`: RLlib's own loss also serves distributional heads, masks and burn-in, and logs Q's min and max,
+    an eighth of a CartPole gradient step."""
+
+    def compute_loss_for_module(self, *, module_id: str, config: RLlibDQNConfig, batch: dict[str, Any],
+                                fwd_out: dict[str, Any]) -> torch.Tensor:
+        loss, td_error = td_loss(batch, fwd_out, config.gamma, config.double_q, config.td_error_loss_fn)
+        self.metrics.log_value(key=(module_id, TD_ERROR_KEY), value=td_error, reduce="item_series")
+        self.metrics.log_value(key=(module_id, QF_LOSS_KEY), value=loss, window=1)
+        return loss
 
     def configure_optimizers_for_module(self, module_id: str, config: RLlibDQNConfig = None) -> None:
         params = [p for p in self.get_parameters(self._module[module_id]) if p.requires_grad]  # not θ⁻
@@ -214,8 +243,7 @@ class DQN(RLlibDQN):
         """`steps` gradient steps in one Learner call, each on a batch replayed on its own (a prioritised
         draw is stratified per batch); then the batches' |TD errors| go back to the replay as priorities."""
         size = self.config.total_train_batch_size
-        draws = [self.local_replay_buffer.sample(size) for _ in range(steps)]
-        batch = {key: np.concatenate([b[key] for b, _ in draws]) for key in draws[0][0]}
+        batch, rows = self.local_replay_buffer.sample(size, batches=steps)
         results = self.learner_group.update(
             batch=MultiAgentBatch({DEFAULT_MODULE_ID: SampleBatch(batch)}, env_steps=steps * size),
             timesteps=timesteps)
@@ -223,6 +251,5 @@ class DQN(RLlibDQN):
                     if TD_ERROR_KEY in r.get(DEFAULT_MODULE_ID, {})
                     for e in r[DEFAULT_MODULE_ID].pop(TD_ERROR_KEY).peek()]  # one per gradient step
         if td_error and self.local_replay_buffer.prioritized:
-            rows = np.concatenate([rows for _, rows in draws])
             self.local_replay_buffer.update_priorities(rows, torch.cat(td_error).numpy())
         return results

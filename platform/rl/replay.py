@@ -238,15 +238,19 @@ class TransitionReplay:
             oldest = self.rows["obs"][:self.size, 0]
             self.tree.set(np.flatnonzero((oldest < self.frames_written - self.frame_slots) & (leaf > 0)), 0.0)
 
-    def sample(self, batch_size: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        """(batch, row indices). The batch's columns are RLlib's names: obs, actions, rewards (R_t), new_obs (s'),
-        terminateds, n_step (m), and the importance weights `weights` (all 1 for uniform replay)."""
+    def sample(self, batch_size: int, batches: int = 1) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(batch, row indices): `batches` batches of `batch_size` rows one after the other, each drawn on its own
+        (a prioritised draw is stratified within each), in one pass over the tree and the columns. The columns
+        are RLlib's names: obs, actions, rewards (R_t), new_obs (s'), terminateds, n_step (m), and the importance
+        weights `weights` (all 1 for uniform replay)."""
         total = self.tree.total
         if total <= 0:
             raise ValueError("replay: sample() before any transition was added")
-        u = self.rng.random(batch_size)
-        index = self.tree.find((np.arange(batch_size) + u) * (total / batch_size) if self.prioritized else u * total)
-        weights = np.ones(batch_size, np.float32)
+        rows = batch_size * batches
+        u = self.rng.random(rows)
+        stratum = np.arange(rows) % batch_size
+        index = self.tree.find((stratum + u) * (total / batch_size) if self.prioritized else u * total)
+        weights = np.ones(rows, np.float32)
         if self.prioritized:
             leaf = self.tree.values(self.size)
             p_min = np.min(leaf, where=leaf > 0, initial=np.inf)
