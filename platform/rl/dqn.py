@@ -217,6 +217,7 @@ class DQN(RLlibDQN):
         gradient steps that `training_intensity` asks for (RLlib's round-robin weights) in one Learner call,
         and sync the EnvRunners' weights once."""
         store_weight, update_weight = round_robin(self.config)
+        self.sync_env_steps()
         for _ in range(store_weight):
             with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
                 episodes, runner_results = synchronous_parallel_sample(
@@ -238,6 +239,14 @@ class DQN(RLlibDQN):
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
                                                policies=set(results[0]) - {ALL_MODULES}, global_vars=None,
                                                inference_only=True)
+
+    def sync_env_steps(self) -> None:
+        """Give each EnvRunner the env steps sampled so far, which its exploration schedule (ε) reads. RLlib
+        gives them once per iteration, so ε decayed up to `steps_per_iter` env steps late (CartPole's 1000
+        of 8000)."""
+        sampled = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+        self.env_runner_group.foreach_env_runner(
+            lambda runner: runner.set_state({NUM_ENV_STEPS_SAMPLED_LIFETIME: sampled}))
 
     def learn(self, steps: int, timesteps: dict) -> list[dict]:
         """`steps` gradient steps in one Learner call, each on a batch replayed on its own (a prioritised
