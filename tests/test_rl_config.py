@@ -76,7 +76,7 @@ def test_config_file_takes_the_keys_set_takes(tmp_path, field):
 def test_dotted_nested_and_model_keys_of_a_config_file_reach_the_run(tmp_path):
     (tmp_path / "rl.yaml").write_text(
         "timesteps: 200\nsteps_per_iter: 100\nlearning_starts: 50\neval_episodes: 1\n"
-        "dqn.epsilon_timesteps: 150\n"  # dotted, over the CartPole preset's 8000
+        "dqn.epsilon_timesteps: 150\n"  # dotted, over the default 10000
         "replay: {capacity: 1000}\n"  # nested: merged into the preset's replay
         "dueling: false\nmodel_args.hiddens: [16]\n")  # model keys, without and with the prefix
     out = run_raycraft(["rl", "dqn", "--env", "CartPole-v1", "--config", "rl.yaml"], tmp_path, timeout=600)
