@@ -7,6 +7,7 @@ import itertools
 import re
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import mlflow
@@ -14,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from ray.tune.utils import UtilMonitor
 
 from raycraft import checksums
 from raycraft.console import format_number
@@ -91,6 +93,18 @@ def test_epsilon_follows_the_env_steps_sampled_within_an_iteration(ray_session, 
     assert 400 <= steps < 450
     last, first = (1.0 - 0.98 * t / 800 for t in (steps, steps - 47))
     assert last <= epsilon <= first  # RLlib's own count gives ε of t ≤ 47: 0.94 or more
+
+
+def test_the_algorithm_runs_no_system_usage_monitor(ray_session, storage):
+    """RLlib's default starts a thread that samples CPU and memory use every 0.7 s, which nothing reads and
+    whose sleep `stop()` waited for (0.7 s a run)."""
+    cfg, model_cfg = build_rl_config({"algo": "ddpg", "env": "Pendulum-v1", "storage_path": storage}, [])
+    algo = algorithm_config(cfg, model_cfg, prepare(cfg, model_cfg).module_class).build_algo()
+    try:
+        monitors = [t for t in threading.enumerate() if isinstance(t, UtilMonitor) and t.is_alive()]
+    finally:
+        algo.stop()
+    assert monitors == []
 
 
 def test_dqn_train_resume_reload_gif(ray_session, mlflow_uri, storage, tmp_path):
