@@ -18,8 +18,6 @@ LOGGED = (
     ("ray.rllib.algorithms.algorithm_config", r"You are running \w+ on the new API stack!"),
     # Every RLModule's constructor, RLlib's own included, builds RLlib's deprecated RLModuleConfig.
     ("ray._common.deprecation", r"DeprecationWarning: `RLModule\(config=\[RLModuleConfig object\]\)`"),
-    # RLlib starts Ray Tune's system monitor, which asks for GPUtil; raycraft finds GPUs through torch.
-    ("ray.tune.utils.util", "Install gputil for GPU system monitoring"),
     # Ray Train's controller when a busy machine delays its resource request by seconds ("safe to ignore").
     ("ray.train.v2._internal.execution.scaling_policy.autoscaling_coordinator_client",
      "Failed to send resource request for "),
