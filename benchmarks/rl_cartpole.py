@@ -9,7 +9,7 @@ replay 50k, n_step (2, 5), double + dueling, ε 1 → 0.02 over 10k steps, 256-u
 
     .venv/bin/python benchmarks/rl_cartpole.py --skip-rllib [--seeds 0 1 2] [--max-steps 100000]
 
-Twenty seeds by default (about 15 minutes with SB3): the steps a run needs depend on its seed far more
+Twenty seeds by default (17-20 minutes with SB3 here): the steps a run needs depend on its seed far more
 than on the library (SB3's median was 13,000 over seeds 0-9 and 26,500 over seeds 10-19), so a ratio of
 medians over a few seeds says little; the report gives its bootstrap interval.
 """
