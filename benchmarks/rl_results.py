@@ -1,9 +1,8 @@
 """What the RL benchmarks measure per run, and their summary: medians per setup and the wall-time ratio
 of raycraft's median to its peer's (benchmarks/sb3_zoo.py), with a bootstrap interval over the seeds.
 
-The steps a run needs depend on its seed far more than on the library: on CartPole the zoo's DQN took
-13,000 median steps over seeds 0-9 and 26,500 over seeds 10-19. The interval says how far a ratio of
-medians over this many seeds can be trusted.
+The steps a run needs can depend on its seed more than on the library (rl_cartpole.py gives an example);
+the interval says how far a ratio of medians over this many seeds can be trusted.
 """
 
 from __future__ import annotations
