@@ -49,14 +49,18 @@ def rllib_tuned_config(seed: int, eval_episodes: int):
 
 def run_rllib(seed: int, max_steps: int, eval_episodes: int) -> Result:
     """(env steps, wall s, best eval return) of the tuned example until eval ≥ TARGET or max_steps."""
+    from ray.rllib.utils.metrics import ENV_RUNNER_RESULTS, EPISODE_RETURN_MEAN, EVALUATION_RESULTS
+
     from raycraft.rl.run import iteration_metrics
 
     algo = rllib_tuned_config(seed, eval_episodes).build_algo()
     start, best = time.perf_counter(), float("-inf")
     try:
         while True:
-            m = iteration_metrics(algo.train())
-            best = max(best, m.get("eval_return_mean", best))
+            result = algo.train()
+            m = iteration_metrics(result)
+            best = max(best, result.get(EVALUATION_RESULTS, {}).get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN,
+                                                                                                 best))
             if best >= TARGET or m["env_steps"] >= max_steps:
                 return Result(m["env_steps"], time.perf_counter() - start, best)
     finally:

@@ -36,14 +36,11 @@ import gymnasium as gym
 import numpy as np
 import torch
 import yaml
-from PIL import Image
-from ray.rllib.algorithms.algorithm_config import AlgorithmConfig
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.utils.metrics import (
     ENV_RUNNER_RESULTS,
     EPISODE_LEN_MEAN,
     EPISODE_RETURN_MEAN,
-    EVALUATION_RESULTS,
     NUM_ENV_STEPS_SAMPLED_LIFETIME,
 )
 
@@ -57,6 +54,7 @@ from raycraft.rl.config import RLConfig, build_rl_config
 from raycraft.rl.ddpg import DDPGConfig, DDPGTorchLearner, register
 from raycraft.rl.dqn import DQNConfig, DQNTorchLearner
 from raycraft.rl.environments import check_env, make, rllib_env
+from raycraft.rl.evaluation import Evaluation, play
 from raycraft.rl.plots import returns_png
 
 CHECKPOINT_TAG = "raycraft.checkpoint"
@@ -149,11 +147,6 @@ def algorithm_config(cfg: RLConfig, model_cfg: Any, module_class: type):
             .rl_module(rl_module_spec=RLModuleSpec(module_class=module_class,
                                                    model_config=modules.module_config(cfg.model, model_cfg)))
             .reporting(min_sample_timesteps_per_iteration=cfg.steps_per_iter, min_time_s_per_iteration=0)
-            # The evaluation plays its episodes side by side, one per env copy: one batched forward pass per step.
-            .evaluation(evaluation_interval=cfg.eval_interval, evaluation_duration=cfg.eval_episodes,
-                        evaluation_duration_unit="episodes", evaluation_num_env_runners=0,
-                        evaluation_config=AlgorithmConfig.overrides(explore=False,
-                                                                    num_envs_per_env_runner=cfg.eval_episodes))
             # No system-usage thread: nothing reads its numbers, and `stop()` waited up to 0.7 s for its sleep.
             .debugging(seed=cfg.seed, log_level="ERROR", log_sys_usage=False))
 
@@ -164,9 +157,7 @@ def iteration_metrics(result: dict[str, Any]) -> dict[str, float]:
     out = {"iteration": float(result["training_iteration"]),
            "env_steps": float(runners.get(NUM_ENV_STEPS_SAMPLED_LIFETIME, 0))}
     for key, value in (("return_mean", runners.get(EPISODE_RETURN_MEAN)),
-                       ("episode_len_mean", runners.get(EPISODE_LEN_MEAN)),
-                       ("eval_return_mean",
-                        result.get(EVALUATION_RESULTS, {}).get(ENV_RUNNER_RESULTS, {}).get(EPISODE_RETURN_MEAN))):
+                       ("episode_len_mean", runners.get(EPISODE_LEN_MEAN))):
         if value is not None and value == value:  # NaN before the first finished episode
             out[key] = float(value)
     return out
@@ -319,35 +310,45 @@ def iterate(cfg: RLConfig, model_cfg: Any, prepared: Prepared, run: tracking.Run
     last checkpoint and the policy; returns the iterations' metrics."""
     history: list[dict[str, float]] = []
     start = time.perf_counter()
-    algo = algorithm_config(cfg, model_cfg, prepared.module_class).build_algo()
-    try:
-        if resume:
-            restore_checkpoint(algo, checkpoint_dir)
-        steps, last_t = 0.0, time.perf_counter()
-        while not history or not cfg.reached(history[-1]):
-            m = iteration_metrics(algo.train())
-            lifecycle.raise_if_stopped()
-            now = time.perf_counter()
-            m["steps_per_s"] = (m["env_steps"] - steps) / max(now - last_t, 1e-9)
-            m["wall_s"] = now - start
-            m["replay_size"] = float(len(algo.local_replay_buffer))
-            steps, last_t = m["env_steps"], now
-            history.append(m)
-            run.log_metrics(m, step=int(m["env_steps"]))
-            if on_iteration:
-                on_iteration(m)
-            if cfg.reached(m) or int(m["iteration"]) % cfg.checkpoint_every == 0:
-                save_checkpoint(algo, checkpoint_dir, cfg.replay.save_in_checkpoint)
-        log_checkpoint(cfg, run, checkpoint_dir)
-        log_policy(run, algo.get_module(), history, inference_module(cfg, model_cfg, prepared),
-                   example_observations(cfg))
-    except BaseException:
-        with contextlib.suppress(Exception):  # a stopped or failed run keeps its last checkpoint for --resume
+    with contextlib.closing(Evaluation(cfg.env, cfg.env_config, cfg.eval_episodes, cfg.seed)) as evaluation:
+        algo = algorithm_config(cfg, model_cfg, prepared.module_class).build_algo()
+        try:
+            if resume:
+                restore_checkpoint(algo, checkpoint_dir)
+            steps, last_t = 0.0, time.perf_counter()
+            while not history or not cfg.reached(history[-1]):
+                m = train_iteration(algo, cfg, evaluation)
+                lifecycle.raise_if_stopped()
+                now = time.perf_counter()
+                m["steps_per_s"] = (m["env_steps"] - steps) / max(now - last_t, 1e-9)
+                m["wall_s"] = now - start
+                m["replay_size"] = float(len(algo.local_replay_buffer))
+                steps, last_t = m["env_steps"], now
+                history.append(m)
+                run.log_metrics(m, step=int(m["env_steps"]))
+                if on_iteration:
+                    on_iteration(m)
+                if cfg.reached(m) or int(m["iteration"]) % cfg.checkpoint_every == 0:
+                    save_checkpoint(algo, checkpoint_dir, cfg.replay.save_in_checkpoint)
             log_checkpoint(cfg, run, checkpoint_dir)
-        raise
-    finally:
-        algo.stop()
+            log_policy(run, algo.get_module(), history, inference_module(cfg, model_cfg, prepared),
+                       example_observations(cfg))
+        except BaseException:
+            with contextlib.suppress(Exception):  # a stopped or failed run keeps its last checkpoint for --resume
+                log_checkpoint(cfg, run, checkpoint_dir)
+            raise
+        finally:
+            algo.stop()
     return history
+
+
+def train_iteration(algo, cfg: RLConfig, evaluation: Evaluation) -> dict[str, float]:
+    """One RLlib training iteration's metrics, with the greedy evaluation's mean return every
+    `eval_interval` iterations."""
+    m = iteration_metrics(algo.train())
+    if int(m["iteration"]) % cfg.eval_interval == 0:
+        m["eval_return_mean"] = float(np.mean(evaluation(algo.get_module())))
+    return m
 
 
 @contextlib.contextmanager
@@ -391,27 +392,6 @@ def example_observations(cfg: RLConfig) -> torch.Tensor:
     observations = [env.reset(seed=cfg.seed + i)[0] for i in range(2)]
     env.close()
     return torch.as_tensor(np.stack(observations), dtype=torch.float32)
-
-
-def play(module, env_name: str, env_config: dict, episodes: int, seed: int = 0,
-         gif: Path | None = None) -> list[float]:
-    """Returns of `episodes` greedy episodes; frames of the first go to `gif` if given."""
-    env = make(env_name, env_config, render_mode="rgb_array" if gif else None)
-    policy = modules.GreedyPolicy(module)
-    returns, frames = [], []
-    for ep in range(episodes):
-        obs, _ = env.reset(seed=seed + ep)
-        total, done = 0.0, False
-        while not done:
-            if gif and ep == 0:
-                frames.append(Image.fromarray(env.render()))
-            obs, reward, terminated, truncated, _ = env.step(policy.act(obs))
-            total, done = total + float(reward), terminated or truncated
-        returns.append(total)
-    env.close()
-    if gif and frames:
-        frames[0].save(gif, save_all=True, append_images=frames[1::2], duration=40, loop=0)
-    return returns
 
 
 def save_policy(module, path: Path) -> None:
