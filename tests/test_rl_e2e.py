@@ -75,24 +75,32 @@ def served_model(uri: str, run_id: str, steps: int):
     return mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
 
 
+@pytest.mark.parametrize("learning_starts", [10_000, 100], ids=["sampling", "learning"])
 @pytest.mark.parametrize("workers", [0, 1])
-def test_epsilon_follows_the_env_steps_sampled_within_an_iteration(ray_session, storage, workers):
+def test_epsilon_follows_the_env_steps_sampled_within_an_iteration(ray_session, storage, workers, learning_starts):
     """ε of the EnvRunner that samples decays with the env steps sampled so far, not with the count RLlib hands
     it once per iteration: after an iteration of about 400 steps, in training steps of 5 steps of 8 env copies
-    (40 to 47 env steps: a copy's reset step does not count), ε = 1 − 0.98 t / 800 of a t in the last one."""
+    (40 to 47 env steps: a copy's reset step does not count), ε = 1 − 0.98 t / 800 of a t in the last one.
+    Also while learning, where a remote EnvRunner samples during the Learner's update: every step sampled
+    reaches the replay (but the < n_step last ones of each unfinished episode), and the Learner learns."""
     cfg, model_cfg = build_rl_config({"algo": "dqn", "env": "CartPole-v1", "storage_path": storage, "workers": workers,
-                                      "steps_per_iter": 400, "learning_starts": 10_000, "eval_interval": 100,
+                                      "steps_per_iter": 400, "learning_starts": learning_starts, "eval_interval": 100,
                                       "dqn": {"epsilon_timesteps": 800}}, [])
     algo = algorithm_config(cfg, model_cfg, prepare(cfg, model_cfg).module_class).build_algo()
     try:
+        before = {k: v.clone() for k, v in algo.get_module().state_dict().items()}
         steps = iteration_metrics(algo.train())["env_steps"]
+        after = algo.get_module().state_dict()
         [epsilon] = algo.env_runner_group.foreach_env_runner(
             lambda runner: float(runner.module.epsilon.get_current_value()), local_env_runner=workers == 0)
+        stored = len(algo.local_replay_buffer)
     finally:
         algo.stop()
     assert 400 <= steps < 450
     last, first = (1.0 - 0.98 * t / 800 for t in (steps, steps - 47))
     assert last <= epsilon <= first  # RLlib's own count gives ε of t ≤ 47: 0.94 or more
+    assert steps - 8 * cfg.n_step <= stored <= steps
+    assert any(not torch.equal(before[k], after[k]) for k in before) == (learning_starts < steps)
 
 
 def test_the_algorithm_runs_no_system_usage_monitor(ray_session, storage):

@@ -66,7 +66,8 @@ class RLConfig(JobConfig):
     timesteps: int = field_doc(100_000, "Stop after this many env steps.")
     stop_reward: float | None = field_doc(None, "Stop once the evaluation return mean reaches this.")
     seed: int = field_doc(0, "Seed of the networks, the envs and exploration.")
-    workers: int = field_doc(0, "EnvRunner actors sampling in parallel; 0 samples in the driver process.")
+    workers: int = field_doc(0, "EnvRunner actors sampling in parallel, while the learner learns; 0 samples in the "
+                                "driver process, between learning phases (faster on 2 cores: docs/rl.md).")
     envs_per_worker: int = field_doc(1, "Vectorised env copies per EnvRunner.")
     gamma: float = field_doc(0.99, "Discount factor γ.")
     lr: float = field_doc(5e-4, "Adam learning rate (DQN; DDPG uses ddpg.actor_lr and ddpg.critic_lr).")

@@ -20,6 +20,7 @@ many env steps and gradient steps pays it once.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -198,6 +199,16 @@ class DQNTorchLearner(BatchStepsLearner, RLlibDQNTorchLearner):
                                 lr_or_lr_schedule=config.lr)
 
 
+SAMPLE_TAG = "raycraft-sample"
+
+
+def sample_rounds(sampled: int, rounds: int, runner) -> tuple[list, dict]:
+    """On an EnvRunner: (episodes, metrics) of `rounds` sample calls, ε set for `sampled` env steps first
+    (`DQN.sync_env_steps`)."""
+    runner.set_state({NUM_ENV_STEPS_SAMPLED_LIFETIME: sampled})
+    return [e for _ in range(rounds) for e in runner.sample()], runner.get_metrics()
+
+
 class DQN(RLlibDQN):
     """RLlib's DQN whose training step replays from a `TransitionReplay`."""
 
@@ -215,30 +226,56 @@ class DQN(RLlibDQN):
     def training_step(self) -> None:
         """Sample and store, then (once `num_steps_sampled_before_learning_starts` steps are in) make the
         gradient steps that `training_intensity` asks for (RLlib's round-robin weights) in one Learner call,
-        and sync the EnvRunners' weights once."""
+        and sync the EnvRunners' weights once. With remote EnvRunners, once learning has started, they sample
+        while the Learner learns (`overlapped_step`)."""
         store_weight, update_weight = round_robin(self.config)
-        self.sync_env_steps()
-        for _ in range(store_weight):
-            with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
-                episodes, runner_results = synchronous_parallel_sample(
-                    worker_set=self.env_runner_group, concat=True, sample_timeout_s=self.config.sample_timeout_s,
-                    _uses_new_env_runners=True, _return_metrics=True)
-            self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
-            self.local_replay_buffer.add(episodes)
-
         sampled = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
-        if sampled < self.config.num_steps_sampled_before_learning_starts:
-            return
-        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
-            results = self.learn(update_weight, {
-                NUM_ENV_STEPS_SAMPLED_LIFETIME: sampled,
-                NUM_AGENT_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
-                    (ENV_RUNNER_RESULTS, NUM_AGENT_STEPS_SAMPLED_LIFETIME), default={})})
-        self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        learning = sampled >= self.config.num_steps_sampled_before_learning_starts
+        if learning and self.env_runner_group.num_remote_env_runners():
+            results = self.overlapped_step(sampled, store_weight, update_weight)
+        else:
+            self.sync_env_steps()
+            for _ in range(store_weight):
+                with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+                    episodes, runner_results = synchronous_parallel_sample(
+                        worker_set=self.env_runner_group, concat=True, sample_timeout_s=self.config.sample_timeout_s,
+                        _uses_new_env_runners=True, _return_metrics=True)
+                self.store(episodes, runner_results)
+            sampled = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+            if sampled < self.config.num_steps_sampled_before_learning_starts:
+                return
+            results = self.timed_learn(update_weight, sampled)
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
                                                policies=set(results[0]) - {ALL_MODULES}, global_vars=None,
                                                inference_only=True)
+
+    def overlapped_step(self, sampled: int, rounds: int, steps: int) -> list[dict]:
+        """The remote EnvRunners sample `rounds` times each, with the weights of the last sync, while the
+        Learner makes its `steps` gradient steps on what the replay held before; then their episodes are
+        stored. Sampling leaves the Learner's critical path; the only change to what it learns from is that
+        a training step's own transitions wait for the next one (a few dozen of the buffer's thousands)."""
+        self.env_runner_group.foreach_env_runner_async(functools.partial(sample_rounds, sampled, rounds),
+                                                       tag=SAMPLE_TAG)
+        results = self.timed_learn(steps, sampled)
+        with self.metrics.log_time((TIMERS, ENV_RUNNER_SAMPLING_TIMER)):
+            replies = self.env_runner_group.fetch_ready_async_reqs(tags=SAMPLE_TAG,
+                                                                   timeout_seconds=self.config.sample_timeout_s)
+        self.store([e for _, (episodes, _) in replies for e in episodes], [m for _, (_, m) in replies])
+        return results
+
+    def store(self, episodes: list, runner_results: list[dict]) -> None:
+        self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
+        self.local_replay_buffer.add(episodes)
+
+    def timed_learn(self, steps: int, sampled: int) -> list[dict]:
+        with self.metrics.log_time((TIMERS, LEARNER_UPDATE_TIMER)):
+            results = self.learn(steps, {
+                NUM_ENV_STEPS_SAMPLED_LIFETIME: sampled,
+                NUM_AGENT_STEPS_SAMPLED_LIFETIME: self.metrics.peek(
+                    (ENV_RUNNER_RESULTS, NUM_AGENT_STEPS_SAMPLED_LIFETIME), default={})})
+        self.metrics.aggregate(results, key=LEARNER_RESULTS)
+        return results
 
     def sync_env_steps(self) -> None:
         """Give each EnvRunner the env steps sampled so far, which its exploration schedule (ε) reads. RLlib
