@@ -229,10 +229,8 @@ class DQN(RLlibDQN):
         and sync the EnvRunners' weights once. With remote EnvRunners, once learning has started, they sample
         while the Learner learns (`overlapped_step`)."""
         store_weight, update_weight = round_robin(self.config)
-        sampled = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
-        learning = sampled >= self.config.num_steps_sampled_before_learning_starts
-        if learning and self.env_runner_group.num_remote_env_runners():
-            results = self.overlapped_step(sampled, store_weight, update_weight)
+        if self.learning() and self.env_runner_group.num_remote_env_runners():
+            results = self.overlapped_step(self.sampled(), store_weight, update_weight)
         else:
             self.sync_env_steps()
             for _ in range(store_weight):
@@ -241,10 +239,9 @@ class DQN(RLlibDQN):
                         worker_set=self.env_runner_group, concat=True, sample_timeout_s=self.config.sample_timeout_s,
                         _uses_new_env_runners=True, _return_metrics=True)
                 self.store(episodes, runner_results)
-            sampled = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
-            if sampled < self.config.num_steps_sampled_before_learning_starts:
+            if not self.learning():
                 return
-            results = self.timed_learn(update_weight, sampled)
+            results = self.timed_learn(update_weight, self.sampled())
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
             self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
                                                policies=set(results[0]) - {ALL_MODULES}, global_vars=None,
@@ -264,6 +261,14 @@ class DQN(RLlibDQN):
         self.store([e for _, (episodes, _) in replies for e in episodes], [m for _, (_, m) in replies])
         return results
 
+    def sampled(self) -> int:
+        """Env steps sampled so far."""
+        return self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+
+    def learning(self) -> bool:
+        """Whether `num_steps_sampled_before_learning_starts` env steps are in."""
+        return self.sampled() >= self.config.num_steps_sampled_before_learning_starts
+
     def store(self, episodes: list, runner_results: list[dict]) -> None:
         self.metrics.aggregate(runner_results, key=ENV_RUNNER_RESULTS)
         self.local_replay_buffer.add(episodes)
@@ -281,7 +286,7 @@ class DQN(RLlibDQN):
         """Give each EnvRunner the env steps sampled so far, which its exploration schedule (ε) reads. RLlib
         gives them once per iteration, so ε decayed up to `steps_per_iter` env steps late (1000 on CartPole's
         preset)."""
-        sampled = self.metrics.peek((ENV_RUNNER_RESULTS, NUM_ENV_STEPS_SAMPLED_LIFETIME), default=0)
+        sampled = self.sampled()
         self.env_runner_group.foreach_env_runner(
             lambda runner: runner.set_state({NUM_ENV_STEPS_SAMPLED_LIFETIME: sampled}))
 
