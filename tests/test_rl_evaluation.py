@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gymnasium as gym
 import pytest
+import torch
 
 from raycraft.rl import modules
 from raycraft.rl.config import build_rl_config
@@ -27,7 +28,9 @@ def one_at_a_time(module, seeds: list[int]) -> list[float]:
         obs, _ = env.reset(seed=seed)
         total, done = 0.0, False
         while not done:
-            obs, reward, terminated, truncated, _ = env.step(policy.act(obs))
+            with torch.no_grad():
+                action = policy(torch.as_tensor(obs[None], dtype=torch.float32))[0].numpy()
+            obs, reward, terminated, truncated, _ = env.step(action)
             total, done = total + float(reward), terminated or truncated
         returns.append(total)
     return returns

@@ -24,7 +24,6 @@ import dataclasses
 from typing import Any
 
 import gymnasium as gym
-import numpy as np
 import torch
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.utils import make_target_network
@@ -228,11 +227,6 @@ class GreedyPolicy(nn.Module):
         if not self.box:
             return actions
         return self.low + (actions + 1.0) * 0.5 * (self.high - self.low)
-
-    @torch.no_grad()
-    def act(self, obs: Any) -> Any:
-        """The action (a numpy array) for one observation, as `env.step` takes it."""
-        return self(torch.as_tensor(np.asarray(obs)[None], dtype=torch.float32))[0].numpy()
 
 
 MODULES: dict[type, type[TorchRLModule]] = {QNetwork: QModule, ActorCritic: DDPGModule}
