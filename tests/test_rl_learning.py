@@ -65,6 +65,7 @@ def test_dqn_td_target_and_loss(double_q, loss):
     module = learner.module[MID]
     perturb_targets(module)
     b = batch(module.action_space)
+    learner.add_target_values({MID: b})
     fwd = module.forward_train(b)
     value = learner.compute_loss_for_module(module_id=MID, config=config, batch=b, fwd_out=fwd)
 
@@ -83,10 +84,11 @@ def test_dqn_td_target_and_loss(double_q, loss):
     torch.testing.assert_close(value.detach(), torch.mean(b["weights"] * per_row), rtol=1e-5, atol=1e-6)
 
 
-def test_a_step_with_non_finite_gradients_is_skipped():
+def test_a_step_with_non_finite_gradients_is_skipped(caplog):
     config, learner = dqn_learner(double_q=True, dueling=True)
     module = learner.module[MID]
     b = batch(module.action_space)
+    learner.add_target_values({MID: b})
     before = {k: v.clone() for k, v in module.state_dict().items()}
     grads = learner.compute_gradients({MID: learner.compute_loss_for_module(
         module_id=MID, config=config, batch=b, fwd_out=module.forward_train(b))})
@@ -94,8 +96,12 @@ def test_a_step_with_non_finite_gradients_is_skipped():
     learner.apply_gradients({**grads, first: torch.full_like(grads[first], float("nan"))})
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), k
+    learner.warn_skipped_steps()
+    assert "Skipped 1 of this call's gradient steps" in caplog.text
     learner.apply_gradients(grads)
     assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    (_, optimizer), = learner.get_optimizers_for_module(MID)
+    assert optimizer.state[next(iter(optimizer.state))]["step"] == 1  # the skipped step does not count
 
 
 @pytest.mark.parametrize("runners, envs, fragment, batch, intensity, expected", [

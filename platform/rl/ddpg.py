@@ -27,7 +27,7 @@ from ray.rllib.utils.metrics import ALL_MODULES, TD_ERROR_KEY
 from ray.tune.registry import register_trainable
 
 from raycraft.models.rl import DDPGMLPConfig
-from raycraft.rl.dqn import DQN, BatchStepsLearner, DQNConfig, fused_adam
+from raycraft.rl.dqn import DQN, BatchStepsLearner, DQNConfig, FiniteStepAdam
 from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, DeterministicActorCriticAPI, module_config
 
 QF_LOSS_KEY = "qf_loss"
@@ -100,7 +100,7 @@ class DDPGTorchLearner(BatchStepsLearner, DQNLearner, TorchLearner):
         actor, critic = self._module[module_id].unwrapped().actor_and_critic()
         for name, net, lr in (("actor", actor, config.actor_lr), ("critic", critic, config.critic_lr)):
             params = self.get_parameters(net)
-            self.register_optimizer(module_id=module_id, optimizer_name=name, optimizer=fused_adam(params),
+            self.register_optimizer(module_id=module_id, optimizer_name=name, optimizer=FiniteStepAdam(params),
                                     params=params, lr_or_lr_schedule=lr)
 
     def compute_loss_for_module(self, *, module_id: str, config: DDPGConfig, batch: dict[str, Any],

@@ -123,14 +123,13 @@ class QModule(ModeSwitchingModule, QNetAPI, TargetNetworkAPI, InferenceOnlyAPI):
         return {Columns.ACTIONS: torch.where(explore, random, greedy)}
 
     def _forward_train(self, batch: dict[str, Any], **kwargs) -> dict[str, Any]:
-        obs, next_obs = batch[Columns.OBS], batch[Columns.NEXT_OBS]
-        out: dict[str, Any] = {}
-        if self.double_q:  # one pass over [s; s'] gives Q(s, ·) and the online argmax at s'
-            q = self.compute_q_values({Columns.OBS: torch.cat([obs, next_obs])})[QF_PREDS]
-            out[QF_PREDS], out[QF_NEXT_PREDS] = q.chunk(2)
-        else:
-            out[QF_PREDS] = self.compute_q_values({Columns.OBS: obs})[QF_PREDS]
-        out[QF_TARGET_NEXT_PREDS] = self.forward_target({Columns.OBS: next_obs})[QF_PREDS]
+        """Q(s, ·; θ), and for double Q the online Q(s', ·; θ) that picks a', outside the graph (a pass over
+        [s; s'] would carry s' through the backward pass). The target's Q(s', ·; θ⁻) is the learner's to
+        compute: θ⁻ stays fixed over a Learner call, so `DQNTorchLearner` makes one pass for all its batches."""
+        out = {QF_PREDS: self.compute_q_values({Columns.OBS: batch[Columns.OBS]})[QF_PREDS]}
+        if self.double_q:
+            with torch.no_grad():
+                out[QF_NEXT_PREDS] = self.compute_q_values({Columns.OBS: batch[Columns.NEXT_OBS]})[QF_PREDS]
         return out
 
 
