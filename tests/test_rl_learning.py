@@ -6,6 +6,7 @@ recompute each quantity from the survey's formula with the module's networks.
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 
@@ -21,7 +22,7 @@ from ray.rllib.utils.torch_utils import clip_gradients
 
 from raycraft.models.rl import DDPGMLPConfig, QMLPConfig
 from raycraft.rl.ddpg import DDPGConfig
-from raycraft.rl.dqn import DQNConfig, clip_by_global_norm, round_robin
+from raycraft.rl.dqn import DQNConfig, FiniteStepAdam, clip_by_global_norm, round_robin
 from raycraft.rl.modules import Q_MU, Q_TARGET_NEXT, QF_PREDS, DDPGModule, QModule, module_config
 
 MID = "default_policy"
@@ -102,6 +103,38 @@ def test_a_step_with_non_finite_gradients_is_skipped(caplog):
     assert any(not torch.equal(v, before[k]) for k, v in module.state_dict().items())
     (_, optimizer), = learner.get_optimizers_for_module(MID)
     assert optimizer.state[next(iter(optimizer.state))]["step"] == 1  # the skipped step does not count
+
+
+def test_finite_step_adam_is_torch_adam_and_skips_non_finite_steps():
+    """Step for step, bit for bit, torch's fused Adam, through a change of learning rate and a checkpoint
+    round trip; a step with a NaN gradient changes nothing, not even Adam's step count."""
+    torch.manual_seed(0)
+    ours, reference = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    reference.load_state_dict(ours.state_dict())
+    opt_ours, opt_ref = FiniteStepAdam(list(ours.parameters())), torch.optim.Adam(reference.parameters(), fused=True)
+    for i in range(6):
+        x = torch.randn(5, 3)
+        if i == 3:
+            for opt in (opt_ours, opt_ref):
+                opt.param_groups[0]["lr"] = 0.01
+        if i == 4:
+            opt_ours = FiniteStepAdam(list(ours.parameters()))
+            opt_ours.load_state_dict(copy.deepcopy(opt_ref.state_dict()))  # as from a checkpoint file
+        for net, opt in ((ours, opt_ours), (reference, opt_ref)):
+            opt.zero_grad()
+            net(x).square().sum().backward()
+        before = [p.clone() for p in ours.parameters()]
+        ours.weight.grad[0, 0] = float("nan")
+        opt_ours.step()
+        assert all(torch.equal(p, b) for p, b in zip(ours.parameters(), before, strict=True))
+        ours.weight.grad.copy_(reference.weight.grad)
+        opt_ours.step()
+        opt_ref.step()
+        for p, q in zip(ours.parameters(), reference.parameters(), strict=True):
+            assert torch.equal(p, q)
+            assert torch.equal(opt_ours.state[p]["step"], opt_ref.state[q]["step"])
+            assert torch.equal(opt_ours.state[p]["exp_avg_sq"], opt_ref.state[q]["exp_avg_sq"])
+    assert opt_ours.take_skipped() == 2 and opt_ours.take_skipped() == 0  # since the round trip: steps 4 and 5
 
 
 @pytest.mark.parametrize("runners, envs, fragment, batch, intensity, expected", [
