@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.tune.utils import UtilMonitor
 
 from raycraft import checksums
@@ -35,6 +36,7 @@ from raycraft.rl.run import (
 )
 
 pytestmark = pytest.mark.slow
+LEARNER_MODULE = f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{DEFAULT_MODULE_ID}"
 
 
 def tiny(algo: str, env: str, storage: str, **keys):
@@ -90,7 +92,9 @@ def test_epsilon_follows_the_env_steps_sampled_within_an_iteration(ray_session, 
     try:
         before = {k: v.clone() for k, v in algo.get_module().state_dict().items()}
         steps = iteration_metrics(algo.train())["env_steps"]
-        after = algo.get_module().state_dict()
+        after = algo.get_module().state_dict()  # the local EnvRunner's
+        learned = algo.learner_group.get_state(components=LEARNER_MODULE, inference_only=True)[
+            COMPONENT_LEARNER][COMPONENT_RL_MODULE][DEFAULT_MODULE_ID]
         [epsilon] = algo.env_runner_group.foreach_env_runner(
             lambda runner: float(runner.module.epsilon.get_current_value()), local_env_runner=workers == 0)
         stored = len(algo.local_replay_buffer)
@@ -101,6 +105,8 @@ def test_epsilon_follows_the_env_steps_sampled_within_an_iteration(ray_session, 
     assert last <= epsilon <= first  # RLlib's own count gives ε of t ≤ 47: 0.94 or more
     assert steps - 8 * cfg.n_step <= stored <= steps
     assert any(not torch.equal(before[k], after[k]) for k in before) == (learning_starts < steps)
+    for k, v in after.items():  # each training step ends with the Learner's weights in the EnvRunners
+        assert torch.equal(v, torch.as_tensor(learned[k])), k
 
 
 def test_the_algorithm_runs_no_system_usage_monitor(ray_session, storage):

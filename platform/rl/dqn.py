@@ -31,7 +31,7 @@ from ray.rllib.algorithms.dqn.dqn import DQN as RLlibDQN
 from ray.rllib.algorithms.dqn.dqn import DQNConfig as RLlibDQNConfig
 from ray.rllib.algorithms.dqn.dqn_learner import QF_LOSS_KEY
 from ray.rllib.algorithms.dqn.torch.dqn_torch_learner import DQNTorchLearner as RLlibDQNTorchLearner
-from ray.rllib.core import DEFAULT_MODULE_ID
+from ray.rllib.core import COMPONENT_LEARNER, COMPONENT_RL_MODULE, DEFAULT_MODULE_ID
 from ray.rllib.core.columns import Columns
 from ray.rllib.core.learner.torch.torch_learner import TorchLearner
 from ray.rllib.execution.rollout_ops import synchronous_parallel_sample
@@ -47,6 +47,7 @@ from ray.rllib.utils.metrics import (
     SYNCH_WORKER_WEIGHTS_TIMER,
     TD_ERROR_KEY,
     TIMERS,
+    WEIGHTS_SEQ_NO,
 )
 from ray.rllib.utils.torch_utils import clip_gradients
 from torch.nn import functional as F
@@ -300,9 +301,7 @@ class DQN(RLlibDQN):
                 return
             results = self.timed_learn(update_weight, self.sampled())
         with self.metrics.log_time((TIMERS, SYNCH_WORKER_WEIGHTS_TIMER)):
-            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group,
-                                               policies=set(results[0]) - {ALL_MODULES}, global_vars=None,
-                                               inference_only=True)
+            self.sync_weights(set(results[0]) - {ALL_MODULES})
 
     def overlapped_step(self, sampled: int, rounds: int, steps: int) -> list[dict]:
         """The remote EnvRunners sample `rounds` times each, with the weights of the last sync, while the
@@ -317,6 +316,19 @@ class DQN(RLlibDQN):
                                                                    timeout_seconds=self.config.sample_timeout_s)
         self.store([e for _, (episodes, _) in replies for e in episodes], [m for _, (_, m) in replies])
         return results
+
+    def sync_weights(self, policies: set[str]) -> None:
+        """RLlib's weight sync from the Learner to the EnvRunners; with no remote EnvRunners, straight into the
+        local one. RLlib's puts the weights into the object store for remote EnvRunners even when there are
+        none: 1.95 against 0.18 ms a sync, 4% of a CartPole training step."""
+        if self.env_runner_group.num_remote_env_runners():
+            self.env_runner_group.sync_weights(from_worker_or_learner_group=self.learner_group, policies=policies,
+                                               global_vars=None, inference_only=True)
+            return
+        state = self.learner_group.get_state(
+            components=[f"{COMPONENT_LEARNER}/{COMPONENT_RL_MODULE}/{policy}" for policy in policies],
+            inference_only=True)[COMPONENT_LEARNER]
+        self.env_runner.set_state({key: state[key] for key in (COMPONENT_RL_MODULE, WEIGHTS_SEQ_NO) if key in state})
 
     def sampled(self) -> int:
         """Env steps sampled so far."""
