@@ -6,7 +6,7 @@ forward passes of training, exploration and inference, and the APIs the learners
 parts become the module's own attributes (`torso`, `advantage`, `value`; `actor`, `critic`), so the
 tensors of a logged policy (`policy/weights.pt`) and of a checkpoint keep their names.
 
-DQN (Mnih et al., 2015) fits Q(s, a; θ) to the TD target with a target network θ⁻ (RLlib's DQN learner
+DQN (Mnih et al., 2015) fits Q(s, a; θ) to the TD target with a target network θ⁻ (raycraft's DQN learner
 computes it from `compute_q_values` and `forward_target`):
 
     y = r + γⁿ (1 − done) Q(s', argmax_a' Q(s', a'; θ); θ⁻)      (double Q; plain DQN: max_a' Q(s', a'; θ⁻))
@@ -40,7 +40,7 @@ from raycraft.registry import create_model, model_spec
 
 QF_PREDS = "qf_preds"  # the keys RLlib's DQN learner reads (ray.rllib.algorithms.dqn.dqn_learner)
 QF_NEXT_PREDS = "qf_next_preds"
-QF_TARGET_NEXT_PREDS = "qf_target_next_preds"
+QF_TARGET_NEXT_PREDS = "qf_target_next_preds"  # a batch column: `DQNTorchLearner.add_target_values`
 Q_TARGET_NEXT = "q_target_next"  # DDPG: Q(s', μ(s'; φ⁻); θ⁻)
 Q_MU = "q_mu"  # DDPG: Q(s, μ(s; φ); θ) with the critic frozen, for the actor's loss
 
