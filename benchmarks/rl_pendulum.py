@@ -58,7 +58,7 @@ def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, train:
 
     from raycraft.rl.config import build_rl_config
     from raycraft.rl.environments import make
-    from raycraft.rl.modules import GreedyPolicy
+    from raycraft.rl.evaluation import play
     from raycraft.rl.run import train_rl
 
     cfg, model_cfg = build_rl_config({"algo": "ddpg", "env": env_name, "seed": seed, "storage_path": storage,
@@ -71,7 +71,7 @@ def train_and_compare(env_name: str, heuristic, seed: int, episodes: int, train:
     module = RLModule.from_checkpoint(f"{out.checkpoint}/learner_group/learner/rl_module/default_policy")
     space = make(env_name).action_space
     space.seed(seed)
-    results = {"ddpg": rollout(env_name, GreedyPolicy(module).act, episodes, 10_000),
+    results = {"ddpg": float(np.mean(play(module, env_name, {}, episodes, seed=10_000))),
                "random": rollout(env_name, lambda obs: space.sample(), episodes, 10_000),
                "heuristic": rollout(env_name, heuristic, episodes, 10_000)}
     print(f"\n{env_name}: trained {out.env_steps} env steps in {out.wall_s:.0f} s wall"
