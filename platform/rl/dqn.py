@@ -218,7 +218,7 @@ def td_loss(batch: dict[str, Any], fwd_out: dict[str, torch.Tensor], gamma: floa
         loss = mean_i w_i ℓ(Q(s_i, a_i; θ) − y_i),    ℓ = Huber (δ = 1) or the square.
     """
     q = fwd_out[QF_PREDS].gather(-1, batch[Columns.ACTIONS].long().unsqueeze(-1)).squeeze(-1)  # (B,)
-    q_next = batch[QF_TARGET_NEXT_PREDS]  # Q(s', ·; θ⁻) (B, |A|), `DQNTorchLearner._update`
+    q_next = batch[QF_TARGET_NEXT_PREDS]  # Q(s', ·; θ⁻) (B, |A|): `DQNTorchLearner.add_target_values`
     best = (fwd_out[QF_NEXT_PREDS] if double_q else q_next).argmax(-1, keepdim=True)  # a' (B, 1)
     not_done = 1.0 - batch[Columns.TERMINATEDS].float()
     y = (batch[Columns.REWARDS] + gamma ** batch["n_step"] * not_done * q_next.gather(-1, best).squeeze(-1)).detach()
