@@ -86,17 +86,19 @@ class FiniteStepAdam(torch.optim.Adam):
         super().__init__(params, fused=True)
         self.found_inf: torch.Tensor | None = None  # 1.0 when this step's gradients are not finite
         self.skipped: torch.Tensor | None = None
+        self.unit: torch.Tensor | None = None  # the check's gradient scale: none
 
     def step(self, closure: Callable | None = None) -> Any:
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
-        if params:
-            self.check_finite([p.grad for p in params])
+        grads = [p.grad for p in params]
+        if grads:
+            self.check_finite(grads)
         if closure is not None or len(self.param_groups) > 1 or not params or any(p not in self.state for p in params):
             return super().step(closure)
         group, states = self.param_groups[0], [self.state[p] for p in params]
         steps = [state["step"] for state in states]
         torch._foreach_add_(steps, 1)
-        torch._fused_adam_(params, [p.grad for p in params], [state["exp_avg"] for state in states],
+        torch._fused_adam_(params, grads, [state["exp_avg"] for state in states],
                            [state["exp_avg_sq"] for state in states], [], steps, amsgrad=False, lr=group["lr"],
                            beta1=group["betas"][0], beta2=group["betas"][1], weight_decay=group["weight_decay"],
                            eps=group["eps"], maximize=group["maximize"], found_inf=self.found_inf)
@@ -107,8 +109,9 @@ class FiniteStepAdam(torch.optim.Adam):
         if self.found_inf is None:
             device = grads[0].device
             self.found_inf, self.skipped = torch.zeros((), device=device), torch.zeros((), device=device)
+            self.unit = torch.ones((), device=device)
         self.found_inf.zero_()
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, torch.ones_like(self.found_inf))
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, self.found_inf, self.unit)
         self.skipped += self.found_inf
 
     def take_skipped(self) -> int:
